@@ -1,0 +1,216 @@
+"""Compression ratio -> reduced dimensions (A3_METHOD.md section 7).
+
+The compression ratio (CR) is defined on the decoder's linear-layer parameters (q, k, v, o, gate, up,
+down; biases, norms and embeddings excluded): ``CR = 1 − params(compressed) / params(original)``.
+
+Rounding rules: the QK and OV head dims share one reduced size ``r``, rounded DOWN to a multiple of
+``head_multiple`` (even, so RoPE keeps whole pairs). When all three components are compressed the MLP
+width is re-solved so the whole decoder still meets the target. Pure integer/float arithmetic: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from a3_serve.errors import BudgetError, InputError
+
+__all__ = ["COMPONENTS", "ModelShape", "DimPlan", "plan_dims"]
+
+COMPONENTS = ("qk", "ov", "mlp")
+
+# Slack for float rounding in floor(): (1 - 0.2) * 80 / 16 must give 4, not 3.
+_FLOOR_SLACK = 1e-9
+
+
+def _floor(x: float) -> int:
+    return int(math.floor(x + _FLOOR_SLACK))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-style decoder that the budget depends on.
+
+    ``hidden_size`` d, ``num_layers``, ``num_heads`` h_q, ``num_kv_heads`` h_kv, ``head_dim`` d_h,
+    ``intermediate_size`` d_int, ``n_mlp_mats`` (3 for gated SwiGLU MLPs, 2 for plain 2-layer MLPs).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    n_mlp_mats: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "n_mlp_mats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"model config field {name} must be a positive integer (got {v!r}); check the source config.json")
+        if self.num_heads % self.num_kv_heads:
+            raise InputError(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads}); "
+                "check the source config.json"
+            )
+
+    def layer_linear_params(self, r_qk: int | None = None, r_vo: int | None = None, r_int: int | None = None) -> int:
+        """Linear-layer parameters of one decoder layer with head dims ``r_qk``/``r_vo`` and MLP width ``r_int``.
+
+        ``d·r_qk·(h_q + h_kv) + d·r_vo·(h_kv + h_q) + n_mlp·d·r_int``; ``None`` means the original size.
+        """
+        d, hq, hkv = self.hidden_size, self.num_heads, self.num_kv_heads
+        r_qk = self.head_dim if r_qk is None else r_qk
+        r_vo = self.head_dim if r_vo is None else r_vo
+        r_int = self.intermediate_size if r_int is None else r_int
+        return d * r_qk * (hq + hkv) + d * r_vo * (hkv + hq) + self.n_mlp_mats * d * r_int
+
+    def linear_params(self, r_qk: int | None = None, r_vo: int | None = None, r_int: int | None = None) -> int:
+        """Linear-layer parameters of all decoder layers (``num_layers × layer_linear_params``)."""
+        return self.num_layers * self.layer_linear_params(r_qk, r_vo, r_int)
+
+    def kv_bytes_per_token(self, r_qk: int | None = None, r_vo: int | None = None, bytes_per_elem: int = 2) -> int:
+        """KV-cache bytes per token: ``num_layers · h_kv · (r_qk + r_vo) · bytes_per_elem``."""
+        r_qk = self.head_dim if r_qk is None else r_qk
+        r_vo = self.head_dim if r_vo is None else r_vo
+        return self.num_layers * self.num_kv_heads * (r_qk + r_vo) * bytes_per_elem
+
+
+@dataclass
+class DimPlan:
+    """Reduced dimensions for a target CR, uniform over layers.
+
+    ``qk_head_dim`` r_qk, ``v_head_dim`` r_vo, ``intermediate_size`` r_int, the requested ``target_cr``, the
+    ``achieved_cr`` (linear-layer parameters), the compressed ``components`` and human-readable ``notes``.
+    """
+
+    qk_head_dim: int
+    v_head_dim: int
+    intermediate_size: int
+    target_cr: float
+    achieved_cr: float
+    components: tuple[str, ...]
+    notes: list[str] = field(default_factory=list)
+
+
+def _normalise_components(components) -> tuple[str, ...]:
+    if isinstance(components, str):
+        components = [c for c in components.replace(" ", "").split(",") if c]
+    comps = [str(c).strip().lower() for c in components]
+    unknown = [c for c in comps if c not in COMPONENTS]
+    if unknown:
+        raise BudgetError(f"unknown component(s) {', '.join(unknown)}; choose from qk, ov, mlp (e.g. --components qk,ov,mlp)")
+    if not comps:
+        raise BudgetError("no component selected for compression; choose one or more of qk, ov, mlp (e.g. --components qk,ov,mlp)")
+    return tuple(c for c in COMPONENTS if c in comps)
+
+
+def plan_dims(
+    shape: ModelShape,
+    cr: float,
+    components=COMPONENTS,
+    head_multiple: int = 16,
+    min_head_dim: int = 16,
+) -> DimPlan:
+    """Map a target compression ratio to reduced ``(r_qk, r_vo, r_int)``.
+
+    Rules (A3_METHOD.md section 7):
+
+    * ``0 <= cr < 1``; ``cr == 0`` returns the original dims exactly.
+    * Attention (``qk`` and/or ``ov``): ``r = floor((1−cr)·d_h / m)·m`` with ``m = head_multiple`` (even);
+      ``r >= max(min_head_dim, m)`` or :class:`BudgetError`. Uncompressed attention parts keep ``d_h``.
+    * All three components: the MLP is re-solved so the decoder meets the target,
+      ``r_int = floor(((1−cr)·P_layer − attention(r)) / (n_mlp·d))``; if that exceeds ``d_int`` (the head
+      rounding removed more than the budget), ``r + m`` is tried (when ``<= d_h``), then ``r_int`` is capped
+      at ``d_int`` with a note that the achieved CR exceeds the target.
+    * MLP with only part of the attention: ``r_int = floor((1−cr)·d_int)`` (each selected component is cut by cr).
+    * ``r_int < 1`` raises :class:`BudgetError`.
+
+    ``components`` is an iterable of names from ``("qk", "ov", "mlp")`` or a comma-separated string.
+    Returns a :class:`DimPlan`; ``achieved_cr = 1 − params(new)/params(orig)``.
+    """
+    comps = _normalise_components(components)
+    try:
+        cr_f = float(cr)
+    except (TypeError, ValueError):
+        raise BudgetError(f"--cr must be a number in [0, 1) (got {cr!r}); e.g. --cr 0.1") from None
+    if not (0.0 <= cr_f < 1.0):  # also rejects NaN
+        raise BudgetError(f"--cr must be in [0, 1) (got {cr!r}); it is the fraction of linear-layer parameters removed, e.g. --cr 0.1")
+    m = head_multiple
+    if isinstance(m, bool) or not isinstance(m, int) or m < 2 or m % 2:
+        raise BudgetError(f"--head-multiple must be an even positive integer (got {m!r}) so heads keep whole RoPE pairs; e.g. 16 or 8")
+    if isinstance(min_head_dim, bool) or not isinstance(min_head_dim, int) or min_head_dim < 1:
+        raise BudgetError(f"the minimum head dim must be a positive integer (got {min_head_dim!r})")
+
+    d_h, d_int, d, n_mlp = shape.head_dim, shape.intermediate_size, shape.hidden_size, shape.n_mlp_mats
+    notes: list[str] = []
+    orig = shape.layer_linear_params()
+
+    def plan(r_qk: int, r_vo: int, r_int: int) -> DimPlan:
+        achieved = 1.0 - shape.layer_linear_params(r_qk, r_vo, r_int) / orig
+        return DimPlan(r_qk, r_vo, r_int, cr_f, achieved, comps, notes)
+
+    if cr_f == 0.0:
+        notes.append("cr 0: all dims unchanged")
+        return plan(d_h, d_h, d_int)
+
+    attn = "qk" in comps or "ov" in comps
+    r = d_h
+    if attn:
+        exact = (1.0 - cr_f) * d_h
+        r = _floor(exact / m) * m
+        minimum = max(min_head_dim, m)
+        if r < minimum:
+            got = f"{exact:.1f} dims" if exact < minimum else f"{exact:.1f} dims ({r} after rounding down to a multiple of {m})"
+            raise BudgetError(
+                f"--cr {cr_f:.2f} shrinks attention heads from {d_h} to {got}, below the {minimum}-dim minimum; "
+                "use a smaller --cr, a smaller --head-multiple, or compress only the MLP (--components mlp)"
+            )
+        if r != exact:
+            notes.append(f"attention head dim {exact:g} rounded down to {r} (multiple of {m})")
+    r_qk = r if "qk" in comps else d_h
+    r_vo = r if "ov" in comps else d_h
+
+    if "mlp" not in comps:
+        notes.append(f"MLP not compressed; the whole-decoder CR is below the per-component cut of {cr_f:g}")
+        return plan(r_qk, r_vo, d_int)
+
+    if len(comps) == len(COMPONENTS):
+        target = (1.0 - cr_f) * orig
+
+        def solve_int(rr: int) -> float:
+            return (target - shape.layer_linear_params(rr, rr, 0)) / (n_mlp * d)
+
+        x = solve_int(r)
+        if _floor(x) > d_int and r + m <= d_h and _floor(solve_int(r + m)) >= 1:
+            # r + m > (1-cr)·d_h, so the MLP now has to give up parameters: r_int <= d_int.
+            notes.append(
+                f"rounding heads down to {r} removed more than the budget; heads raised to {r + m} and the MLP re-solved"
+            )
+            r = r + m
+            r_qk = r_vo = r
+            x = solve_int(r)
+        r_int = _floor(x)
+        if r_int > d_int:
+            r_int = d_int
+            notes.append(
+                f"MLP width capped at its original {d_int}: the head rounding alone removes more than the target, "
+                "so the achieved CR exceeds the target"
+            )
+        elif r_int < 1:
+            raise BudgetError(
+                f"--cr {cr_f:.2f} leaves no parameters for the MLP after attention heads of {r} dims "
+                f"(solved intermediate size {x:.2f} < 1); use a smaller --cr or a smaller --head-multiple"
+            )
+        else:
+            notes.append(f"MLP width re-solved to {r_int} so the whole decoder meets the target CR")
+        return plan(r_qk, r_vo, r_int)
+
+    x = (1.0 - cr_f) * d_int
+    r_int = _floor(x)
+    if r_int < 1:
+        raise BudgetError(
+            f"--cr {cr_f:.2f} shrinks the MLP from {d_int} to {x:.2f} neurons, below 1; use a smaller --cr"
+        )
+    notes.append(f"each selected component is cut by {cr_f:g}; the MLP width is not re-solved (not all components compressed)")
+    return plan(r_qk, r_vo, r_int)

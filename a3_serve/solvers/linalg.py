@@ -1,0 +1,86 @@
+"""PSD linear algebra shared by the A3 solvers (float64, batched, device-agnostic).
+
+Everything here works on torch tensors of any float dtype, computes in float64 on the input's device,
+and batches over leading dimensions (heads, groups) with single ``torch.linalg`` calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from a3_serve.errors import InputError, NumericalError
+
+__all__ = ["as_f64", "check_finite", "psd_sqrt", "psd_floor"]
+
+# Absolute eigenvalue floor used when a whole matrix is zero (mean eigenvalue 0) or when eps == 0: it keeps
+# the inverse square root finite (1/sqrt(1e-30) = 1e15) without touching any realistic statistic.
+_ABS_FLOOR = 1e-30
+
+
+def as_f64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a float64 tensor on its own device (no copy if it already is one)."""
+    t = torch.as_tensor(t)
+    return t if t.dtype == torch.float64 else t.to(torch.float64)
+
+
+def check_finite(name: str, *tensors: torch.Tensor | None) -> None:
+    """Raise :class:`NumericalError` if any of ``tensors`` (``None`` entries are skipped) holds NaN or Inf.
+
+    ``name`` says what the tensors are (e.g. ``"layer 3 Gq"``); the message is one line naming the
+    problem and the fix.
+    """
+    for t in tensors:
+        if t is None:
+            continue
+        t = torch.as_tensor(t)
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            raise NumericalError(
+                f"{name} contains NaN or Inf ({n_bad} of {t.numel()} values); check the source weights for "
+                "NaN/Inf and recalibrate (statistics are accumulated in float64, so overflow usually means "
+                "corrupt weights or inputs)"
+            )
+
+
+def psd_floor(lam: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-matrix eigenvalue floor ``max(eps * mean(λ), tiny)`` for eigenvalues ``lam`` [..., n] (λ >= 0).
+
+    Returns a tensor of shape [..., 1]. A matrix whose eigenvalues are all zero gets an absolute floor of
+    1e-30 so that its inverse square root stays finite.
+    """
+    mean = lam.mean(-1, keepdim=True)
+    floor = eps * mean
+    return torch.where(mean > 0, floor, torch.full_like(floor, _ABS_FLOOR)).clamp_min(
+        torch.finfo(torch.float64).tiny
+    )
+
+
+def psd_sqrt(G: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damped symmetric square root and inverse square root of PSD matrices.
+
+    Objective: a stable ``G^{1/2}`` / ``G^{-1/2}`` for (possibly rank-deficient) second-moment matrices.
+
+    Closed form: symmetrise ``G ← (G + Gᵀ)/2``; eigendecompose ``G = Q diag(λ) Qᵀ`` in float64; clamp
+    ``λ ← max(λ, 0)`` and then ``λ ← max(λ, eps·mean(λ))`` per matrix (a tiny absolute floor, 1e-30, when
+    ``mean(λ) == 0``); return ``S = Q diag(√λ) Qᵀ`` and ``S_inv = Q diag(1/√λ) Qᵀ``.
+
+    Shapes: ``G`` [..., n, n] (any leading batch dims, e.g. [heads, d_h, d_h]); returns two float64 tensors
+    of the same shape on ``G``'s device. ``S @ S_inv == I`` up to rounding, for every input.
+    """
+    if eps < 0 or eps != eps:
+        raise InputError(f"the PSD damping eps must be >= 0 (got {eps}); use a value in [1e-8, 1e-2] (default 1e-6)")
+    G = as_f64(G)
+    if G.dim() < 2 or G.shape[-1] != G.shape[-2]:
+        raise ValueError(f"psd_sqrt needs square matrices [..., n, n], got shape {tuple(G.shape)}")
+    check_finite("a second-moment matrix passed to psd_sqrt", G)
+    G = 0.5 * (G + G.mT)
+    lam, Q = torch.linalg.eigh(G)
+    lam = lam.clamp_min(0.0)
+    lam = torch.maximum(lam, psd_floor(lam, eps))
+    s = lam.sqrt()
+    S = (Q * s.unsqueeze(-2)) @ Q.mT
+    S_inv = (Q * s.reciprocal().unsqueeze(-2)) @ Q.mT
+    return S, S_inv

@@ -1,0 +1,207 @@
+"""A3-QK: shrink the query/key head dim (A3_METHOD.md section 4).
+
+Two solvers:
+
+* RoPE models (Llama family): whole RoPE frequency pairs are kept or dropped (CUR selection,
+  section 4.4). In the HF ``rotate_half`` layout dim ``p`` pairs with dim ``p + d_h/2``; a reduced head
+  stores the kept "first" dims then their partners, and RoPE runs on it with the gathered ``inv_freq``.
+* NoPE models: the head-space closed form (sections 4.2/4.3), an oblique rank-r projector ``A Bᵀ``
+  inserted between q and k.
+
+All functions are pure math on float64 torch tensors (inputs of any float dtype are converted; results
+live on the input's device) and batch over heads / KV groups without Python loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from a3_serve.errors import BudgetError
+from a3_serve.solvers.linalg import as_f64, check_finite, psd_sqrt
+
+__all__ = [
+    "PairSelection",
+    "QKFactors",
+    "group_sum",
+    "rope_pair_scores",
+    "select_rope_pairs",
+    "pair_columns",
+    "selection_matrix",
+    "qk_closed_form",
+]
+
+
+@dataclass
+class PairSelection:
+    """Result of :func:`select_rope_pairs` for ``n`` heads (or KV groups).
+
+    * ``keep``: LongTensor [n, n_pairs], kept frequency indices ``p`` (in ``[0, d_h/2)``), ascending per row.
+    * ``scores``: [n, d_h/2] float64 pair scores.
+    * ``loss``: [n] dropped score mass (sum of the scores not kept).
+    * ``total``: [n] total score mass.
+    """
+
+    keep: torch.Tensor
+    scores: torch.Tensor
+    loss: torch.Tensor
+    total: torch.Tensor
+
+
+@dataclass
+class QKFactors:
+    """Result of :func:`qk_closed_form` for ``n`` heads (or KV groups).
+
+    * ``A`` [n, d_h, r]: new query head ``q̃ = q A`` (applied to every query head of a GQA group).
+    * ``B`` [n, d_h, r]: new key head ``k̃ = k B``.
+    * ``sv`` [n, d_h]: all singular values of ``G_q^{1/2} G_k^{1/2}``, descending.
+    * ``loss`` [n]: ``Σ_{j>r} σ_j²`` (the optimal objective), ``total`` [n]: ``Σ_j σ_j²``.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    sv: torch.Tensor
+    loss: torch.Tensor
+    total: torch.Tensor
+
+
+def group_sum(G: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sum per-query-head moments over GQA groups.
+
+    Objective/closed form: ``out[j] = Σ_{i: i // g == j} G[i]`` with ``g = n_heads / n_groups`` (HF
+    ``repeat_kv`` mapping: query head ``i`` uses KV head ``i // g``).
+
+    Shapes: ``G`` [n_heads, ...] -> [n_groups, ...] (float64, same device). Works for second moments
+    [h_q, d_h, d_h] and for per-dim energies [h_q, d_h].
+    """
+    G = as_f64(G)
+    n_heads = G.shape[0]
+    if n_groups < 1 or n_heads % n_groups:
+        raise ValueError(f"cannot split {n_heads} query heads into {n_groups} equal KV groups")
+    return G.reshape(n_groups, n_heads // n_groups, *G.shape[1:]).sum(1)
+
+
+def _check_head_energies(eq: torch.Tensor, ek: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    eq, ek = as_f64(eq), as_f64(ek)
+    if eq.shape != ek.shape or eq.dim() < 1:
+        raise ValueError(f"eq and ek must have the same shape [n, d_h], got {tuple(eq.shape)} and {tuple(ek.shape)}")
+    if eq.shape[-1] % 2:
+        raise ValueError(f"RoPE heads need an even head dim, got d_h = {eq.shape[-1]}")
+    check_finite("the q/k per-dim energies used for RoPE pair scores", eq, ek)
+    return eq, ek.to(eq.device)
+
+
+def rope_pair_scores(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
+    """The paper's RoPE pair score in the HF ``rotate_half`` layout.
+
+    Closed form: ``score[p] = eq[p]·ek[p] + eq[p + d_h/2]·ek[p + d_h/2]`` for ``p < d_h/2`` (dim ``p`` and dim
+    ``p + d_h/2`` are rotated together by frequency ``θ_p``). ``eq[c]``/``ek[c]`` are per-dim energies,
+    e.g. ``E[q_c²]`` (the diagonal of the group-summed ``G_q``) and ``E[k_c²]``.
+
+    Shapes: ``eq``, ``ek`` [n, d_h] (any leading dims) -> [n, d_h/2] float64.
+    """
+    eq, ek = _check_head_energies(eq, ek)
+    half = eq.shape[-1] // 2
+    return eq[..., :half] * ek[..., :half] + eq[..., half:] * ek[..., half:]
+
+
+def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row (ties -> lower index), sorted ascending. [..., m] -> [..., k]."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
+
+
+def select_rope_pairs(eq: torch.Tensor, ek: torch.Tensor, n_pairs: int) -> PairSelection:
+    """Keep the ``n_pairs`` highest-scoring RoPE frequency pairs of every head / KV group.
+
+    Objective: CUR pair selection (A3 'rxx-w-rxx'); keep the pairs with the largest
+    :func:`rope_pair_scores` (ties broken by the lower index) and report the dropped score mass.
+
+    Shapes: ``eq``, ``ek`` [n, d_h]; returns :class:`PairSelection` with ``keep`` [n, n_pairs] (ascending),
+    ``scores`` [n, d_h/2], ``loss``/``total`` [n].
+    """
+    scores = rope_pair_scores(eq, ek)
+    half = scores.shape[-1]
+    if isinstance(n_pairs, bool) or not 1 <= int(n_pairs) <= half or int(n_pairs) != n_pairs:
+        raise BudgetError(
+            f"cannot keep {n_pairs} RoPE pairs of a {2 * half}-dim head (1..{half} pairs); "
+            "choose an even reduced head dim between 2 and the original head dim"
+        )
+    keep = _top_sorted(scores, int(n_pairs))
+    total = scores.sum(-1)
+    loss = total - torch.gather(scores, -1, keep).sum(-1)
+    return PairSelection(keep=keep, scores=scores, loss=loss.clamp_min(0.0), total=total)
+
+
+def pair_columns(keep: torch.Tensor, d_h: int) -> torch.Tensor:
+    """Original head dims of the reduced head, in its column order.
+
+    Closed form: ``cols = cat(keep, keep + d_h/2)`` per row: the kept rotate_half "first" dims, then their
+    partners. The reduced q (or k) head is ``q[..., cols]`` and RoPE runs on it with ``inv_freq[keep]``.
+
+    Shapes: ``keep`` LongTensor [n, n_pairs] -> LongTensor [n, 2·n_pairs] (same device).
+    """
+    if d_h % 2:
+        raise ValueError(f"RoPE heads need an even head dim, got d_h = {d_h}")
+    keep = torch.as_tensor(keep).long()
+    return torch.cat([keep, keep + d_h // 2], dim=-1)
+
+
+def selection_matrix(cols: torch.Tensor, d_h: int) -> torch.Tensor:
+    """0/1 column-selection matrices, so that a reduced head is ``q @ E``.
+
+    Closed form: ``E[i, cols[i, j], j] = 1``, all other entries 0.
+
+    Shapes: ``cols`` LongTensor [n, r] -> float64 [n, d_h, r] on ``cols``' device.
+    """
+    cols = torch.as_tensor(cols).long()
+    E = torch.zeros(*cols.shape[:-1], d_h, cols.shape[-1], dtype=torch.float64, device=cols.device)
+    E.scatter_(-2, cols.unsqueeze(-2), 1.0)
+    return E
+
+
+def _check_rank(r: int, full: int, what: str) -> int:
+    if isinstance(r, bool) or int(r) != r or not 1 <= int(r) <= full:
+        raise BudgetError(f"cannot reduce a {full}-dim {what} to {r} dims; the reduced dim must be between 1 and {full}")
+    return int(r)
+
+
+def _inv_sqrt_sv(s: torch.Tensor, s_all: torch.Tensor) -> torch.Tensor:
+    """``s^{-1/2}`` with tiny singular values clamped to ``σ_max·eps_machine`` (or 1e-300 if all are zero)."""
+    floor = (s_all[..., :1] * torch.finfo(torch.float64).eps).clamp_min(1e-300)
+    return torch.maximum(s, floor).rsqrt()
+
+
+def qk_closed_form(Gq: torch.Tensor, Gk: torch.Tensor, r: int, eps: float = 1e-6) -> QKFactors:
+    """A3-QK head-space, balanced, inverse-free closed form (A3_METHOD.md 4.2; GQA 4.3).
+
+    Objective: for each head (or KV group), over all calibration token pairs, minimise
+    ``E‖q (I − A Bᵀ) kᵀ‖² = ‖G_q^{1/2} (I − A Bᵀ) G_k^{1/2}‖_F²`` over rank-r ``A Bᵀ``; this equals the paper's
+    ``‖R^{1/2}(W_qk − W̃_qk)R^{1/2}‖_F²`` and its optimum is the Eckart–Young tail ``Σ_{j>r} σ_j²``.
+
+    Closed form: ``S_q = G_q^{1/2}``, ``S_k = G_k^{1/2}`` (damped, :func:`psd_sqrt`);
+    ``SVD(S_q S_k) = U Σ Vᵀ``; ``A = S_k V_r Σ_r^{-1/2}``, ``B = S_q U_r Σ_r^{-1/2}`` (σ clamped away from 0).
+    New heads: ``q̃ = q A``, ``k̃ = k B``, so ``q̃ k̃ᵀ = q (A Bᵀ) kᵀ``. For GQA pass the group-summed
+    ``G_q`` (:func:`group_sum`) and apply ``A`` to every query head of the group.
+
+    Shapes: ``Gq``, ``Gk`` [n, d_h, d_h] (pre-RoPE second moments, means over tokens); ``1 <= r <= d_h``.
+    Returns :class:`QKFactors` (``A``, ``B`` [n, d_h, r]; ``sv`` [n, d_h]; ``loss``, ``total`` [n]).
+    """
+    Gq, Gk = as_f64(Gq), as_f64(Gk)
+    if Gq.shape != Gk.shape:
+        raise ValueError(f"Gq and Gk must have the same shape [n, d_h, d_h], got {tuple(Gq.shape)} and {tuple(Gk.shape)}")
+    check_finite("the query second moments Gq", Gq)
+    check_finite("the key second moments Gk", Gk)
+    r = _check_rank(r, Gq.shape[-1], "query/key head")
+    Gk = Gk.to(Gq.device)
+    Sq, _ = psd_sqrt(Gq, eps)
+    Sk, _ = psd_sqrt(Gk, eps)
+    U, s, Vh = torch.linalg.svd(Sq @ Sk)
+    w = _inv_sqrt_sv(s[..., :r], s).unsqueeze(-2)  # [n, 1, r]
+    A = (Sk @ Vh[..., :r, :].mT) * w
+    B = (Sq @ U[..., :r]) * w
+    s2 = s.square()
+    total = s2.sum(-1)
+    loss = s2[..., r:].sum(-1)
+    return QKFactors(A=A, B=B, sv=s, loss=loss, total=total)
