@@ -1,0 +1,89 @@
+"""The model card (README.md) of a compressed checkpoint: what was done and what it cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_int(n: int | float) -> str:
+    return f"{int(n):,}"
+
+
+def render_model_card(report: dict[str, Any]) -> str:
+    """Markdown model card from the export report (the same dict that becomes a3_report.json)."""
+    s = report["summary"]
+    src = report["source"]
+    cal = report["calibration"]
+    m = report["methods"]
+    q = report.get("quality")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"base_model: {src['name']}",
+        "tags: [a3, a3-serve, low-rank, compressed, kv-cache-compression]",
+        "---",
+        "",
+        f"# {src['name']}: A3-compressed (CR {s['target_cr']:.2f})",
+        "",
+        f"This checkpoint was produced by a3-serve {report['a3_serve_version']} from "
+        f"`{src['name']}` ({src['architecture']}, {src['attention']}) with **A3**, an analytical post-training low-rank "
+        "method: every attention head keeps fewer QK and VO dimensions and the MLP is narrower. The model keeps the "
+        "same number of matrix multiplies; weights, FLOPs and the KV cache shrink.",
+        "",
+        "## What changed",
+        "",
+        "| | dense | compressed |",
+        "|---|---|---|",
+        f"| QK head dim | {s['head_dim']} | {s['qk_head_dim']} |",
+        f"| VO head dim | {s['head_dim']} | {s['v_head_dim']} |",
+        f"| MLP width | {s['intermediate_size']} | {s['new_intermediate_size']} |",
+        f"| decoder linear parameters | {_fmt_int(s['linear_params_before'])} | {_fmt_int(s['linear_params_after'])} |",
+        f"| all parameters | {_fmt_int(s['params_before'])} | {_fmt_int(s['params_after'])} |",
+        f"| KV cache per token ({s['kv_dtype']}) | {_fmt_int(s['kv_bytes_per_token_before'])} B | {_fmt_int(s['kv_bytes_per_token_after'])} B |",
+        "",
+        f"Target compression ratio {s['target_cr']:.3f}; achieved {s['achieved_cr']:.4f} of the decoder's linear parameters "
+        f"(head sizes rounded down to multiples of {s['head_multiple']}, the MLP width re-solved to meet the budget).",
+        "",
+        f"Methods: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`; components compressed: {', '.join(s['components'])}.",
+        f"Calibration: {cal['nsamples']} x {cal['seqlen']} tokens from `{cal['source']}` (seed {cal['seed']}).",
+        "",
+        "## Quality",
+        "",
+    ]
+    if q:
+        lines += [
+            f"Perplexity on held-out text `{q['data']}` ({_fmt_int(q['n_tokens'])} tokens, windows of {q['seqlen']}), "
+            "which calibration never saw:",
+            "",
+            "| model | perplexity |",
+            "|---|---|",
+            f"| dense | {q['dense_ppl']:.3f} |",
+            f"| compressed | {q['compressed_ppl']:.3f} ({q['compressed_ppl'] / q['dense_ppl'] - 1:+.1%}) |",
+        ]
+    else:
+        lines += [
+            "Not measured at export time. Measure it on held-out text (never the calibration text):",
+            "",
+            "```",
+            "a3-eval ppl --model <this folder> --data wiki:heldout --seqlen 512 --max-tokens 32768",
+            "```",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import a3_serve  # registers the a3_llama model type (or pass trust_remote_code=True without a3-serve)",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('<this folder>')",
+        "```",
+        "",
+        "The folder carries its modeling code (`modeling_a3_llama.py`), so "
+        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` also works without a3-serve. "
+        "Loaders that know neither refuse it (`model_type: a3_llama`) instead of silently mis-loading it.",
+        "",
+        "Per-layer losses and timings are in `a3_report.json`.",
+        "",
+    ]
+    return "\n".join(lines)

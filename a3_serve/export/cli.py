@@ -1,0 +1,159 @@
+"""`a3-export`: compress a dense Hugging Face checkpoint with A3 into a smaller standard checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from a3_serve.errors import A3Error
+from a3_serve.export.solve import MLP_METHODS, OV_METHODS, QK_METHODS, Methods
+from a3_serve.progress import setup_logging
+
+DESCRIPTION = """\
+Compress a dense Hugging Face decoder (Llama 1/2/3, Mistral, Qwen2/2.5, SmolLM2, TinyLlama) with A3:
+every attention head keeps fewer QK and VO dimensions and the MLP gets narrower, computed in closed form
+from calibration statistics. The output is a normal Hugging Face folder (model_type a3_llama) that
+transformers loads after `import a3_serve` (or with trust_remote_code=True) and vLLM serves with the
+a3-serve plugin. The write is atomic: nothing appears at --out until the checkpoint is complete.
+
+CR is the fraction of the decoder's linear-layer parameters (q, k, v, o, gate, up, down) removed.
+Head sizes are rounded DOWN to --head-multiple and the MLP width is re-solved so the model still
+meets the target (e.g. SmolLM2 at --cr 0.1: heads 64 -> 48, MLP 1536 -> 1459).
+"""
+
+EPILOG = """\
+examples:
+  a3-export --model ./Llama-3.1-8B --cr 0.1 --out ./compressed
+  a3-export --model "$(a3-demo-model)" --cr 0.2 --out ./smol-a3 --nsamples 64 --seqlen 512 --eval-tokens 16384
+  a3-export --model ./m --cr 0.2 --out ./m-ov --components ov          # ablation: only VO dims
+  a3-export --model ./m --cr 0.2 --out ./m-wanda --qk-method wanda --ov-method wanda --mlp-method wanda
+
+cost: calibration is one forward pass over nsamples x seqlen tokens plus small head-space solves.
+The paper's default 128 x 2048 (262k tokens) takes about 11 minutes for a 135M model on a 2-core
+CPU in float32, and hours for a 7B model on CPU; use --device cuda, or fewer tokens (64 x 512 is a
+good quick setting for small models). bfloat16 is very slow on most CPUs: keep float32 there.
+"""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one line and exits 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
+def _describe(table: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in table.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="a3-export", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("model and output")
+    io.add_argument("--model", required=True, metavar="PATH", help="dense Hugging Face model folder (config.json, *.safetensors, tokenizer)")
+    io.add_argument("--out", required=True, metavar="DIR", help="folder to create for the compressed checkpoint (must not exist unless --overwrite)")
+    io.add_argument("--cr", required=True, type=float, metavar="RATIO", help="compression ratio in (0, 1): fraction of decoder linear parameters to remove, e.g. 0.1")
+    io.add_argument("--overwrite", action="store_true", help="replace --out if it exists (the old folder is removed only after the new one is complete)")
+    io.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="dtype of the written weights (default: the source checkpoint's dtype)")
+
+    cal = p.add_argument_group("calibration data")
+    cal.add_argument("--calib", default="wiki", metavar="SOURCE",
+                     help="calibration text: a .txt file (documents separated by blank lines), a .jsonl file (field 'text', or FILE.jsonl:FIELD), "
+                          "a folder of .txt files, 'wiki' (built-in Wikipedia lead paragraphs, calibration split; default), "
+                          "or hf:NAME[:CONFIG][:SPLIT] (a Hugging Face dataset; needs network and `pip install datasets`)")
+    cal.add_argument("--calib-split", default=None, metavar="SPLIT", help="split of the built-in corpus (default: calibration; 'heldout' is reserved for evaluation)")
+    cal.add_argument("--nsamples", type=int, default=128, help="number of calibration sequences (default: 128, the paper's)")
+    cal.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: 2048, the paper's; see 'cost' below)")
+    cal.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows (default: 0)")
+    cal.add_argument("--batch-size", type=int, default=4, help="sequences per calibration forward pass (default: 4)")
+
+    run = p.add_argument_group("compute")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="dtype of the calibration forward pass (default: float32 on CPU, bfloat16 on GPU); statistics are always accumulated in float64")
+    run.add_argument("--damp", type=float, default=1e-6, help="relative eigenvalue floor for the PSD square roots (default: 1e-6)")
+
+    shape = p.add_argument_group("shapes and methods")
+    shape.add_argument("--head-multiple", type=int, default=16,
+                       help="round head sizes down to a multiple of this (default: 16, needed by vLLM's CPU attention; 8 is enough for GPU FlashAttention)")
+    shape.add_argument("--components", default="qk,ov,mlp", metavar="LIST",
+                       help="which components to compress, comma-separated subset of qk,ov,mlp (default: all). With a subset, each chosen component "
+                            "is cut by --cr and the others stay dense (for ablations; QK-only/OV-only checkpoints have K and V of different sizes, "
+                            "which vLLM's CPU backend cannot run)")
+    shape.add_argument("--qk-method", default="a3", choices=list(QK_METHODS), help="QK (RoPE pair selection) score. " + _describe(QK_METHODS))
+    shape.add_argument("--ov-method", default="a3", choices=list(OV_METHODS), help="OV solver. " + _describe(OV_METHODS))
+    shape.add_argument("--mlp-method", default="a3", choices=list(MLP_METHODS), help="MLP neuron score. " + _describe(MLP_METHODS))
+
+    ev = p.add_argument_group("quality check and output")
+    ev.add_argument("--eval-tokens", type=int, default=0, metavar="N",
+                    help="after solving, measure perplexity of dense and compressed on N held-out tokens and put it in the model card (default: 0 = skip)")
+    ev.add_argument("--eval-data", default="wiki:heldout", metavar="SOURCE", help="held-out text for --eval-tokens (default: wiki:heldout; never the calibration text)")
+    ev.add_argument("--eval-seqlen", type=int, default=512, help="window length for --eval-tokens (default: 512)")
+    ev.add_argument("--no-verify", action="store_true", help="skip loading the written checkpoint (and a forward pass) before it is moved into place")
+    ev.add_argument("--json", metavar="FILE", help="also write the export report as JSON to FILE ('-' for stdout)")
+    ev.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; errors only")
+    ev.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return p
+
+
+def format_summary(report: dict) -> str:
+    s = report["summary"]
+    t = report["timings"]
+    lines = [
+        f"A3 export done: {report['output']}",
+        f"  source      {report['source']['name']} ({report['source']['architecture']}, {report['source']['attention']})",
+        f"  dims        QK head {s['head_dim']} -> {s['qk_head_dim']}, VO head {s['head_dim']} -> {s['v_head_dim']}, MLP {s['intermediate_size']} -> {s['new_intermediate_size']}",
+        f"  params      decoder linear {s['linear_params_before']:,} -> {s['linear_params_after']:,}; all {s['params_before']:,} -> {s['params_after']:,}",
+        f"  KV cache    {s['kv_bytes_per_token_before']:,} -> {s['kv_bytes_per_token_after']:,} bytes/token ({s['kv_dtype']}), "
+        f"x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB",
+        f"  CR          target {s['target_cr']:.3f}, achieved {s['achieved_cr']:.4f}",
+        f"  methods     qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']}; components {','.join(s['components'])}",
+        f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from {report['calibration']['description']}",
+        f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",
+    ]
+    q = report.get("quality")
+    if q:
+        lines.append(f"  perplexity  dense {q['dense_ppl']:.3f} -> compressed {q['compressed_ppl']:.3f} on {q['n_tokens']:,} held-out tokens of {q['data']}")
+    for note in s.get("notes", []):
+        lines.append(f"  note        {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(0 if args.quiet else (2 if args.verbose else 1))
+    try:
+        from a3_serve.export.pipeline import ExportOptions, run_export
+
+        opts = ExportOptions(
+            model=Path(args.model), out=Path(args.out), cr=args.cr, calib=args.calib, calib_split=args.calib_split,
+            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device,
+            dtype=args.dtype, save_dtype=args.save_dtype, head_multiple=args.head_multiple,
+            components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+            methods=Methods(qk=args.qk_method, ov=args.ov_method, mlp=args.mlp_method), damp=args.damp,
+            overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
+            verify=not args.no_verify,
+        )
+        report = run_export(opts, progress=not args.quiet)
+    except A3Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(format_summary(report))
+    if args.json:
+        text = json.dumps(report, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The export pipeline: load → calibrate → solve layer by layer → write (atomically).
+
+Everything a user can get wrong is checked before the expensive steps (model load, calibration), in
+this order: options, source folder and architecture, dimension budget, destination, calibration text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import a3_serve
+from a3_serve.calibration.stats import collect_stats
+from a3_serve.errors import InputError, NumericalError
+from a3_serve.export.architectures import SourceArch, inspect_architecture, read_config
+from a3_serve.export.card import render_model_card
+from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, QK_METHODS, Methods, layer_tensors, solve_layer
+from a3_serve.export.writer import check_destination, write_checkpoint
+from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims
+
+log = logging.getLogger("a3_serve.export")
+
+FORMAT_VERSION = 1
+COMPONENTS = ("qk", "ov", "mlp")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportOptions:
+    """Everything `a3-export` takes; see `a3-export --help` for the meaning of each field."""
+
+    model: Path
+    out: Path
+    cr: float
+    calib: str = "wiki"
+    calib_split: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    save_dtype: str = "auto"
+    head_multiple: int = 16
+    components: tuple[str, ...] = COMPONENTS
+    methods: Methods = field(default_factory=Methods)
+    damp: float = 1e-6
+    overwrite: bool = False
+    eval_data: str = "wiki:heldout"
+    eval_tokens: int = 0
+    eval_seqlen: int = 512
+    verify: bool = True  # load the written folder and run a forward pass before it is renamed into place
+    allow_zero_cr: bool = False  # Python API only: CR 0 runs the whole pipeline without removing anything
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA GPU here; use --device cpu")
+    return dev
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r} is not supported; use float32, bfloat16, float16 or auto")
+    return DTYPES[dtype]
+
+
+def validate_options(opts: ExportOptions) -> None:
+    """One-line errors for option values that can never work."""
+    lo_ok = opts.cr >= 0 if opts.allow_zero_cr else opts.cr > 0
+    if not (lo_ok and opts.cr < 1):
+        raise InputError(
+            f"--cr must be between 0 and 1 (exclusive), got {opts.cr:g}; e.g. --cr 0.1 removes 10% of the decoder's linear-layer parameters"
+        )
+    if opts.nsamples < 1 or opts.seqlen < 2:
+        raise InputError(f"--nsamples ({opts.nsamples}) must be >= 1 and --seqlen ({opts.seqlen}) >= 2; e.g. --nsamples 64 --seqlen 512")
+    if opts.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.head_multiple < 2 or opts.head_multiple % 2:
+        raise InputError(
+            f"--head-multiple must be an even number >= 2 (RoPE dims come in pairs), got {opts.head_multiple}; use 16 for vLLM on CPU, 8 for GPU"
+        )
+    bad = [c for c in opts.components if c not in COMPONENTS]
+    if bad or not opts.components:
+        raise InputError(f"--components takes a comma-separated subset of qk,ov,mlp, got {','.join(opts.components) or 'nothing'}")
+    for comp, table, value in (("qk", QK_METHODS, opts.methods.qk), ("ov", OV_METHODS, opts.methods.ov), ("mlp", MLP_METHODS, opts.methods.mlp)):
+        if value not in table:
+            raise InputError(f"--{comp}-method {value!r} is unknown; choose one of {', '.join(table)}")
+    if opts.save_dtype != "auto" and opts.save_dtype not in DTYPES:
+        raise InputError(f"--save-dtype {opts.save_dtype!r} is not supported; use auto, float32, bfloat16 or float16")
+    if opts.eval_tokens < 0:
+        raise InputError(f"--eval-tokens must be >= 0, got {opts.eval_tokens}")
+    if opts.damp <= 0:
+        raise InputError(f"--damp must be > 0, got {opts.damp:g}; the default 1e-6 is a good start")
+
+
+def model_shape(arch: SourceArch) -> ModelShape:
+    return ModelShape(
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        intermediate_size=arch.intermediate_size,
+    )
+
+
+def _check_weights_finite(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NumericalError(
+                f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or re-convert it"
+            )
+
+
+def _compressed_config(src_cfg: dict[str, Any], arch: SourceArch, plan: DimPlan, a3_block: dict[str, Any], save_dtype: torch.dtype) -> dict[str, Any]:
+    cfg = dict(src_cfg)
+    for key in ("auto_map", "quantization_config", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    cfg.update(
+        model_type="a3_llama",
+        architectures=["A3LlamaForCausalLM"],
+        head_dim=arch.head_dim,
+        qk_head_dim=plan.qk_head_dim,
+        v_head_dim=plan.v_head_dim,
+        intermediate_size=plan.intermediate_size,
+        num_key_value_heads=arch.num_kv_heads,
+        qkv_bias=arch.qkv_bias,
+        o_bias=arch.o_bias,
+        mlp_bias=arch.mlp_bias,
+        sliding_window=None,
+        dtype=str(save_dtype).replace("torch.", ""),
+        a3=a3_block,
+        auto_map={
+            "AutoConfig": "configuration_a3_llama.A3LlamaConfig",
+            "AutoModelForCausalLM": "modeling_a3_llama.A3LlamaForCausalLM",
+        },
+    )
+    cfg.pop("torch_dtype", None)
+    for key in ("use_sliding_window", "max_window_layers", "layer_types"):  # Qwen2: checked to be all full attention
+        cfg.pop(key, None)
+    return cfg
+
+
+def _count_params(state: dict[str, torch.Tensor], tied: bool) -> int:
+    return sum(t.numel() for k, t in state.items() if not (tied and k == "lm_head.weight") and not k.endswith("rope_freq_index"))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
+    """Run the whole export; returns the report (also written as a3_report.json)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from a3_serve.calibration.sources import describe_source, load_texts, sample_calibration
+    from a3_serve.modeling import modeling_source_files
+    from a3_serve.progress import progress_bar
+
+    t_start = time.perf_counter()
+    validate_options(opts)
+    src_cfg = read_config(opts.model)
+    arch = inspect_architecture(src_cfg)
+    shape = model_shape(arch)
+    plan = plan_dims(shape, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple)
+    check_destination(Path(opts.out), opts.overwrite, Path(opts.model))
+    device = _resolve_device(opts.device)
+    dtype = _resolve_dtype(opts.dtype, device)
+    log.info(
+        "%s (%s, %d layers, %d/%d heads of %d, MLP %d) -> heads %d/%d, MLP %d (target CR %.3f, achieved %.4f)",
+        opts.model, arch.model_type, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+        arch.intermediate_size, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.cr, plan.achieved_cr,
+    )
+
+    # calibration text -> tokens (fails fast on too little text, before loading the model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(opts.model))
+    except Exception as err:  # noqa: BLE001 - any tokenizer failure is a broken folder for the user
+        raise InputError(f"cannot load the tokenizer of {str(opts.model)!r} ({type(err).__name__}); the folder needs tokenizer files") from None
+    texts = load_texts(opts.calib, opts.calib_split)
+    tokens = sample_calibration(tokenizer, texts, opts.nsamples, opts.seqlen, opts.seed)
+    calib_desc = describe_source(opts.calib, opts.calib_split)
+
+    # model
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(opts.model), dtype=dtype)
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"cannot load the model weights of {str(opts.model)!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    model.to(device).eval()
+    _check_weights_finite(model)
+    t_load = time.perf_counter() - t0
+
+    # calibration statistics (original model, every layer at once)
+    t0 = time.perf_counter()
+    batches = list(tokens.split(opts.batch_size))
+    with progress_bar(total=opts.nsamples, desc="calibrating", unit="seq", force=None if progress else False) as bar:
+        stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, progress=bar.update)
+    t_calib = time.perf_counter() - t0
+
+    # solve layer by layer
+    t0 = time.perf_counter()
+    src_state = model.state_dict()
+    new_state: dict[str, torch.Tensor] = {}
+    layer_reports = []
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    with progress_bar(total=arch.num_layers, desc="solving", unit="layer", force=None if progress else False) as bar:
+        for i, layer in enumerate(model.model.layers):
+            tl = time.perf_counter()
+            new, rope_index, rep = solve_layer(
+                layer_tensors(layer), stats[i], arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.methods, opts.damp,
+            )
+            prefix = f"model.layers.{i}."
+            for key in LAYER_TENSORS:
+                t = new[key]
+                if t is None:
+                    continue
+                if not torch.isfinite(t).all():
+                    raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
+                base, kind = key.split("_")
+                new_state[prefix + names[base] + (".weight" if kind == "w" else ".bias")] = t
+            new_state[prefix + "self_attn.rope_freq_index"] = rope_index
+            rep["layer"] = i
+            rep["seconds"] = round(time.perf_counter() - tl, 4)
+            layer_reports.append(rep)
+            bar.update(1)
+    for k, v in src_state.items():  # embeddings, norms, lm_head
+        if ".self_attn." in k or ".mlp." in k:
+            continue
+        if arch.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        new_state[k] = v
+    t_solve = time.perf_counter() - t0
+
+    # save dtype: the source checkpoint's unless asked otherwise
+    if opts.save_dtype == "auto":
+        name = str(src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "float32")
+        save_dtype = DTYPES.get(name, torch.float32)
+    else:
+        save_dtype = DTYPES[opts.save_dtype]
+    new_state = {k: (v.to(save_dtype) if v.is_floating_point() else v).detach().cpu() for k, v in new_state.items()}
+
+    params_before = _count_params(src_state, arch.tie_word_embeddings)
+    params_after = _count_params(new_state, arch.tie_word_embeddings)
+    bpe = torch.finfo(save_dtype).bits // 8
+    source_name = str(src_cfg.get("_name_or_path") or Path(opts.model).resolve().name)
+    methods = opts.methods.as_dict()
+    summary = {
+        "target_cr": opts.cr,
+        "achieved_cr": plan.achieved_cr,
+        "components": list(opts.components),
+        "head_multiple": opts.head_multiple,
+        "head_dim": arch.head_dim,
+        "qk_head_dim": plan.qk_head_dim,
+        "v_head_dim": plan.v_head_dim,
+        "intermediate_size": arch.intermediate_size,
+        "new_intermediate_size": plan.intermediate_size,
+        "linear_params_before": shape.linear_params(arch.head_dim, arch.head_dim, arch.intermediate_size),
+        "linear_params_after": shape.linear_params(plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size),
+        "params_before": params_before,
+        "params_after": params_after,
+        "kv_dtype": str(save_dtype).replace("torch.", ""),
+        "kv_bytes_per_token_before": shape.kv_bytes_per_token(arch.head_dim, arch.head_dim, bpe),
+        "kv_bytes_per_token_after": shape.kv_bytes_per_token(plan.qk_head_dim, plan.v_head_dim, bpe),
+        "notes": list(plan.notes),
+    }
+    calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc, "nsamples": opts.nsamples,
+                   "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel())}
+    a3_block = {
+        "format_version": FORMAT_VERSION,
+        "a3_serve_version": a3_serve.__version__,
+        "source_model": source_name,
+        "source_architecture": arch.model_type,
+        "source_head_dim": arch.head_dim,
+        "source_intermediate_size": arch.intermediate_size,
+        "target_cr": opts.cr,
+        "achieved_cr": plan.achieved_cr,
+        "components": list(opts.components),
+        "methods": methods,
+        "head_multiple": opts.head_multiple,
+        "calibration": calibration,
+    }
+    config = _compressed_config(src_cfg, arch, plan, a3_block, save_dtype)
+    report: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "a3_serve_version": a3_serve.__version__,
+        "source": {"name": source_name, "path": str(Path(opts.model).resolve()), "architecture": arch.model_type, "attention": arch.attention_kind},
+        "summary": summary,
+        "methods": methods,
+        "calibration": calibration,
+        "device": str(device),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "layers": layer_reports,
+    }
+
+    eval_windows_ = dense_ppl = None
+    if opts.eval_tokens:
+        eval_windows_ = _heldout_windows(opts, tokenizer)
+        dense_ppl = _ppl(model, eval_windows_, opts.batch_size)
+    del model, src_state, stats
+
+    report["timings"] = {"load_s": t_load, "calibration_s": t_calib, "solve_s": t_solve,
+                         "calibration_tokens_per_s": tokens.numel() / t_calib if t_calib > 0 else None}
+
+    def verify_and_measure(tmp: Path) -> None:
+        """Load the finished folder as a user would; measure quality; refresh card and report."""
+        if not opts.verify and eval_windows_ is None:
+            return
+        from transformers import AutoModelForCausalLM as Auto
+
+        try:
+            comp = Auto.from_pretrained(str(tmp), dtype=dtype).to(device).eval()
+        except Exception as err:  # noqa: BLE001 - a checkpoint we cannot load must not reach --out
+            raise RuntimeError(f"the written checkpoint does not load: {type(err).__name__}: {err}") from err
+        probe = tokens[:1, : min(16, tokens.shape[1])].to(device)
+        with torch.no_grad():
+            logits = comp(input_ids=probe).logits
+        if not torch.isfinite(logits).all():
+            raise NumericalError("the compressed model produces NaN/Inf logits; raise --damp or use more calibration text")
+        if eval_windows_ is not None:
+            report["quality"] = {"data": opts.eval_data, "seqlen": opts.eval_seqlen, "n_tokens": int(eval_windows_.numel()),
+                                 "dense_ppl": dense_ppl, "compressed_ppl": _ppl(comp, eval_windows_, opts.batch_size)}
+        (tmp / "README.md").write_text(render_model_card(report))
+        (tmp / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    t0 = time.perf_counter()
+    out = write_checkpoint(
+        Path(opts.out), Path(opts.model), config, new_state, modeling_source_files(), render_model_card(report), report,
+        overwrite=opts.overwrite, before_rename=verify_and_measure,
+    )
+    report["timings"]["write_s"] = time.perf_counter() - t0
+    report["timings"]["total_s"] = time.perf_counter() - t_start
+    report["peak_rss_mb"] = _rss_mb()
+    report["output"] = str(Path(out).resolve())
+    # the final numbers (write time, total, RSS) are known only now: refresh the report file
+    (Path(out) / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _heldout_windows(opts: ExportOptions, tokenizer) -> torch.Tensor:
+    """Evaluation windows from --eval-data, which must not overlap the calibration text."""
+    from a3_serve.calibration.sources import eval_windows, load_texts, sources_overlap
+
+    spec, split = _split_spec(opts.eval_data)
+    if sources_overlap(opts.calib, opts.calib_split, spec, split):
+        raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as wiki:heldout")
+    return eval_windows(tokenizer, load_texts(spec, split), opts.eval_seqlen, opts.eval_tokens)
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """'wiki:heldout' -> ('wiki', 'heldout'); other specs are passed through whole."""
+    if spec.startswith("wiki:"):
+        return "wiki", spec.split(":", 1)[1]
+    return spec, None
+
+
+def _ppl(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    from a3_serve.eval.ppl import evaluate_ppl
+
+    return float(evaluate_ppl(model, windows, batch_size=batch_size)["ppl"])

@@ -1,0 +1,184 @@
+"""Solve one decoder layer: calibration statistics + dense weights -> compressed weights.
+
+This is the glue between :mod:`a3_serve.calibration.stats` and the pure solvers: it picks the
+moments each method needs, calls the solver, and applies the factors to the PyTorch weights.
+
+Weight layout (PyTorch ``[out, in]``), per layer, ``d`` = hidden size:
+
+* ``q [h_q*d_h, d]``, ``k/v [h_kv*d_h, d]``, ``o [d, h_q*d_h]``, ``gate/up [d_int, d]``, ``down [d, d_int]``
+  and optional biases. Query head ``i`` uses KV head ``i // g``.
+* QK (RoPE): keep ``r_qk/2`` frequency pairs per KV group; the reduced head's dims are
+  ``[kept firsts, kept partners]``, so the new q/k rows are a gather of the old ones and
+  ``rope_freq_index[j]`` lists the kept frequencies of KV head ``j``.
+* OV: a value head ``v`` becomes ``v T`` (``T [d_h, r_vo]``), i.e. ``v_proj ← Tᵀ v_proj`` per head, and the
+  o_proj columns of each query head become ``Wo_newᵀ``. The o_proj bias is unchanged.
+* MLP: keep ``r_int`` neurons: rows of gate/up, columns of down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from a3_serve.calibration.stats import LayerStats
+from a3_serve.export.architectures import SourceArch
+from a3_serve.solvers import mlp as mlp_solver
+from a3_serve.solvers import ov as ov_solver
+from a3_serve.solvers import qk as qk_solver
+
+QK_METHODS = {
+    "a3": "the paper's RoPE pair score E[q_a²]E[k_a²] + E[q_b²]E[k_b²] per KV group (A3 'rxx-w-rxx')",
+    "wanda": "Wanda-like pair score with per-dim energy Σ_j E[x_j²]·W[c, j]² (input scale × weight)",
+    "weight-norm": "pair score from weight norms only, ‖W_q[c]‖²·‖W_k[c]‖² (no calibration data)",
+}
+OV_METHODS = {
+    "a3": "MHA: per-head closed form whitened by E[o oᵀ] (attention-weighted, 'axkv'); GQA: joint SVD whitened by E[v vᵀ] ('xkv')",
+    "xkv": "closed form whitened by E[v vᵀ] for every model (cheaper ablation of 'a3')",
+    "svd": "plain SVD of W_v W_o without whitening (CLOVER-like baseline)",
+    "wanda": "keep value dims by E[v_c²]·‖W_o[c]‖² (selection baseline)",
+    "weight-norm": "keep value dims by ‖W_v[c]‖²·‖W_o[c]‖² (selection baseline, no data)",
+}
+MLP_METHODS = {
+    "a3": "the paper's score E[h_i²]·‖W_down[:, i]‖² ('rxx-w')",
+    "rxx": "activation energy E[h_i²] only ('rxx')",
+    "wanda": "structured Wanda: sqrt(E[h_i²])·‖W_down[:, i]‖₁",
+    "weight-norm": "‖W_gate[i]‖² + ‖W_up[i]‖² + ‖W_down[:, i]‖² (no data)",
+}
+
+
+@dataclass(frozen=True)
+class Methods:
+    qk: str = "a3"
+    ov: str = "a3"
+    mlp: str = "a3"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"qk": self.qk, "ov": self.ov, "mlp": self.mlp}
+
+
+LAYER_TENSORS = ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b", "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
+
+
+def layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """The projection weights/biases of an HF Llama-style decoder layer, keyed as in LAYER_TENSORS."""
+    attn, mlp = layer.self_attn, layer.mlp
+    mods = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+            "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    out: dict[str, torch.Tensor | None] = {}
+    for name, mod in mods.items():
+        out[f"{name}_w"] = mod.weight.detach()
+        out[f"{name}_b"] = mod.bias.detach() if mod.bias is not None else None
+    return out
+
+
+def _per_dim_energy(method: str, G: torch.Tensor, W: torch.Tensor, x2: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Per-head, per-dim energy [n_heads, d_h] of a projection for the QK pair scores."""
+    if method == "a3":
+        return torch.diagonal(G, dim1=-2, dim2=-1)
+    Wh = W.to(torch.float64).reshape(n_heads, -1, W.shape[-1])  # [h, d_h, d]
+    if method == "wanda":
+        return (Wh.square() * x2.to(Wh)).sum(-1)
+    if method == "weight-norm":
+        return Wh.square().sum(-1)
+    raise ValueError(f"unknown QK method {method!r}")
+
+
+def _gather_heads(W: torch.Tensor, cols: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a head-blocked weight/bias: W [n_heads*d_h, ...], cols [n_heads, r] -> [n_heads*r, ...]."""
+    Wh = W.reshape(n_heads, -1, *W.shape[1:])
+    idx = cols.reshape(n_heads, -1, *([1] * (W.dim() - 1))).expand(-1, -1, *W.shape[1:])
+    return torch.gather(Wh, 1, idx.to(W.device)).reshape(-1, *W.shape[1:])
+
+
+def solve_qk(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str) -> tuple[dict, torch.Tensor, dict]:
+    """Pair selection for RoPE attention; returns (new q/k tensors, rope_freq_index [h_kv, r/2], report)."""
+    hq, hkv, g, dh = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim
+    eq = _per_dim_energy(method, st.Gq, w["q_w"], st.x2, hq).reshape(hkv, g, dh).sum(1)
+    ek = _per_dim_energy(method, st.Gk, w["k_w"], st.x2, hkv)
+    sel = qk_solver.select_rope_pairs(eq, ek, r // 2)
+    cols = qk_solver.pair_columns(sel.keep, dh)  # [h_kv, r]
+    q_cols = cols.repeat_interleave(g, dim=0)  # [h_q, r]
+    new = {
+        "q_w": _gather_heads(w["q_w"], q_cols, hq),
+        "q_b": _gather_heads(w["q_b"], q_cols, hq) if w["q_b"] is not None else None,
+        "k_w": _gather_heads(w["k_w"], cols, hkv),
+        "k_b": _gather_heads(w["k_b"], cols, hkv) if w["k_b"] is not None else None,
+    }
+    report = {"loss": sel.loss.sum().item(), "total": sel.total.sum().item()}
+    return new, sel.keep.to(torch.int32), report
+
+
+def solve_ov(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str, eps: float) -> tuple[dict, dict]:
+    """Shrink each value head to r dims; returns (new v/o tensors, report)."""
+    hq, hkv, g, dh, d = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim, arch.hidden_size
+    dtype = w["v_w"].dtype
+    Wv = w["v_w"].to(torch.float64).reshape(hkv, dh, d)  # per value head [d_h, d]
+    Wo = w["o_w"].to(torch.float64).reshape(d, hq, dh).permute(1, 2, 0).reshape(hkv, g, dh, d)
+    if method == "a3" and g == 1:
+        res = ov_solver.ov_closed_form(st.Go, Wo, r, eps)
+    elif method in ("a3", "xkv"):
+        res = ov_solver.ov_closed_form(st.Gv, Wo, r, eps)
+    elif method == "svd":
+        res = ov_solver.ov_closed_form(Wv @ Wv.transpose(1, 2), Wo, r, eps)
+    elif method == "wanda":
+        res = ov_solver.ov_select(ov_solver.ov_wanda_scores(torch.diagonal(st.Gv, dim1=-2, dim2=-1), Wo), Wo, r)
+    elif method == "weight-norm":
+        res = ov_solver.ov_select(ov_solver.ov_weight_norm_scores(Wv, Wo), Wo, r)
+    else:
+        raise ValueError(f"unknown OV method {method!r}")
+    T = res.T  # [h_kv, d_h, r]
+    new_v = (T.transpose(1, 2) @ Wv).reshape(hkv * r, d)
+    new_vb = None
+    if w["v_b"] is not None:
+        new_vb = (T.transpose(1, 2) @ w["v_b"].to(torch.float64).reshape(hkv, dh, 1)).reshape(hkv * r)
+    new_o = res.Wo_new.reshape(hq, r, d).permute(2, 0, 1).reshape(d, hq * r)
+    new = {"v_w": new_v.to(dtype), "v_b": new_vb.to(dtype) if new_vb is not None else None, "o_w": new_o.to(dtype), "o_b": w["o_b"]}
+    return new, {"loss": res.loss.sum().item(), "total": res.total.sum().item()}
+
+
+def solve_mlp(w: dict, st: LayerStats, r_int: int, method: str) -> tuple[dict, dict]:
+    """Keep r_int intermediate neurons; returns (new gate/up/down tensors, report)."""
+    scores = mlp_solver.mlp_scores(method, st.h2, w["gate_w"], w["up_w"], w["down_w"])
+    keep = mlp_solver.select_neurons(scores, r_int).to(w["gate_w"].device)
+    new = {
+        "gate_w": w["gate_w"][keep], "up_w": w["up_w"][keep], "down_w": w["down_w"][:, keep],
+        "gate_b": w["gate_b"][keep] if w["gate_b"] is not None else None,
+        "up_b": w["up_b"][keep] if w["up_b"] is not None else None,
+        "down_b": w["down_b"],
+    }
+    return new, {"dropped_score_fraction": float(mlp_solver.dropped_fraction(scores, keep.cpu()))}
+
+
+def solve_layer(
+    w: dict[str, torch.Tensor | None],
+    st: LayerStats,
+    arch: SourceArch,
+    r_qk: int,
+    r_vo: int,
+    r_int: int,
+    methods: Methods,
+    eps: float = 1e-6,
+) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, dict[str, Any]]:
+    """Compress one layer. Returns (new tensors keyed like LAYER_TENSORS, rope_freq_index, report).
+
+    Components whose target equals the original size are still solved (at full rank the factors are
+    exact), so the CR-0 export exercises the same code path as a real one.
+    """
+    new: dict[str, torch.Tensor | None] = {}
+    qk_new, rope_index, qk_rep = solve_qk(w, st, arch, r_qk, methods.qk)
+    ov_new, ov_rep = solve_ov(w, st, arch, r_vo, methods.ov, eps)
+    mlp_new, mlp_rep = solve_mlp(w, st, r_int, methods.mlp)
+    new.update(qk_new)
+    new.update(ov_new)
+    new.update(mlp_new)
+    report = {
+        "qk": {"method": methods.qk, "dim": r_qk, **qk_rep},
+        "ov": {"method": methods.ov, "dim": r_vo, **ov_rep},
+        "mlp": {"method": methods.mlp, "dim": r_int, **mlp_rep},
+    }
+    for k in ("qk", "ov"):
+        tot = report[k]["total"]
+        report[k]["relative_loss"] = report[k]["loss"] / tot if tot > 0 else 0.0
+    return new, rope_index, report

@@ -1,0 +1,87 @@
+"""Shared fixtures: the real SmolLM2 demo model and random-weight models of every supported architecture.
+
+Random models reuse the real SmolLM2 tokenizer (vocab 49152) so that calibration runs on real text.
+They are small (2 layers, hidden 256-512, head size 64) so an export takes seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("A3_SERVE_NO_PROGRESS", "1")
+
+VOCAB = 49152
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 1024,
+}
+
+# name -> (config class name, kwargs). head_dim 64 everywhere so head-multiple 16 leaves room to shrink.
+RANDOM_ARCHS = {
+    "llama2-mha": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama3-gqa": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=8192, rope_parameters=LLAMA3_ROPE)),
+    "mistral": ("MistralConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1,
+                                      head_dim=64, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2-bias": ("Qwen2Config", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                                       tie_word_embeddings=True, use_sliding_window=False,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "tinyllama": ("LlamaConfig", dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=1,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The real SmolLM2-135M-Instruct as a dense fp32 folder (built once, cached)."""
+    from a3_serve.demo import build_demo_model
+
+    return build_demo_model()
+
+
+def build_random_model(kind: str, folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random-weight model of one of RANDOM_ARCHS (fp32, safetensors) with the demo tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cls_name, kwargs = RANDOM_ARCHS[kind]
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    kw = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
+    kw.update(kwargs)
+    kw.update(overrides)
+    config = getattr(transformers, cls_name)(**kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger than the 0.02 default so heads differ visibly and statistics are informative
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory, demo_model) -> dict[str, Path]:
+    """One saved random-weight model per supported architecture family."""
+    root = tmp_path_factory.mktemp("random_models")
+    return {kind: build_random_model(kind, root / kind, demo_model, seed=i) for i, kind in enumerate(RANDOM_ARCHS)}
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

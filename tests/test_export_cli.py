@@ -1,0 +1,157 @@
+"""`a3-export` as a user runs it: bad input gets one clear line, exit 2, and no destination folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from a3_serve.export.cli import main
+
+from conftest import build_random_model, copy_model
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+QUICK = ["--nsamples", "2", "--seqlen", "64", "--device", "cpu", "--quiet"]
+
+
+def test_missing_model_path(capsys, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", tmp_path / "nope", "--cr", "0.1", "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "does not exist")
+    assert not out.exists()
+
+
+def test_folder_that_is_not_a_model(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", tmp_path / "empty", "--cr", "0.1", "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "config.json")
+    assert not out.exists()
+
+
+def test_unsupported_architecture(capsys, tmp_path, random_models):
+    src = copy_model(random_models["llama2-mha"], tmp_path / "qwen3")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "qwen3"
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.1", "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "q/k RMSNorm", "supported")
+    assert not out.exists()
+    cfg["model_type"] = "mistral"
+    cfg["sliding_window"] = 512
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.1", "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "sliding")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cr", ["0", "-0.1", "1", "1.5"])
+def test_cr_out_of_range(capsys, tmp_path, random_models, cr):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", cr, "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "--cr")
+    assert not out.exists()
+
+
+def test_cr_too_high_for_heads_and_mlp(capsys, tmp_path, random_models):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.8", "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "16")
+    assert not out.exists()
+    # a 1-neuron MLP cannot lose half its width
+    src = build_random_model("llama2-mha", tmp_path / "tiny-mlp", random_models["llama2-mha"], intermediate_size=1)
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.5", "--out", out, "--components", "mlp", *QUICK)
+    _assert_one_line_error(code, err, "MLP")
+    assert not out.exists()
+
+
+def test_bad_flag_is_one_line(capsys, tmp_path, random_models):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(random_models["llama2-mha"]), "--cr", "abc", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    _assert_one_line_error(2, capsys.readouterr().err, "--cr")
+
+
+def test_existing_output_folder(capsys, tmp_path, random_models):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "user data"
+    code, stdout, _ = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--overwrite", "--nsamples", "2", "--seqlen", "64", "--device", "cpu")
+    assert code == 0 and "A3 export done" in stdout
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_calibration_text_too_short(capsys, tmp_path, random_models):
+    text = tmp_path / "short.txt"
+    text.write_text("Only a few words of calibration text.\n")
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--calib", text, *QUICK)
+    _assert_one_line_error(code, err, "tokens")
+    assert not out.exists()
+
+
+def test_nan_weights(capsys, tmp_path, random_models):
+    src = copy_model(random_models["llama2-mha"], tmp_path / "nan")
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][3, 7] = float("nan")
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, *QUICK)
+    _assert_one_line_error(code, err, "NaN", "model.layers.1.mlp.up_proj.weight")
+    assert not out.exists()
+
+
+def test_sigkill_midway_leaves_no_destination(tmp_path, demo_model, random_models):
+    """Kill -9 during calibration/solve/write: the destination never appears, and a rerun cleans up."""
+    out = tmp_path / "killed"
+    env = dict(os.environ, A3_SERVE_NO_PROGRESS="1")
+    cmd = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(demo_model), "--cr", "0.2", "--out", str(out),
+           "--nsamples", "16", "--seqlen", "512", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # wait until calibration is under way (the log line is printed after the up-front checks)
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline and "->" not in seen:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    # a killed run may leave a hidden partial folder; the next export to the same place removes it
+    partial = tmp_path / f".{out.name}.a3-partial-99999999-deadbeef"
+    partial.mkdir()
+    rerun = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(random_models["llama2-mha"]), "--cr", "0.2", "--out", str(out),
+             "--nsamples", "2", "--seqlen", "64", "--device", "cpu", "--quiet"]
+    code = subprocess.run(rerun, env=env).returncode
+    assert code == 0 and (out / "config.json").is_file()
+    assert not partial.exists()
