@@ -1,0 +1,234 @@
+"""Text sources (txt / jsonl / folder / wiki / hf) and token sampling for calibration and evaluation."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from a3_serve.calibration import sources as S
+from a3_serve.calibration.sources import (
+    describe_source,
+    eval_windows,
+    load_texts,
+    sample_calibration,
+    sources_overlap,
+    tokenize_corpus,
+)
+from a3_serve.errors import CalibrationError, InputError
+
+os.environ.setdefault("A3_SERVE_NO_PROGRESS", "1")
+
+
+class WordTokenizer:
+    """A fake tokenizer: word ``wN`` -> id ``N + 10``; EOS is 1. Every token of a synthetic corpus is unique,
+    so a window's tokens tell exactly where in the stream it came from."""
+
+    eos_token_id = 1
+
+    def __call__(self, texts, add_special_tokens=True, verbose=True):
+        assert add_special_tokens is False
+        return {"input_ids": [[int(w[1:]) + 10 for w in t.split()] for t in texts]}
+
+
+def _corpus(n_docs: int, words_per_doc: int) -> list[str]:
+    return [" ".join(f"w{d * words_per_doc + i}" for i in range(words_per_doc)) for d in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from a3_serve.demo import build_demo_model
+
+    return AutoTokenizer.from_pretrained(str(build_demo_model()))
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def test_txt_documents_split_at_blank_lines(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("First doc line one.\nline two.\n\nSecond doc.\n   \n\n\nThird doc.\r\n\r\nFourth.\n")
+    assert load_texts(str(p)) == ["First doc line one.\nline two.", "Second doc.", "Third doc.", "Fourth."]
+
+
+def test_jsonl_default_and_named_field(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text('{"text": "alpha", "body": "one"}\n\n{"text": "beta", "body": "two"}\n{"text": "  ", "body": "three"}\n')
+    assert load_texts(str(p)) == ["alpha", "beta"]
+    assert load_texts(f"{p}:body") == ["one", "two", "three"]
+    assert describe_source(f"{p}:body") == f"{p.resolve()}:body"
+
+
+def test_jsonl_errors_name_line_and_fix(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(CalibrationError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_texts(str(p))
+    q = tmp_path / "nofield.jsonl"
+    q.write_text('{"content": "x"}\n')
+    with pytest.raises(CalibrationError, match=r"no field 'text' \(fields: content\); name the text field as nofield\.jsonl:FIELD"):
+        load_texts(str(q))
+
+
+def test_folder_reads_sorted_txt_files_one_document_each(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "b.txt").write_text("bravo\n\nstill bravo\n")
+    (d / "a.txt").write_text("alpha\n")
+    (d / "c.md").write_text("ignored")
+    (d / "empty.txt").write_text("\n")
+    assert load_texts(str(d)) == ["alpha", "bravo\n\nstill bravo"]
+    (tmp_path / "nodocs").mkdir()
+    with pytest.raises(CalibrationError, match="has no .txt files"):
+        load_texts(str(tmp_path / "nodocs"))
+
+
+def test_missing_and_empty_sources(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(CalibrationError, match=r"nope\.txt does not exist"):
+        load_texts(str(missing))
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_texts(str(tmp_path / "nothing-here"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(CalibrationError, match="contains no text"):
+        load_texts(str(empty))
+    with pytest.raises(InputError, match="applies only to 'wiki' and 'hf:'"):
+        load_texts(str(empty), "heldout")
+
+
+def test_messages_are_one_line(tmp_path):
+    for call in (lambda: load_texts(str(tmp_path / "x.txt")), lambda: load_texts("wiki", "test"),
+                 lambda: load_texts("wiki:heldout", "calibration"), lambda: load_texts("hf:")):
+        with pytest.raises((CalibrationError, InputError)) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_hf_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(CalibrationError, match=r"needs the 'datasets' package .* network access"):
+        load_texts("hf:wikitext:wikitext-2-raw-v1:test")
+    assert describe_source("hf:wikitext:wikitext-2-raw-v1") == "hf:wikitext:wikitext-2-raw-v1:train"
+    assert describe_source("hf:wikitext", "validation") == "hf:wikitext::validation"
+
+
+# --------------------------------------------------------------------------------------------- wiki
+def test_wiki_splits_are_disjoint_deterministic_and_cover_the_corpus():
+    cal, held = load_texts("wiki"), load_texts("wiki", "heldout")
+    assert cal == load_texts("wiki:calibration") == load_texts("wiki", "calibration")
+    assert held == load_texts("wiki:heldout") == load_texts("wiki:heldout", "heldout")
+    assert len(cal) > 0 and len(held) > 0
+    assert not set(cal) & set(held)
+    assert len(cal) + len(held) == 10033
+    assert len(held) == 10033 // S.WIKI_HELDOUT_EVERY  # every 5th document, in title order
+    assert describe_source("wiki") == "wiki:calibration"
+    assert describe_source("wiki", "heldout") == "wiki:heldout"
+    with pytest.raises(InputError, match="names split 'heldout' but split 'calibration'"):
+        load_texts("wiki:heldout", "calibration")
+    with pytest.raises(InputError, match="unknown split 'test'"):
+        load_texts("wiki", "test")
+
+
+def test_sources_overlap(tmp_path):
+    assert not sources_overlap("wiki", None, "wiki", "heldout")
+    assert not sources_overlap("wiki:calibration", None, "wiki:heldout", None)
+    assert sources_overlap("wiki", None, "wiki:calibration", None)
+    assert sources_overlap("wiki:heldout", None, "wiki", "heldout")
+    f = tmp_path / "data" / "a.txt"
+    f.parent.mkdir()
+    f.write_text("hello")
+    assert sources_overlap(str(f), None, describe_source(str(f)), None)
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert sources_overlap("data/a.txt", None, str(f), None)  # relative vs absolute
+    finally:
+        os.chdir(cwd)
+    assert sources_overlap(str(f.parent), None, str(f), None)  # file inside a folder source
+    assert not sources_overlap(str(f), None, str(tmp_path / "other.txt"), None)
+    assert sources_overlap("/gone/calib.txt", None, "/gone/calib.txt", None)  # need not exist
+    assert not sources_overlap(str(f), None, "wiki:heldout", None)
+    assert sources_overlap("hf:c4:en", None, "hf:c4:en:train", None)
+    assert not sources_overlap("hf:c4:en:train", None, "hf:c4:en:validation", None)
+
+
+# --------------------------------------------------------------------------------------------- tokens
+def test_tokenize_corpus_separates_documents_with_eos():
+    stream = tokenize_corpus(WordTokenizer(), ["w0 w1", "w2"])
+    assert stream.dtype == torch.long
+    assert stream.tolist() == [10, 11, 1, 12, 1]
+
+
+def test_tokenize_corpus_real_tokenizer(smol_tokenizer):
+    texts = ["The capital of France is Paris.", "Second document."]
+    stream = tokenize_corpus(smol_tokenizer, texts)
+    eos = smol_tokenizer.eos_token_id
+    expect = []
+    for t in texts:
+        expect += smol_tokenizer(t, add_special_tokens=False).input_ids + [eos]
+    assert stream.tolist() == expect
+    assert smol_tokenizer.bos_token_id not in stream.tolist()
+
+
+def test_sampling_is_reproducible_non_overlapping_and_from_the_text():
+    tok, texts = WordTokenizer(), _corpus(50, 40)  # 50 * 41 = 2,050 tokens
+    stream = tokenize_corpus(tok, texts).tolist()
+    pos = {t: i for i, t in enumerate(stream) if t != 1}
+    a = sample_calibration(tok, texts, 16, 64, seed=0)
+    assert a.shape == (16, 64) and a.dtype == torch.long
+    assert torch.equal(a, sample_calibration(tok, texts, 16, 64, seed=0))
+    assert not torch.equal(a, sample_calibration(tok, texts, 16, 64, seed=1))
+    spans = []
+    for row in a.tolist():
+        first = next(i for i, t in enumerate(row) if t != 1)
+        start = pos[row[first]] - first
+        assert stream[start : start + 64] == row  # a contiguous piece of the token stream
+        spans.append((start, start + 64))
+    spans.sort()
+    assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:]))  # no two windows share a token
+    # all the text: windows tile the stream exactly when there is no slack
+    full = sample_calibration(tok, _corpus(4, 15), 4, 16, seed=3)
+    assert sorted(full.flatten().tolist()) == sorted(tokenize_corpus(tok, _corpus(4, 15)).tolist())
+
+
+def test_sampling_real_tokens_come_from_the_text(smol_tokenizer):
+    texts = load_texts("wiki", "heldout")[:40]
+    stream = tokenize_corpus(smol_tokenizer, texts)
+    windows = sample_calibration(smol_tokenizer, texts, 4, 128, seed=0)
+    for row in windows:
+        hits = (stream.unfold(0, 128, 1) == row).all(dim=1)
+        assert hits.any()
+
+
+def test_too_little_text_names_the_numbers():
+    tok, texts = WordTokenizer(), _corpus(3, 9)  # 30 tokens
+    with pytest.raises(CalibrationError) as info:
+        sample_calibration(tok, texts, 128, 2048, seed=0)
+    msg = str(info.value)
+    assert "calibration text has 30 tokens but --nsamples 128 x --seqlen 2048 needs 262,144" in msg
+    assert "give more text or lower --nsamples/--seqlen" in msg
+    with pytest.raises(InputError, match="--nsamples must be an integer >= 1"):
+        sample_calibration(tok, texts, 0, 8, seed=0)
+
+
+def test_eval_windows_are_consecutive_from_the_start():
+    tok, texts = WordTokenizer(), _corpus(10, 9)  # 100 tokens
+    stream = tokenize_corpus(tok, texts)
+    w = eval_windows(tok, texts, 16)
+    assert w.shape == (6, 16)
+    assert torch.equal(w.flatten(), stream[:96])
+    w2 = eval_windows(tok, texts, 16, max_tokens=40)  # rounded down to whole windows
+    assert torch.equal(w2, w[:2])
+    with pytest.raises(CalibrationError, match="fewer than one window of --seqlen 128"):
+        eval_windows(tok, texts, 128)
+    with pytest.raises(InputError, match="less than one window"):
+        eval_windows(tok, texts, 16, max_tokens=8)
+
+
+def test_wiki_token_counts(smol_tokenizer):
+    """The held-out split is big enough for the default evaluation (32,768 tokens) many times over."""
+    held = eval_windows(smol_tokenizer, load_texts("wiki", "heldout"), 512, max_tokens=32768)
+    assert held.shape == (64, 512)
