@@ -165,6 +165,73 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+_MODULE_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def compress_model(
+    model: torch.nn.Module,
+    stats: list,
+    arch: SourceArch,
+    r_qk: int,
+    r_vo: int,
+    r_int: int,
+    methods: Methods,
+    damp: float = 1e-6,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Solve every layer of a loaded dense model; returns (compressed state dict, per-layer reports).
+
+    The state dict uses the checkpoint's tensor names (embeddings, norms and an untied lm_head are
+    carried over unchanged; a tied lm_head is left out). The dense model is not modified, so several
+    recipes can be solved from one set of statistics.
+    """
+    from a3_serve.progress import progress_bar
+
+    new_state: dict[str, torch.Tensor] = {}
+    reports = []
+    with progress_bar(total=arch.num_layers, desc="solving", unit="layer", force=None if progress else False) as bar:
+        for i, layer in enumerate(model.model.layers):
+            tl = time.perf_counter()
+            new, rope_index, rep = solve_layer(layer_tensors(layer), stats[i], arch, r_qk, r_vo, r_int, methods, damp)
+            prefix = f"model.layers.{i}."
+            for key in LAYER_TENSORS:
+                t = new[key]
+                if t is None:
+                    continue
+                if not torch.isfinite(t).all():
+                    raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
+                base, kind = key.split("_")
+                new_state[prefix + _MODULE_NAMES[base] + (".weight" if kind == "w" else ".bias")] = t
+            new_state[prefix + "self_attn.rope_freq_index"] = rope_index
+            rep["layer"] = i
+            rep["seconds"] = round(time.perf_counter() - tl, 4)
+            reports.append(rep)
+            bar.update(1)
+    for k, v in model.state_dict().items():  # embeddings, norms, lm_head
+        if ".self_attn." in k or ".mlp." in k:
+            continue
+        if arch.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        new_state[k] = v
+    return new_state, reports
+
+
+def build_a3_model(config: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An in-memory A3LlamaForCausalLM from a compressed config dict and state dict (for quality checks)."""
+    from a3_serve.modeling import A3LlamaConfig, A3LlamaForCausalLM
+
+    cfg = A3LlamaConfig.from_dict(config)
+    model = A3LlamaForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"compressed state does not match the A3 model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
 def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     """Run the whole export; returns the report (also written as a3_report.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -217,36 +284,9 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     # solve layer by layer
     t0 = time.perf_counter()
     src_state = model.state_dict()
-    new_state: dict[str, torch.Tensor] = {}
-    layer_reports = []
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-    with progress_bar(total=arch.num_layers, desc="solving", unit="layer", force=None if progress else False) as bar:
-        for i, layer in enumerate(model.model.layers):
-            tl = time.perf_counter()
-            new, rope_index, rep = solve_layer(
-                layer_tensors(layer), stats[i], arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.methods, opts.damp,
-            )
-            prefix = f"model.layers.{i}."
-            for key in LAYER_TENSORS:
-                t = new[key]
-                if t is None:
-                    continue
-                if not torch.isfinite(t).all():
-                    raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
-                base, kind = key.split("_")
-                new_state[prefix + names[base] + (".weight" if kind == "w" else ".bias")] = t
-            new_state[prefix + "self_attn.rope_freq_index"] = rope_index
-            rep["layer"] = i
-            rep["seconds"] = round(time.perf_counter() - tl, 4)
-            layer_reports.append(rep)
-            bar.update(1)
-    for k, v in src_state.items():  # embeddings, norms, lm_head
-        if ".self_attn." in k or ".mlp." in k:
-            continue
-        if arch.tie_word_embeddings and k == "lm_head.weight":
-            continue
-        new_state[k] = v
+    new_state, layer_reports = compress_model(
+        model, stats, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.methods, opts.damp, progress=progress,
+    )
     t_solve = time.perf_counter() - t0
 
     # save dtype: the source checkpoint's unless asked otherwise

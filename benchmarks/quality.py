@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Quality grid: held-out perplexity of A3 recipes and baselines at several CRs, on one model.
+
+Calibrates ONCE (statistics of the original model), then solves every (CR, recipe) from the same
+statistics, builds each compressed model in memory and measures perplexity on held-out text that
+calibration never saw, with the same windows for every model. Also times one plain forward pass over
+the calibration tokens, so the export cost can be read as a ratio.
+
+    python benchmarks/quality.py                      # SmolLM2 demo, CR 0.1/0.2/0.3, all recipes
+    python benchmarks/quality.py --crs 0.2 --recipes a3,wanda --eval-tokens 8192
+
+Writes ``<out-dir>/quality.json``, ``quality.md`` and ``quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import a3_serve
+from a3_serve.calibration.sources import describe_source, eval_windows, load_texts, sample_calibration
+from a3_serve.calibration.stats import collect_stats
+from a3_serve.eval.ppl import evaluate_ppl
+from a3_serve.export.architectures import inspect_architecture, read_config
+from a3_serve.export.pipeline import _compressed_config, build_a3_model, compress_model, model_shape
+from a3_serve.export.solve import Methods
+from a3_serve.progress import progress_bar
+from a3_serve.solvers.budget import plan_dims
+
+# name -> (components, methods, what it is)
+RECIPES = {
+    "a3": (("qk", "ov", "mlp"), Methods("a3", "a3", "a3"), "the paper's A3 on all components"),
+    "a3-qk-only": (("qk",), Methods("a3", "a3", "a3"), "A3 on QK only (head QK dims cut by CR)"),
+    "a3-ov-only": (("ov",), Methods("a3", "a3", "a3"), "A3 on OV only (head VO dims cut by CR)"),
+    "a3-mlp-only": (("mlp",), Methods("a3", "a3", "a3"), "A3 on the MLP only (width cut by CR)"),
+    "a3-ov-svd": (("qk", "ov", "mlp"), Methods("a3", "svd", "a3"), "A3, but OV by plain SVD (no whitening)"),
+    "a3-mlp-rxx": (("qk", "ov", "mlp"), Methods("a3", "a3", "rxx"), "A3, but MLP scored by E[h^2] only"),
+    "wanda": (("qk", "ov", "mlp"), Methods("wanda", "wanda", "wanda"), "Wanda-like selection everywhere (same dims as a3)"),
+    "weight-norm": (("qk", "ov", "mlp"), Methods("weight-norm", "weight-norm", "weight-norm"), "weight-norm selection (same dims as a3)"),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="dense model folder (default: the built-in SmolLM2 demo model)")
+    p.add_argument("--crs", default="0.1,0.2,0.3", help="comma-separated compression ratios")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {','.join(RECIPES)}")
+    p.add_argument("--calib", default="wiki", help="calibration source (default: built-in wiki, calibration split)")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", dest="evals", action="append", default=None,
+                   help="held-out text to evaluate on, repeatable (default: wiki:heldout)")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--head-multiple", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out-dir", default="benchmarks/results/quality")
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    if args.model is None:
+        from a3_serve.demo import build_demo_model
+
+        args.model = str(build_demo_model())
+    evals = args.evals or ["wiki:heldout"]
+    crs = [float(c) for c in args.crs.split(",")]
+    recipes = [r for r in args.recipes.split(",") if r]
+    for r in recipes:
+        if r not in RECIPES:
+            p.error(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_cfg = read_config(args.model)
+    arch = inspect_architecture(src_cfg)
+    shape = model_shape(arch)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tokens = sample_calibration(tok, load_texts(args.calib), args.nsamples, args.seqlen, args.seed)
+    windows = {}
+    for spec in evals:
+        name, _, split = spec.partition(":") if spec.startswith("wiki") else (spec, "", "")
+        windows[spec] = eval_windows(tok, load_texts(name, split or None), args.eval_seqlen, args.eval_tokens)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+
+    # one plain forward pass over the calibration tokens (decoder only, as calibration runs it)
+    batches = list(tokens.split(args.batch_size))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            model.model(input_ids=b, use_cache=False)
+    t_forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+    t_stats = time.perf_counter() - t0
+    print(f"forward pass over {tokens.numel():,} calibration tokens: {t_forward:.1f} s; with statistics hooks: {t_stats:.1f} s "
+          f"({t_stats / t_forward:.2f}x)", flush=True)
+
+    rows = []
+    dense = {spec: evaluate_ppl(model, w, batch_size=args.batch_size, progress=False)["ppl"] for spec, w in windows.items()}
+    rows.append({"cr": 0.0, "recipe": "dense", "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size], "achieved_cr": 0.0,
+                 "ppl": dense, "solve_s": 0.0})
+    print(f"dense: {dense}", flush=True)
+    grid = [(cr, r) for cr in crs for r in recipes]
+    for cr, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
+        components, methods, _ = RECIPES[recipe]
+        plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
+        t0 = time.perf_counter()
+        state, _ = compress_model(model, stats, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, methods)
+        solve_s = time.perf_counter() - t0
+        cfg = _compressed_config(src_cfg, arch, plan, {}, torch.float32)
+        small = build_a3_model(cfg, state)
+        ppl = {spec: evaluate_ppl(small, w, batch_size=args.batch_size, progress=False)["ppl"] for spec, w in windows.items()}
+        row = {"cr": cr, "recipe": recipe, "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
+               "achieved_cr": plan.achieved_cr, "ppl": ppl, "solve_s": solve_s}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del small, state
+
+    result = {
+        "command": " ".join(["python"] + sys.argv),
+        "model": args.model,
+        "a3_serve_version": a3_serve.__version__,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "calibration": {"source": describe_source(args.calib, None), "nsamples": args.nsamples, "seqlen": args.seqlen,
+                        "seed": args.seed, "tokens": int(tokens.numel())},
+        "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen} for spec, w in windows.items()},
+        "timing": {"forward_s": t_forward, "forward_with_stats_s": t_stats,
+                   "solve_s_a3": next((r["solve_s"] for r in rows if r["recipe"] == "a3"), None)},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "recipes": {k: RECIPES[k][2] for k in recipes},
+        "rows": rows,
+    }
+    (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "quality.md").write_text(render_markdown(result, evals))
+    plot(result, evals, out_dir / "quality.png")
+    print((out_dir / "quality.md").read_text())
+    return 0
+
+
+def render_markdown(result: dict, evals: list[str]) -> str:
+    cal = result["calibration"]
+    lines = [
+        f"Model `{Path(result['model']).name}`; calibration {cal['nsamples']} x {cal['seqlen']} tokens from {cal['source']}; "
+        f"held-out: " + ", ".join(f"{s} ({result['evaluation'][s]['tokens']:,} tokens)" for s in evals) + ".",
+        f"Command: `{result['command']}`",
+        "",
+        "| CR | recipe | QK/VO/MLP dims | achieved CR | " + " | ".join(f"ppl {s}" for s in evals) + " |",
+        "|---|---|---|---|" + "---|" * len(evals),
+    ]
+    dense = result["rows"][0]["ppl"]
+    for r in result["rows"]:
+        cells = []
+        for s in evals:
+            v = r["ppl"][s]
+            cells.append(f"{v:.2f}" if r["recipe"] == "dense" else f"{v:.2f} ({v - dense[s]:+.2f})")
+        lines.append(f"| {r['cr']:.1f} | {r['recipe']} | {'/'.join(map(str, r['dims']))} | {r['achieved_cr']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, evals: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the plot (pip install matplotlib)", file=sys.stderr)
+        return
+    spec = evals[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = result["rows"][0]["ppl"][spec]
+    by_recipe: dict[str, list] = {}
+    for r in result["rows"][1:]:
+        by_recipe.setdefault(r["recipe"], []).append((r["cr"], r["ppl"][spec]))
+    for name, pts in by_recipe.items():
+        pts.sort()
+        ax.plot([0.0] + [c for c, _ in pts], [dense] + [v for _, v in pts], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio (decoder linear parameters removed)")
+    ax.set_ylabel(f"perplexity on {spec} (log)")
+    ax.set_title(f"{Path(result['model']).name}: held-out perplexity vs CR")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
