@@ -42,7 +42,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
-from a3_serve.errors import A3Error, InputError, NumericalError
+from a3_serve.errors import InputError, NumericalError
+from a3_serve.runtime import OneLineArgumentParser, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -278,16 +279,8 @@ def build_demo_model(cache_dir: Optional[str | os.PathLike] = None, force: bool 
 
 
 # --------------------------------------------------------------------------------------------- CLI
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line and exits 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineArgumentParser(
         prog="a3-demo-model",
         description=(
             "Build (once) the built-in demo model, SmolLM2-135M-Instruct, as a dense fp32 Hugging Face folder "
@@ -313,16 +306,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad flag (2)
         return exc.code if isinstance(exc.code, int) else 2
     setup_logging(max(args.verbose, 1) if not args.print_path else args.verbose)
-    try:
-        path = build_demo_model(args.cache_dir, force=args.force)
-    except A3Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was left behind, run a3-demo-model again", file=sys.stderr)
-        return 130
-    print(path)
-    return 0
+
+    def command() -> int:
+        print(build_demo_model(args.cache_dir, force=args.force))
+        return 0
+
+    return run_cli(command, interrupted="interrupted; nothing was left behind, run a3-demo-model again")
 
 
 if __name__ == "__main__":  # pragma: no cover

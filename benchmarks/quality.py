@@ -28,10 +28,11 @@ import a3_serve
 from a3_serve.calibration.sources import describe_source, eval_windows, load_texts, sample_calibration
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.eval.ppl import evaluate_ppl
-from a3_serve.export.architectures import inspect_architecture, read_config
+from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.pipeline import _compressed_config, build_a3_model, compress_model, model_shape
 from a3_serve.export.solve import Methods
 from a3_serve.progress import progress_bar
+from a3_serve.runtime import read_config
 from a3_serve.solvers.budget import plan_dims
 
 # name -> (components, methods, what it is)

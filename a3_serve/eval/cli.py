@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from a3_serve.errors import A3Error, InputError
+from a3_serve.errors import InputError
+from a3_serve.runtime import OneLineArgumentParser, run_cli
 
 DESCRIPTION = """\
 Evaluate a dense or A3-compressed Hugging Face checkpoint.
@@ -42,14 +43,6 @@ DATA_HELP = (
 )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line and exits 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="Hugging Face model folder: dense (e.g. `a3-demo-model`'s) or compressed by a3-export")
@@ -67,9 +60,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="a3-eval", description=DESCRIPTION, epilog=EPILOG,
+    p = OneLineArgumentParser(prog="a3-eval", description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{ppl,generate}", parser_class=_OneLineParser)
+    sub = p.add_subparsers(dest="command", metavar="{ppl,generate}", parser_class=OneLineArgumentParser)
     sub.required = True
 
     pp = sub.add_parser("ppl", help="perplexity on held-out text",
@@ -176,22 +169,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         os.environ["A3_SERVE_NO_PROGRESS"] = "1"
     setup_logging(0 if args.quiet else args.verbose)
-    try:
+
+    def command() -> int:
         if args.threads is not None:
             if args.threads < 1:
                 raise InputError(f"--threads must be >= 1, got {args.threads}")
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.command == "ppl":
-            return _run_ppl(args)
-        return _run_generate(args)
-    except A3Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _run_ppl(args) if args.command == "ppl" else _run_generate(args)
+
+    return run_cli(command)
 
 
 if __name__ == "__main__":  # pragma: no cover

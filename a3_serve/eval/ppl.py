@@ -9,7 +9,6 @@ given the same windows (same tokenizer, same text, same seqlen).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,59 +24,7 @@ from a3_serve.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; refuses cuda on a machine without it."""
-    if isinstance(device, torch.device):
-        return device
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device} asked for, but no CUDA GPU is available here; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """``auto`` -> float32 on CPU (bf16 matmuls are very slow there), bfloat16 on GPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = (dtype or "auto").strip().lower()
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise InputError(f"--dtype {dtype!r} is not supported; use float32, bfloat16, float16 or auto")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def read_config(model_dir: Union[str, Path]) -> dict[str, Any]:
-    """The model folder's config.json as a dict; InputError when the folder or file is missing or broken."""
-    path = Path(model_dir).expanduser()
-    if not path.exists():
-        raise InputError(f"model folder {model_dir} does not exist; give a Hugging Face model folder (try `a3-demo-model`)")
-    if not path.is_dir():
-        raise InputError(f"--model {model_dir} is not a folder; give a Hugging Face model folder with config.json")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise InputError(f"{model_dir} has no config.json; give a Hugging Face model folder (config.json, *.safetensors, tokenizer)")
-    try:
-        return json.loads(cfg.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {cfg}: {exc}; fix or re-create the model folder") from exc
+from a3_serve.runtime import dtype_name, read_config, resolve_device, resolve_dtype  # noqa: E402  (read_config/resolve_* are part of this module's API)
 
 
 def load_model(model_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",

@@ -7,9 +7,7 @@ else is refused with an :class:`UnsupportedArchitectureError` naming the feature
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from a3_serve.errors import InputError, UnsupportedArchitectureError
@@ -65,36 +63,6 @@ class SourceArch:
     @property
     def attention_kind(self) -> str:
         return "MHA-RoPE" if self.group_size == 1 else "GQA-RoPE"
-
-
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    """Read ``config.json`` of a model folder, with one-line errors for the usual mistakes."""
-    path = Path(model_dir)
-    if not path.exists():
-        raise InputError(
-            f"model path {str(model_dir)!r} does not exist; pass a local Hugging Face model folder "
-            "(config.json + *.safetensors), e.g. the one printed by `a3-demo-model`"
-        )
-    if not path.is_dir():
-        raise InputError(f"model path {str(model_dir)!r} is a file, not a folder; pass the Hugging Face model folder that contains config.json")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise InputError(
-            f"{str(model_dir)!r} is not a Hugging Face model folder (no config.json); pass the folder that "
-            "holds config.json and the *.safetensors weights"
-        )
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {cfg_file}: {err}; fix or re-download the model's config.json") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{cfg_file} does not hold a JSON object; fix or re-download the model's config.json")
-    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
-    if not weights:
-        raise InputError(
-            f"{str(model_dir)!r} has a config.json but no weights (*.safetensors); download or save the full model first"
-        )
-    return cfg
 
 
 def _rope_type(cfg: dict[str, Any]) -> str:

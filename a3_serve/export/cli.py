@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from a3_serve.errors import A3Error
 from a3_serve.export.solve import MLP_METHODS, OV_METHODS, QK_METHODS, Methods
 from a3_serve.progress import setup_logging
+from a3_serve.runtime import OneLineArgumentParser, run_cli
 
 DESCRIPTION = """\
 Compress a dense Hugging Face decoder (Llama 1/2/3, Mistral, Qwen2/2.5, SmolLM2, TinyLlama) with A3:
@@ -37,20 +37,12 @@ good quick setting for small models). bfloat16 is very slow on most CPUs: keep f
 """
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line and exits 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
-
-
 def _describe(table: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in table.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="a3-export", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="a3-export", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model and output")
     io.add_argument("--model", required=True, metavar="PATH", help="dense Hugging Face model folder (config.json, *.safetensors, tokenizer)")
     io.add_argument("--out", required=True, metavar="DIR", help="folder to create for the compressed checkpoint (must not exist unless --overwrite)")
@@ -125,7 +117,8 @@ def format_summary(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0 if args.quiet else (2 if args.verbose else 1))
-    try:
+
+    def command() -> int:
         from a3_serve.export.pipeline import ExportOptions, run_export
 
         opts = ExportOptions(
@@ -138,21 +131,17 @@ def main(argv: list[str] | None = None) -> int:
             verify=not args.no_verify,
         )
         report = run_export(opts, progress=not args.quiet)
-    except A3Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to --out", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print(format_summary(report))
-    if args.json:
-        text = json.dumps(report, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    return 0
+        if not args.quiet:
+            print(format_summary(report))
+        if args.json:
+            text = json.dumps(report, indent=2)
+            if args.json == "-":
+                print(text)
+            else:
+                Path(args.json).write_text(text + "\n")
+        return 0
+
+    return run_cli(command, interrupted="interrupted; nothing was written to --out")
 
 
 if __name__ == "__main__":

@@ -19,17 +19,18 @@ import torch
 import a3_serve
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.errors import InputError, NumericalError
-from a3_serve.export.architectures import SourceArch, inspect_architecture, read_config
+from a3_serve.export.architectures import SourceArch, inspect_architecture
 from a3_serve.export.card import render_model_card
 from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, QK_METHODS, Methods, layer_tensors, solve_layer
 from a3_serve.export.writer import check_destination, write_checkpoint
+from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
 from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims
 
 log = logging.getLogger("a3_serve.export")
 
 FORMAT_VERSION = 1
 COMPONENTS = ("qk", "ov", "mlp")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -60,26 +61,6 @@ class ExportOptions:
     allow_zero_cr: bool = False  # Python API only: CR 0 runs the whole pipeline without removing anything
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but torch sees no CUDA GPU here; use --device cpu")
-    return dev
-
-
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r} is not supported; use float32, bfloat16, float16 or auto")
-    return DTYPES[dtype]
-
-
 def validate_options(opts: ExportOptions) -> None:
     """One-line errors for option values that can never work."""
     lo_ok = opts.cr >= 0 if opts.allow_zero_cr else opts.cr > 0
@@ -101,7 +82,7 @@ def validate_options(opts: ExportOptions) -> None:
     for comp, table, value in (("qk", QK_METHODS, opts.methods.qk), ("ov", OV_METHODS, opts.methods.ov), ("mlp", MLP_METHODS, opts.methods.mlp)):
         if value not in table:
             raise InputError(f"--{comp}-method {value!r} is unknown; choose one of {', '.join(table)}")
-    if opts.save_dtype != "auto" and opts.save_dtype not in DTYPES:
+    if opts.save_dtype != "auto" and opts.save_dtype not in SAVE_DTYPES:
         raise InputError(f"--save-dtype {opts.save_dtype!r} is not supported; use auto, float32, bfloat16 or float16")
     if opts.eval_tokens < 0:
         raise InputError(f"--eval-tokens must be >= 0, got {opts.eval_tokens}")
@@ -144,7 +125,7 @@ def _compressed_config(src_cfg: dict[str, Any], arch: SourceArch, plan: DimPlan,
         o_bias=arch.o_bias,
         mlp_bias=arch.mlp_bias,
         sliding_window=None,
-        dtype=str(save_dtype).replace("torch.", ""),
+        dtype=dtype_name(save_dtype),
         a3=a3_block,
         auto_map={
             "AutoConfig": "configuration_a3_llama.A3LlamaConfig",
@@ -247,8 +228,8 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     shape = model_shape(arch)
     plan = plan_dims(shape, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple)
     check_destination(Path(opts.out), opts.overwrite, Path(opts.model))
-    device = _resolve_device(opts.device)
-    dtype = _resolve_dtype(opts.dtype, device)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
     log.info(
         "%s (%s, %d layers, %d/%d heads of %d, MLP %d) -> heads %d/%d, MLP %d (target CR %.3f, achieved %.4f)",
         opts.model, arch.model_type, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
@@ -316,7 +297,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "linear_params_after": shape.linear_params(plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size),
         "params_before": params_before,
         "params_after": params_after,
-        "kv_dtype": str(save_dtype).replace("torch.", ""),
+        "kv_dtype": dtype_name(save_dtype),
         "kv_bytes_per_token_before": shape.kv_bytes_per_token(arch.head_dim, arch.head_dim, bpe),
         "kv_bytes_per_token_after": shape.kv_bytes_per_token(plan.qk_head_dim, plan.v_head_dim, bpe),
         "notes": list(plan.notes),
@@ -346,7 +327,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "methods": methods,
         "calibration": calibration,
         "device": str(device),
-        "compute_dtype": str(dtype).replace("torch.", ""),
+        "compute_dtype": dtype_name(dtype),
         "layers": layer_reports,
     }
 
