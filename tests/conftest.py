@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,23 @@ def random_models(tmp_path_factory, demo_model) -> dict[str, Path]:
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def run_without_a3_serve(code: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a fresh interpreter where a3_serve cannot be imported.
+
+    ``-I`` drops PYTHONPATH, the user site and the cwd from sys.path; ``-S`` skips site-packages' .pth
+    files (so the editable a3_serve finder never runs). The code gets ``SITE_PACKAGES`` to append to
+    sys.path itself, and a private HF cache so remote code is loaded from the checkpoint folder.
+    """
+    import transformers
+
+    site_packages = str(Path(transformers.__file__).resolve().parents[1])
+    script = f"SITE_PACKAGES = {site_packages!r}\nimport sys\nsys.path.append(SITE_PACKAGES)\n" + code
+    run_dir = tmp_path / "isolated_cwd"
+    run_dir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=run_dir, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)

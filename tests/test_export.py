@@ -14,7 +14,7 @@ from a3_serve.export.pipeline import ExportOptions, run_export
 from a3_serve.export.solve import Methods
 from transformers import AutoModelForCausalLM
 
-from conftest import RANDOM_ARCHS
+from conftest import RANDOM_ARCHS, run_without_a3_serve
 
 PROMPT_IDS = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2050, 30, 378, 1789, 2, 900, 17, 42, 314, 9000, 13, 77]])
 
@@ -105,3 +105,23 @@ def test_a3_beats_weight_norm_on_output_error(demo_model, tmp_path):
         _export(demo_model, out, 0.2, nsamples=8, seqlen=256, methods=methods)
         errs[name] = (_logits(out) - ref).pow(2).mean().item()
     assert errs["a3"] < errs["weight-norm"], errs
+
+
+def test_exported_checkpoint_loads_with_remote_code_only(demo_model, tmp_path):
+    """A real a3-export output loads in a process without a3-serve (trust_remote_code) and matches."""
+    out = tmp_path / "smol-a3"
+    _export(demo_model, out, 0.2, nsamples=2, seqlen=128)
+    code = (
+        "import importlib.util, torch\n"
+        "assert importlib.util.find_spec('a3_serve') is None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"ids = torch.tensor({PROMPT_IDS.tolist()})\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval()\n"
+        "assert type(m).__module__.startswith('transformers_modules.'), type(m).__module__\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(input_ids=ids).logits, {str(tmp_path / 'remote.pt')!r})\n"
+    )
+    proc = run_without_a3_serve(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = torch.load(tmp_path / "remote.pt")
+    assert (remote - _logits(out)).abs().max().item() < 1e-5

@@ -154,3 +154,12 @@ def test_sigkill_midway_leaves_no_destination(tmp_path, demo_model, random_model
     code = subprocess.run(rerun, env=env).returncode
     assert code == 0 and (out / "config.json").is_file()
     assert not partial.exists()
+
+
+def test_out_must_not_be_the_source(capsys, tmp_path, random_models):
+    src = copy_model(random_models["llama2-mha"], tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src / "inside"):
+        code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--overwrite", *QUICK)
+        _assert_one_line_error(code, err, "source model folder")
+    assert sorted(p.name for p in src.iterdir()) == before

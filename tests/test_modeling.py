@@ -9,20 +9,17 @@ plus a hand-written per-head attention reference for one layer.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import a3_serve  # noqa: F401  (registers a3_llama with the Auto classes)
+from conftest import run_without_a3_serve
 from a3_serve.modeling import (
     AUTO_MAP,
     A3LlamaConfig,
@@ -521,8 +518,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
 _ISOLATED_SCRIPT = textwrap.dedent(
     """
-    import importlib.util, sys
-    sys.path.append(SITE_PACKAGES)  # only site-packages, without running its .pth files (the a3_serve editable finder)
+    import importlib.util
     result = {"a3_serve_importable": importlib.util.find_spec("a3_serve") is not None}
     try:
         import a3_serve  # noqa: F401
@@ -566,30 +562,11 @@ def test_trust_remote_code_without_a3_serve(tmp_path):
     no_map = _export_like(model, tmp_path / "ckpt_no_auto_map", auto_map=False)
     ids, mask = batch(seed=10)
     torch.save((ids, mask), tmp_path / "batch.pt")
-    site_packages = str(Path(transformers.__file__).resolve().parents[1])
     script = (
-        f"SITE_PACKAGES = {site_packages!r}\nWITH_AUTO_MAP = {str(with_map)!r}\nNO_AUTO_MAP = {str(no_map)!r}\n"
+        f"WITH_AUTO_MAP = {str(with_map)!r}\nNO_AUTO_MAP = {str(no_map)!r}\n"
         f"BATCH = {str(tmp_path / 'batch.pt')!r}\nOUT = {str(tmp_path / 'logits.pt')!r}\n" + _ISOLATED_SCRIPT
     )
-    run_dir = tmp_path / "cwd"
-    run_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS"))}
-    env.update(
-        HF_HOME=str(tmp_path / "hf_home"),
-        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
-    # -I: no PYTHONPATH/user site/cwd on sys.path; -S: site-packages not processed (no editable finder)
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script],
-        cwd=run_dir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_without_a3_serve(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # (the refused loads print transformers' "[y/N]" prompt without a newline, so search, not startswith)
     line = next((ln for ln in proc.stdout.splitlines() if "RESULT=" in ln), None)

@@ -47,14 +47,13 @@ def check_destination(out_dir: Path, overwrite: bool, source_dir: Path) -> None:
         raise InputError(f"output folder {str(out_dir)!r} already exists; choose another --out or pass --overwrite to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {str(out_dir)!r} is a file; choose a folder path")
-    parent = out_dir.resolve().parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"cannot create the parent folder of --out ({parent}): {err.strerror}; choose a writable location") from None
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write into {str(parent)!r}; choose a writable --out location")
+    # the parent may not exist yet (it is created only when the checkpoint is written); the nearest
+    # existing ancestor must be a writable folder
+    ancestor = out_dir.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise InputError(f"cannot create --out {str(out_dir)!r}: {str(ancestor)!r} is not a writable folder; choose a writable location")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -112,6 +111,7 @@ def write_checkpoint(
     """
     out_dir = Path(out_dir)
     parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
     tmp = parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
