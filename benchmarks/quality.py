@@ -38,13 +38,13 @@ from a3_serve.solvers.budget import plan_dims
 # name -> (components, methods, what it is)
 RECIPES = {
     "a3": (("qk", "ov", "mlp"), Methods("a3", "a3", "a3"), "the paper's A3 on all components"),
+    "wanda": (("qk", "ov", "mlp"), Methods("wanda", "wanda", "wanda"), "Wanda-like selection everywhere (same dims as a3)"),
+    "weight-norm": (("qk", "ov", "mlp"), Methods("weight-norm", "weight-norm", "weight-norm"), "weight-norm selection (same dims as a3)"),
     "a3-qk-only": (("qk",), Methods("a3", "a3", "a3"), "A3 on QK only (head QK dims cut by CR)"),
     "a3-ov-only": (("ov",), Methods("a3", "a3", "a3"), "A3 on OV only (head VO dims cut by CR)"),
     "a3-mlp-only": (("mlp",), Methods("a3", "a3", "a3"), "A3 on the MLP only (width cut by CR)"),
     "a3-ov-svd": (("qk", "ov", "mlp"), Methods("a3", "svd", "a3"), "A3, but OV by plain SVD (no whitening)"),
     "a3-mlp-rxx": (("qk", "ov", "mlp"), Methods("a3", "a3", "rxx"), "A3, but MLP scored by E[h^2] only"),
-    "wanda": (("qk", "ov", "mlp"), Methods("wanda", "wanda", "wanda"), "Wanda-like selection everywhere (same dims as a3)"),
-    "weight-norm": (("qk", "ov", "mlp"), Methods("weight-norm", "weight-norm", "weight-norm"), "weight-norm selection (same dims as a3)"),
 }
 
 
@@ -93,25 +93,38 @@ def main() -> int:
         windows[spec] = eval_windows(tok, load_texts(name, split or None), args.eval_seqlen, args.eval_tokens)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 
-    # one plain forward pass over the calibration tokens (decoder only, as calibration runs it)
     batches = list(tokens.split(args.batch_size))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for b in batches:
-            model.model(input_ids=b, use_cache=False)
-    t_forward = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
     t_stats = time.perf_counter() - t0
-    print(f"forward pass over {tokens.numel():,} calibration tokens: {t_forward:.1f} s; with statistics hooks: {t_stats:.1f} s "
-          f"({t_stats / t_forward:.2f}x)", flush=True)
+    print(f"statistics over {tokens.numel():,} calibration tokens: {t_stats:.1f} s", flush=True)
+
+    def save(rows: list) -> None:
+        """Write JSON, Markdown and the plot for the rows so far (called after every model)."""
+        result = {
+            "command": " ".join(["python"] + sys.argv),
+            "model": args.model,
+            "a3_serve_version": a3_serve.__version__,
+            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "calibration": {"source": describe_source(args.calib, None), "nsamples": args.nsamples, "seqlen": args.seqlen,
+                            "seed": args.seed, "tokens": int(tokens.numel())},
+            "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen} for spec, w in windows.items()},
+            "timing": {"statistics_s": t_stats,
+                       "solve_s_a3": next((r["solve_s"] for r in rows if r["recipe"] == "a3"), None)},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "recipes": {k: RECIPES[k][2] for k in recipes},
+            "rows": rows,
+        }
+        (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / "quality.md").write_text(render_markdown(result, evals))
+        plot(result, evals, out_dir / "quality.png")
 
     rows = []
     dense = {spec: evaluate_ppl(model, w, batch_size=args.batch_size, progress=False)["ppl"] for spec, w in windows.items()}
     rows.append({"cr": 0.0, "recipe": "dense", "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size], "achieved_cr": 0.0,
                  "ppl": dense, "solve_s": 0.0})
     print(f"dense: {dense}", flush=True)
-    grid = [(cr, r) for cr in crs for r in recipes]
+    grid = [(cr, r) for r in recipes for cr in crs]  # recipe-major: the first recipes are complete early
     for cr, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
         components, methods, _ = RECIPES[recipe]
         plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
@@ -125,25 +138,10 @@ def main() -> int:
                "achieved_cr": plan.achieved_cr, "ppl": ppl, "solve_s": solve_s}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save(rows)
         del small, state
 
-    result = {
-        "command": " ".join(["python"] + sys.argv),
-        "model": args.model,
-        "a3_serve_version": a3_serve.__version__,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "calibration": {"source": describe_source(args.calib, None), "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "seed": args.seed, "tokens": int(tokens.numel())},
-        "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen} for spec, w in windows.items()},
-        "timing": {"forward_s": t_forward, "forward_with_stats_s": t_stats,
-                   "solve_s_a3": next((r["solve_s"] for r in rows if r["recipe"] == "a3"), None)},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "recipes": {k: RECIPES[k][2] for k in recipes},
-        "rows": rows,
-    }
-    (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "quality.md").write_text(render_markdown(result, evals))
-    plot(result, evals, out_dir / "quality.png")
+    save(rows)
     print((out_dir / "quality.md").read_text())
     return 0
 
