@@ -107,3 +107,13 @@ def run_without_a3_serve(code: str, tmp_path: Path, timeout: int = 300) -> subpr
                OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=run_dir, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A CLI failure as users must see it: exit 2 and exactly one `error: ...` line naming the problem."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

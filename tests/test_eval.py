@@ -16,6 +16,7 @@ from a3_serve.calibration.sources import eval_windows, load_texts
 from a3_serve.errors import NumericalError
 from a3_serve.eval.cli import main
 from a3_serve.eval.ppl import evaluate_ppl, load_model, load_tokenizer
+from conftest import assert_one_line_error
 
 os.environ.setdefault("A3_SERVE_NO_PROGRESS", "1")
 
@@ -56,15 +57,6 @@ def _run(capsys, *argv):
     return code, cap.out, cap.err
 
 
-def _assert_one_line_error(code, err, *needles):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 # --------------------------------------------------------------------------------------------- the numbers
 def test_demo_model_perplexity_is_sane_and_matches_brute_force(smol, windows):
     model, _ = smol
@@ -99,12 +91,12 @@ def test_nan_logits_fail_loudly(windows):
 # --------------------------------------------------------------------------------------------- CLI
 def test_cli_missing_model_is_one_line(capsys, tmp_path):
     code, out, err = _run(capsys, "ppl", "--model", tmp_path / "no-such-model")
-    _assert_one_line_error(code, err, "no-such-model", "does not exist")
+    assert_one_line_error(code, err, "no-such-model", "does not exist")
     (tmp_path / "empty").mkdir()
     code, out, err = _run(capsys, "ppl", "--model", tmp_path / "empty")
-    _assert_one_line_error(code, err, "no config.json")
+    assert_one_line_error(code, err, "no config.json")
     code, out, err = _run(capsys, "ppl", "--model", tmp_path / "empty", "--seqlen", "abc")
-    _assert_one_line_error(code, err, "--seqlen")
+    assert_one_line_error(code, err, "--seqlen")
 
 
 def test_cli_console_script_has_no_traceback(tmp_path):
@@ -133,7 +125,7 @@ def calibrated_on_wiki(smol_dir, tmp_path_factory):
 def test_cli_refuses_calibration_text(capsys, calibrated_on_wiki):
     for data in (["--data", "wiki", "--split", "calibration"], ["--data", "wiki:calibration"]):
         code, out, err = _run(capsys, "ppl", "--model", calibrated_on_wiki, *data, "--max-tokens", "256")
-        _assert_one_line_error(code, err, "calibrated on", "--allow-calibration-overlap")
+        assert_one_line_error(code, err, "calibrated on", "--allow-calibration-overlap")
         assert out == ""
 
 
@@ -188,4 +180,4 @@ def test_compressed_checkpoint_evaluates_and_refuses_its_calibration_text(smol_d
     assert res["model_type"] == "a3_llama" and res["n_windows"] == 2 and math.isfinite(res["ppl"])
     assert res["a3"]["calibration"]["nsamples"] == 2
     code, stdout, err = _run(capsys, "ppl", "--model", out, "--data", "wiki:calibration", "--seqlen", "64", "--max-tokens", "128")
-    _assert_one_line_error(code, err, "calibrated on", "--allow-calibration-overlap")
+    assert_one_line_error(code, err, "calibrated on", "--allow-calibration-overlap")

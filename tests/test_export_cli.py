@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from a3_serve.export.cli import main
 
-from conftest import build_random_model, copy_model
+from conftest import assert_one_line_error, build_random_model, copy_model
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -23,22 +23,13 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
-def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 QUICK = ["--nsamples", "2", "--seqlen", "64", "--device", "cpu", "--quiet"]
 
 
 def test_missing_model_path(capsys, tmp_path):
     out = tmp_path / "out"
     code, _, err = _run(capsys, "--model", tmp_path / "nope", "--cr", "0.1", "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "does not exist")
+    assert_one_line_error(code, err, "does not exist")
     assert not out.exists()
 
 
@@ -46,7 +37,7 @@ def test_folder_that_is_not_a_model(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     code, _, err = _run(capsys, "--model", tmp_path / "empty", "--cr", "0.1", "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "config.json")
+    assert_one_line_error(code, err, "config.json")
     assert not out.exists()
 
 
@@ -57,13 +48,13 @@ def test_unsupported_architecture(capsys, tmp_path, random_models):
     (src / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     code, _, err = _run(capsys, "--model", src, "--cr", "0.1", "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "q/k RMSNorm", "supported")
+    assert_one_line_error(code, err, "q/k RMSNorm", "supported")
     assert not out.exists()
     cfg["model_type"] = "mistral"
     cfg["sliding_window"] = 512
     (src / "config.json").write_text(json.dumps(cfg))
     code, _, err = _run(capsys, "--model", src, "--cr", "0.1", "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "sliding")
+    assert_one_line_error(code, err, "sliding")
     assert not out.exists()
 
 
@@ -71,19 +62,19 @@ def test_unsupported_architecture(capsys, tmp_path, random_models):
 def test_cr_out_of_range(capsys, tmp_path, random_models, cr):
     out = tmp_path / "out"
     code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", cr, "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "--cr")
+    assert_one_line_error(code, err, "--cr")
     assert not out.exists()
 
 
 def test_cr_too_high_for_heads_and_mlp(capsys, tmp_path, random_models):
     out = tmp_path / "out"
     code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.8", "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "16")
+    assert_one_line_error(code, err, "16")
     assert not out.exists()
     # a 1-neuron MLP cannot lose half its width
     src = build_random_model("llama2-mha", tmp_path / "tiny-mlp", random_models["llama2-mha"], intermediate_size=1)
     code, _, err = _run(capsys, "--model", src, "--cr", "0.5", "--out", out, "--components", "mlp", *QUICK)
-    _assert_one_line_error(code, err, "MLP")
+    assert_one_line_error(code, err, "MLP")
     assert not out.exists()
 
 
@@ -91,7 +82,7 @@ def test_bad_flag_is_one_line(capsys, tmp_path, random_models):
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(random_models["llama2-mha"]), "--cr", "abc", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
-    _assert_one_line_error(2, capsys.readouterr().err, "--cr")
+    assert_one_line_error(2, capsys.readouterr().err, "--cr")
 
 
 def test_existing_output_folder(capsys, tmp_path, random_models):
@@ -99,7 +90,7 @@ def test_existing_output_folder(capsys, tmp_path, random_models):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert_one_line_error(code, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "user data"
     code, stdout, _ = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--overwrite", "--nsamples", "2", "--seqlen", "64", "--device", "cpu")
     assert code == 0 and "A3 export done" in stdout
@@ -111,7 +102,7 @@ def test_calibration_text_too_short(capsys, tmp_path, random_models):
     text.write_text("Only a few words of calibration text.\n")
     out = tmp_path / "out"
     code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--calib", text, *QUICK)
-    _assert_one_line_error(code, err, "tokens")
+    assert_one_line_error(code, err, "tokens")
     assert not out.exists()
 
 
@@ -122,7 +113,7 @@ def test_nan_weights(capsys, tmp_path, random_models):
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, *QUICK)
-    _assert_one_line_error(code, err, "NaN", "model.layers.1.mlp.up_proj.weight")
+    assert_one_line_error(code, err, "NaN", "model.layers.1.mlp.up_proj.weight")
     assert not out.exists()
 
 
@@ -161,5 +152,5 @@ def test_out_must_not_be_the_source(capsys, tmp_path, random_models):
     before = sorted(p.name for p in src.iterdir())
     for out in (src, src / "inside"):
         code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--overwrite", *QUICK)
-        _assert_one_line_error(code, err, "source model folder")
+        assert_one_line_error(code, err, "source model folder")
     assert sorted(p.name for p in src.iterdir()) == before
