@@ -104,7 +104,7 @@ def format_summary(report: dict) -> str:
         f"  CR          target {s['target_cr']:.3f}, achieved {s['achieved_cr']:.4f}",
         f"  methods     qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']}; components {','.join(s['components'])}",
         f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from {report['calibration']['description']}",
-        f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",
+        f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write + verify{' + eval' if report.get('quality') else ''} {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",
     ]
     q = report.get("quality")
     if q:
