@@ -89,8 +89,7 @@ def main() -> int:
     tokens = sample_calibration(tok, load_texts(args.calib), args.nsamples, args.seqlen, args.seed)
     windows = {}
     for spec in evals:
-        name, _, split = spec.partition(":") if spec.startswith("wiki") else (spec, "", "")
-        windows[spec] = eval_windows(tok, load_texts(name, split or None), args.eval_seqlen, args.eval_tokens)
+        windows[spec] = eval_windows(tok, load_texts(spec), args.eval_seqlen, args.eval_tokens)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 
     batches = list(tokens.split(args.batch_size))

@@ -21,7 +21,7 @@ from a3_serve.calibration.stats import collect_stats
 from a3_serve.errors import InputError, NumericalError
 from a3_serve.export.architectures import SourceArch, inspect_architecture
 from a3_serve.export.card import render_model_card
-from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, QK_METHODS, Methods, layer_tensors, solve_layer
+from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, PROJECTIONS, QK_METHODS, Methods, layer_tensors, solve_layer
 from a3_serve.export.writer import check_destination, write_checkpoint
 from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
 from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims
@@ -146,10 +146,6 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-_MODULE_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-
 def compress_model(
     model: torch.nn.Module,
     stats: list,
@@ -183,7 +179,7 @@ def compress_model(
                 if not torch.isfinite(t).all():
                     raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
                 base, kind = key.split("_")
-                new_state[prefix + _MODULE_NAMES[base] + (".weight" if kind == "w" else ".bias")] = t
+                new_state[prefix + PROJECTIONS[base] + (".weight" if kind == "w" else ".bias")] = t
             new_state[prefix + "self_attn.rope_freq_index"] = rope_index
             rep["layer"] = i
             rep["seconds"] = round(time.perf_counter() - tl, 4)
@@ -379,17 +375,9 @@ def _heldout_windows(opts: ExportOptions, tokenizer) -> torch.Tensor:
     """Evaluation windows from --eval-data, which must not overlap the calibration text."""
     from a3_serve.calibration.sources import eval_windows, load_texts, sources_overlap
 
-    spec, split = _split_spec(opts.eval_data)
-    if sources_overlap(opts.calib, opts.calib_split, spec, split):
+    if sources_overlap(opts.calib, opts.calib_split, opts.eval_data, None):
         raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as wiki:heldout")
-    return eval_windows(tokenizer, load_texts(spec, split), opts.eval_seqlen, opts.eval_tokens)
-
-
-def _split_spec(spec: str) -> tuple[str, str | None]:
-    """'wiki:heldout' -> ('wiki', 'heldout'); other specs are passed through whole."""
-    if spec.startswith("wiki:"):
-        return "wiki", spec.split(":", 1)[1]
-    return spec, None
+    return eval_windows(tokenizer, load_texts(opts.eval_data), opts.eval_seqlen, opts.eval_tokens)
 
 
 def _ppl(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> float:

@@ -61,13 +61,16 @@ class Methods:
 LAYER_TENSORS = ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b", "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
 
 
+# short name -> module path inside an HF Llama-style decoder layer
+PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
 def layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     """The projection weights/biases of an HF Llama-style decoder layer, keyed as in LAYER_TENSORS."""
-    attn, mlp = layer.self_attn, layer.mlp
-    mods = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
-            "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
     out: dict[str, torch.Tensor | None] = {}
-    for name, mod in mods.items():
+    for name, path in PROJECTIONS.items():
+        mod = layer.get_submodule(path)
         out[f"{name}_w"] = mod.weight.detach()
         out[f"{name}_b"] = mod.bias.detach() if mod.bias is not None else None
     return out
