@@ -213,7 +213,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     """Run the whole export; returns the report (also written as a3_report.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from a3_serve.calibration.sources import describe_source, load_texts, sample_calibration
+    from a3_serve.calibration.sources import describe_source, load_texts, sample_calibration, sources_overlap
     from a3_serve.modeling import modeling_source_files
     from a3_serve.progress import progress_bar
 
@@ -240,6 +240,8 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     texts = load_texts(opts.calib, opts.calib_split)
     tokens = sample_calibration(tokenizer, texts, opts.nsamples, opts.seqlen, opts.seed)
     calib_desc = describe_source(opts.calib, opts.calib_split)
+    if opts.eval_tokens and sources_overlap(opts.calib, opts.calib_split, opts.eval_data, None):
+        raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as wiki:heldout")
 
     # model
     t0 = time.perf_counter()
@@ -372,11 +374,9 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
 
 
 def _heldout_windows(opts: ExportOptions, tokenizer) -> torch.Tensor:
-    """Evaluation windows from --eval-data, which must not overlap the calibration text."""
-    from a3_serve.calibration.sources import eval_windows, load_texts, sources_overlap
+    """Evaluation windows from --eval-data (checked up front not to overlap the calibration text)."""
+    from a3_serve.calibration.sources import eval_windows, load_texts
 
-    if sources_overlap(opts.calib, opts.calib_split, opts.eval_data, None):
-        raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as wiki:heldout")
     return eval_windows(tokenizer, load_texts(opts.eval_data), opts.eval_seqlen, opts.eval_tokens)
 
 
