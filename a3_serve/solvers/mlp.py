@@ -3,6 +3,11 @@
 Keeping neuron ``i`` keeps row ``i`` of gate_proj/up_proj and column ``i`` of down_proj; the kept
 activations are unchanged because the non-linearity is element-wise. Pure float64 math on the input's
 device.
+
+Besides the paper's score rule, this module has the least-squares refit of down_proj on the kept set
+(A3_METHOD.md 6.3), greedy selection on the refit objective and a held-out choice of the refit ridge. Their
+statistics: ``H = E[h hᵀ]`` [d_int, d_int], the full second moment (mean over tokens) of the down_proj input
+``h``; ``Wd = down_proj.weight`` [d, d_int] (PyTorch layout, output ``h Wdᵀ``).
 """
 
 from __future__ import annotations
@@ -10,12 +15,24 @@ from __future__ import annotations
 import torch
 
 from a3_serve.errors import BudgetError
-from a3_serve.solvers.linalg import as_f64, check_finite
+from a3_serve.solvers.linalg import _ABS_FLOOR, as_f64, check_finite
 from a3_serve.solvers.qk import _top_sorted
 
-__all__ = ["MLP_SCORE_METHODS", "mlp_scores", "select_neurons", "dropped_fraction"]
+__all__ = [
+    "MLP_SCORE_METHODS",
+    "mlp_scores",
+    "select_neurons",
+    "dropped_fraction",
+    "mlp_objective",
+    "mlp_refit",
+    "mlp_greedy_select",
+    "mlp_choose_ridge",
+]
 
 MLP_SCORE_METHODS = ("a3", "rxx", "wanda", "weight-norm")
+DEFAULT_RIDGES = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 0.3, 1.0, 3.0, float("inf"))  # inf: plain selection
+# Relative damping added even at ridge == 0, so that (H_SS + δI) stays invertible for dead/duplicate neurons.
+_MIN_RIDGE = 1e-12
 
 
 def mlp_scores(
@@ -93,3 +110,227 @@ def dropped_fraction(scores: torch.Tensor, keep: torch.Tensor) -> float:
     if total == 0.0:
         return 0.0
     return max(0.0, 1.0 - float(scores[keep].sum()) / total)
+
+
+def _check_H(H: torch.Tensor) -> torch.Tensor:
+    H = as_f64(H)
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be a square second moment [d_int, d_int], got shape {tuple(H.shape)}")
+    check_finite("the down_proj input second moment H", H)
+    return 0.5 * (H + H.T)
+
+
+def _check_Wd(Wd: torch.Tensor, d_int: int, device: torch.device) -> torch.Tensor:
+    Wd = as_f64(Wd).to(device)
+    if Wd.dim() != 2 or Wd.shape[1] != d_int:
+        raise ValueError(f"Wd (down_proj.weight) must have shape [d, {d_int}], got {tuple(Wd.shape)}")
+    check_finite("the down_proj weights", Wd)
+    return Wd
+
+
+def _check_keep(keep: torch.Tensor, d_int: int, device: torch.device) -> torch.Tensor:
+    keep = torch.as_tensor(keep).long().to(device)
+    if keep.dim() != 1 or keep.numel() < 1:
+        raise ValueError(f"keep must be a non-empty 1-D index tensor, got shape {tuple(keep.shape)}")
+    if int(keep.min()) < 0 or int(keep.max()) >= d_int or torch.unique(keep).numel() != keep.numel():
+        raise ValueError(f"keep must hold distinct neuron indices in [0, {d_int})")
+    return keep
+
+
+def _check_ridge(ridge: float) -> float:
+    ridge = float(ridge)
+    if not ridge >= 0.0 or ridge == float("inf"):
+        raise ValueError(f"the down_proj refit ridge must be a finite number >= 0, got {ridge}")
+    return ridge
+
+
+def _ridge_delta(diag_mean: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Absolute ridge ``δ = max(ridge, 1e-12)·diag_mean`` (at least 1e-30 so that an all-zero H stays solvable)."""
+    return (max(ridge, _MIN_RIDGE) * diag_mean).clamp_min(_ABS_FLOOR)
+
+
+def _spd_solve(A: torch.Tensor, rhs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``A^{-1} rhs`` for symmetric PD ``A`` via Cholesky; eigenvalue-clamped (λ >= floor) fallback otherwise."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, L)
+    lam, Q = torch.linalg.eigh(A)
+    return (Q / torch.maximum(lam, floor).unsqueeze(0)) @ (Q.T @ rhs)
+
+
+def _spd_inverse(A: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``A^{-1}`` for symmetric PD ``A``: ``L^{-T} L^{-1}`` (triangular solve; ``cholesky_inverse`` is ~6x slower
+    on CPU); eigenvalue-clamped (λ >= floor) fallback if ``A`` is not numerically PD."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        Li = torch.linalg.solve_triangular(L, torch.eye(A.shape[0], dtype=A.dtype, device=A.device), upper=False)
+        return Li.mT @ Li
+    lam, Q = torch.linalg.eigh(A)
+    return (Q / torch.maximum(lam, floor).unsqueeze(0)) @ Q.T
+
+
+def mlp_objective(H: torch.Tensor, Wd: torch.Tensor, keep: torch.Tensor, Wd_new: torch.Tensor) -> float:
+    """A3-MLP output error of a pruned (and possibly refit) down_proj, per token (mean over tokens).
+
+    Objective: ``E‖h Wdᵀ − h_S Wd_newᵀ‖² = tr(Wd H Wdᵀ) − 2 tr(Wd_new H[S, :] Wdᵀ) + tr(Wd_new H[S, S] Wd_newᵀ)``
+    with ``S = keep``. Computed without cancellation as ``tr(Δ H Δᵀ)``, where ``Δ = Wd − Wd_new·E_Sᵀ`` is
+    ``Wd`` with ``Wd_new`` subtracted from its kept columns. Plain selection is ``Wd_new = Wd[:, keep]``.
+
+    Shapes: ``H`` [d_int, d_int]; ``Wd`` [d, d_int]; ``keep`` LongTensor [r] (distinct); ``Wd_new`` [d, r].
+    Returns a Python float.
+    """
+    H = _check_H(H)
+    d_int, dev = H.shape[0], H.device
+    Wd = _check_Wd(Wd, d_int, dev)
+    keep = _check_keep(keep, d_int, dev)
+    Wd_new = as_f64(Wd_new).to(dev)
+    if Wd_new.shape != (Wd.shape[0], keep.numel()):
+        raise ValueError(f"Wd_new must have shape {(Wd.shape[0], keep.numel())}, got {tuple(Wd_new.shape)}")
+    check_finite("the refit down_proj weights", Wd_new)
+    D = Wd.clone()
+    D[:, keep] -= Wd_new
+    return float(((D @ H) * D).sum())
+
+
+def mlp_refit(H: torch.Tensor, keep: torch.Tensor, Wd: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least-squares refit of down_proj on the kept neurons (A3_METHOD.md 6.3).
+
+    Objective: ``min_W E‖h Wdᵀ − h_S Wᵀ‖² + δ‖W − W_S‖_F²`` over ``W`` [d, r] (``S = keep``), where
+    ``W_S = Wd[:, keep]`` is the plain selection: the ridge shrinks the refit TOWARD the paper's solution
+    (not toward zero), so a large ridge recovers plain selection and a small one the exact refit.
+
+    Closed form: ``Wd_newᵀ = (H_SS + δ·I)^{-1} (H_{S,:} Wdᵀ + δ·W_Sᵀ)`` with the relative ridge
+    ``δ = max(ridge, 1e-12) · mean(diag(H_SS))`` (so a tiny damping remains at ``ridge == 0``). Solved by
+    Cholesky (``cholesky_ex`` + ``cholesky_solve``); if the matrix is not numerically PD, by an eigensolve with
+    eigenvalues clamped to ``>= δ``. At ``ridge -> 0`` this is the exact minimiser of :func:`mlp_objective`
+    for the fixed set S, hence never worse in-sample than plain selection ``Wd[:, keep]``.
+
+    Shapes: ``H`` [d_int, d_int]; ``keep`` LongTensor [r]; ``Wd`` [d, d_int]; ``ridge >= 0``.
+    Returns ``Wd_new`` float64 [d, r] on ``H``'s device (down_proj.weight of the pruned MLP).
+    """
+    H = _check_H(H)
+    d_int, dev = H.shape[0], H.device
+    Wd = _check_Wd(Wd, d_int, dev)
+    keep = _check_keep(keep, d_int, dev)
+    ridge = _check_ridge(ridge)
+    H_SS = H[keep][:, keep]
+    delta = _ridge_delta(torch.diagonal(H_SS).mean(), ridge)
+    A = H_SS + delta * torch.eye(keep.numel(), dtype=torch.float64, device=dev)
+    rhs = H[keep] @ Wd.T + delta * Wd[:, keep].T  # [r, d]
+    return _spd_solve(A, rhs, delta).T.contiguous()
+
+
+def _drop_neuron(P: torch.Tensor, B: torch.Tensor, c: int) -> None:
+    """In-place backward-elimination downdate after removing neuron ``c`` from the kept set.
+
+    With ``P = (A_SS)^{-1}`` and ``B = P M_S``: ``P ← P − P[:, c] P[c, :] / P_cc``,
+    ``B ← B − P[:, c] B[c, :] / P_cc``; row/column ``c`` become (and are set to) zero, and the remaining
+    rows/columns equal ``(A_{S∖c, S∖c})^{-1}`` and ``(A_{S∖c,S∖c})^{-1} M_{S∖c}``. ``P`` [m, m], ``B`` [m, d].
+    """
+    p = P[:, c].clone()
+    pcc = float(p[c])
+    bc = B[c].clone()
+    P.addr_(p, p, alpha=-1.0 / pcc)
+    B.addr_(p, bc, alpha=-1.0 / pcc)
+    P[c, :] = 0.0
+    P[:, c] = 0.0
+    B[c, :] = 0.0
+
+
+def mlp_greedy_select(
+    H: torch.Tensor, Wd: torch.Tensor, r: int, ridge: float, direction: str = "auto"
+) -> torch.Tensor:
+    """Greedy neuron selection on the refit objective (A3_METHOD.md 6.3, "greedy").
+
+    Objective: choose ``S``, ``|S| = r``, to minimise the refit error ``min_W E‖h Wdᵀ − h_S Wᵀ‖² + δ‖W‖²``
+    ``= tr(Wd H Wdᵀ) − tr(M_Sᵀ A_SS^{-1} M_S)`` with ``M = H Wdᵀ`` [d_int, d], ``A = H + δI`` and the fixed
+    ``δ = max(ridge, 1e-12)·mean(diag(H))`` (relative to the full set; :func:`mlp_refit` uses the kept set's
+    mean, which differs only by that scale). Refit the result with :func:`mlp_refit`.
+
+    Closed forms (Schur complements; ``direction="auto"`` picks backward iff ``d_int − r <= r``):
+
+    * backward elimination from the full set: ``P = A_SS^{-1}``, ``B = P M_S`` (the current refit); removing
+      neuron c raises the objective by ``‖B_c‖² / P_cc``; remove the argmin, then downdate
+      ``P ← P − P[:, c] P[c, :] / P_cc``, ``B ← B − P[:, c] B[c, :] / P_cc`` (drop row/col c);
+    * forward selection (pivoted-Cholesky style): residuals ``A_res = A − A_{:,S} A_SS^{-1} A_{S,:}``,
+      ``M_res = M − A_{:,S} A_SS^{-1} M_S``; adding c lowers the objective by ``‖M_res,c‖² / A_res,cc``; add the
+      argmax, then ``A_res ← A_res − A_res[:, c] A_res[c, :] / A_res,cc``, ``M_res ← M_res − A_res[:, c] M_res,c / A_res,cc``.
+
+    Ties go to the lower index (forward) / remove the lower index first (backward). Cost: one
+    O(d_int²) rank-1 update per step (``d_int − r`` steps backward, ``r`` forward) plus an O(d_int³)
+    Cholesky inverse for backward; memory O(d_int²). Use a ridge >= ~1e-8 for badly conditioned H (backward
+    works with ``A^{-1}``).
+
+    Shapes: ``H`` [d_int, d_int]; ``Wd`` [d, d_int]; ``1 <= r <= d_int``; ``direction`` in
+    {"auto", "forward", "backward"}. Returns LongTensor [r] (ascending) on ``H``'s device.
+    """
+    H = _check_H(H)
+    d_int, dev = H.shape[0], H.device
+    Wd = _check_Wd(Wd, d_int, dev)
+    ridge = _check_ridge(ridge)
+    if isinstance(r, bool) or int(r) != r or not 1 <= int(r) <= d_int:
+        raise BudgetError(
+            f"cannot keep {r} of {d_int} MLP neurons; the reduced intermediate size must be between 1 and {d_int}"
+        )
+    r = int(r)
+    if direction not in ("auto", "forward", "backward"):
+        raise ValueError(f"direction must be 'auto', 'forward' or 'backward', got {direction!r}")
+    if r == d_int:
+        return torch.arange(d_int, device=dev)
+    backward = (d_int - r <= r) if direction == "auto" else direction == "backward"
+    delta = _ridge_delta(torch.diagonal(H).mean(), ridge)
+    A = H + delta * torch.eye(d_int, dtype=torch.float64, device=dev)
+    M = H @ Wd.T  # [d_int, d]
+    if backward:
+        P = _spd_inverse(A, delta)
+        B = P @ M
+        alive = torch.ones(d_int, dtype=torch.bool, device=dev)
+        inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+        for _ in range(d_int - r):
+            cost = torch.linalg.vector_norm(B, dim=1).square() / torch.diagonal(P).clamp_min(torch.finfo(torch.float64).tiny)
+            c = int(torch.where(alive, cost, inf).argmin())
+            _drop_neuron(P, B, c)
+            alive[c] = False
+        return torch.nonzero(alive).flatten()
+    Ares, Mres = A.clone(), M.clone()
+    chosen = torch.zeros(d_int, dtype=torch.bool, device=dev)
+    ninf = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
+    for _ in range(r):
+        gain = Mres.square().sum(1) / torch.diagonal(Ares).clamp_min(delta)
+        c = int(torch.where(chosen, ninf, gain).argmax())
+        a = Ares[:, c].clone()
+        acc = max(float(a[c]), float(delta))
+        mc = Mres[c].clone()
+        Ares.addr_(a, a, alpha=-1.0 / acc)
+        Mres.addr_(a, mc, alpha=-1.0 / acc)
+        chosen[c] = True
+    return torch.nonzero(chosen).flatten()
+
+
+def mlp_choose_ridge(
+    H_fit: torch.Tensor,
+    H_val: torch.Tensor,
+    keep: torch.Tensor,
+    Wd: torch.Tensor,
+    ridges: tuple[float, ...] | list[float] = DEFAULT_RIDGES,
+) -> tuple[torch.Tensor, float, list[float]]:
+    """Choose the down_proj refit ridge on held-out data.
+
+    Objective: for each ``ridge`` in ``ridges``, ``W_ρ = mlp_refit(H_fit, keep, Wd, ρ)`` and its held-out error
+    ``L_ρ = mlp_objective(H_val, Wd, keep, W_ρ)``; return the ``W_ρ`` with the smallest ``L_ρ`` (ties -> the
+    earlier entry of ``ridges``). ``ridge = inf`` stands for plain selection ``Wd[:, keep]`` (the limit of the
+    refit, which shrinks toward it), so the refit is used only where it beats plain selection on held-out data.
+
+    Shapes: ``H_fit``, ``H_val`` [d_int, d_int] (second moments of disjoint token sets); ``keep`` LongTensor
+    [r]; ``Wd`` [d, d_int]. Returns ``(Wd_new [d, r] float64, best ridge (float), held-out losses (list of
+    floats, one per ridge))``.
+    """
+    ridges = [float(x) if float(x) == float("inf") else _check_ridge(x) for x in ridges]
+    if not ridges:
+        raise ValueError("mlp_choose_ridge needs at least one ridge value")
+    plain = as_f64(Wd)[:, torch.as_tensor(keep).long()].to(as_f64(H_fit).device)
+    fits = [plain.clone() if x == float("inf") else mlp_refit(H_fit, keep, Wd, x) for x in ridges]
+    H_val = as_f64(H_val).to(fits[0].device)
+    losses = [mlp_objective(H_val, Wd, keep, W) for W in fits]
+    best = min(range(len(ridges)), key=lambda i: (losses[i], i))
+    return fits[best], ridges[best], losses

@@ -26,6 +26,9 @@ __all__ = [
     "QKFactors",
     "group_sum",
     "rope_pair_scores",
+    "rope_complex",
+    "rope_pair_energy",
+    "select_pairs_by_score",
     "select_rope_pairs",
     "pair_columns",
     "selection_matrix",
@@ -112,26 +115,114 @@ def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k].sort(dim=-1).values
 
 
+def select_pairs_by_score(scores: torch.Tensor, n_keep: int) -> PairSelection:
+    """Keep the ``n_keep`` highest-scoring RoPE frequency pairs of every head / KV group, given the scores.
+
+    Objective: keep the pairs with the largest (precomputed) scores, e.g. :func:`rope_pair_scores` (paper)
+    or :func:`rope_pair_energy` (exact all-pairs energy); ties go to the lower index. ``loss`` is the
+    dropped score mass ``Σ_{p∉keep} score[p]``, ``total = Σ_p score[p]``.
+
+    Shapes: ``scores`` [n, P] (``P = d_h/2``; any leading dims); ``1 <= n_keep <= P``. Returns
+    :class:`PairSelection` with ``keep`` [n, n_keep] (ascending), ``scores`` [n, P] float64,
+    ``loss``/``total`` [n].
+    """
+    scores = as_f64(scores)
+    if scores.dim() < 1:
+        raise ValueError(f"pair scores must have shape [n, d_h/2], got {tuple(scores.shape)}")
+    check_finite("the RoPE pair scores", scores)
+    half = scores.shape[-1]
+    if isinstance(n_keep, bool) or int(n_keep) != n_keep or not 1 <= int(n_keep) <= half:
+        raise BudgetError(
+            f"cannot keep {n_keep} RoPE pairs of a {2 * half}-dim head (1..{half} pairs); "
+            "choose an even reduced head dim between 2 and the original head dim"
+        )
+    keep = _top_sorted(scores, int(n_keep))
+    total = scores.sum(-1)
+    loss = total - torch.gather(scores, -1, keep).sum(-1)
+    return PairSelection(keep=keep, scores=scores, loss=loss.clamp_min(0.0), total=total)
+
+
 def select_rope_pairs(eq: torch.Tensor, ek: torch.Tensor, n_pairs: int) -> PairSelection:
     """Keep the ``n_pairs`` highest-scoring RoPE frequency pairs of every head / KV group.
 
     Objective: CUR pair selection (A3 'rxx-w-rxx'); keep the pairs with the largest
     :func:`rope_pair_scores` (ties broken by the lower index) and report the dropped score mass.
+    Same as ``select_pairs_by_score(rope_pair_scores(eq, ek), n_pairs)``.
 
     Shapes: ``eq``, ``ek`` [n, d_h]; returns :class:`PairSelection` with ``keep`` [n, n_pairs] (ascending),
     ``scores`` [n, d_h/2], ``loss``/``total`` [n].
     """
-    scores = rope_pair_scores(eq, ek)
-    half = scores.shape[-1]
-    if isinstance(n_pairs, bool) or not 1 <= int(n_pairs) <= half or int(n_pairs) != n_pairs:
-        raise BudgetError(
-            f"cannot keep {n_pairs} RoPE pairs of a {2 * half}-dim head (1..{half} pairs); "
-            "choose an even reduced head dim between 2 and the original head dim"
+    return select_pairs_by_score(rope_pair_scores(eq, ek), n_pairs)
+
+
+def rope_complex(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE complex coordinates of q or k in the HF ``rotate_half`` layout.
+
+    Closed form: ``u[..., m, p] = (x[..., m, p] + i·x[..., m, p + d_h/2]) · exp(i·θ_p·pos_m)`` with
+    ``θ_p = inv_freq[p]``. HF RoPE ``x_rot = x·cos + rotate_half(x)·sin`` (angles ``cat(θ·pos, θ·pos)``)
+    gives ``x_rot[p] + i·x_rot[p + d_h/2] = u[p]``, hence for a query ``u`` and a key ``v``
+    ``q_rot · k_rot = Σ_p Re(u_p · conj(v_p))`` (each pair's contribution to the pre-softmax score).
+
+    Shapes: ``x`` real [..., T, d_h] (``d_h`` even); ``inv_freq`` [d_h/2] (already scaled, e.g. llama3
+    rope_scaling); ``positions`` [T] (long or float). Returns complex128 [..., T, d_h/2] on ``x``'s device.
+    """
+    x = as_f64(x)
+    if x.dim() < 2 or x.shape[-1] % 2:
+        raise ValueError(f"x must have shape [..., T, d_h] with an even d_h, got {tuple(x.shape)}")
+    half, T = x.shape[-1] // 2, x.shape[-2]
+    inv_freq = as_f64(inv_freq).to(x.device)
+    positions = as_f64(positions).to(x.device)
+    if inv_freq.shape != (half,):
+        raise ValueError(f"inv_freq must have shape [{half}] for d_h = {2 * half}, got {tuple(inv_freq.shape)}")
+    if positions.shape != (T,):
+        raise ValueError(f"positions must have shape [{T}] (one per token), got {tuple(positions.shape)}")
+    check_finite("the q/k activations passed to rope_complex", x)
+    check_finite("the RoPE inv_freq / positions", inv_freq, positions)
+    angle = positions[:, None] * inv_freq[None, :]  # [T, P]
+    rot = torch.polar(torch.ones_like(angle), angle)  # e^{iθ_p pos_m}, complex128
+    return torch.complex(x[..., :half], x[..., half:]) * rot
+
+
+def rope_pair_energy(u: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Exact energy of each RoPE pair's contribution to the attention scores (A3_METHOD.md 4.4, "better scores").
+
+    Objective: with ``s_p(m, t) = Re(u_m,p · conj(v_t,p))`` the pair-p part of the pre-softmax score
+    ``q_rot,m · k_rot,t``, return ``E[p] = Σ_{b, query head} Σ_{(m, t)} s_p(m, t)²`` over all token pairs
+    (``causal=False``) or over ``t <= m`` (``causal=True``), i.e. the squared score error caused by dropping
+    pair p alone. Use as pair scores for :func:`select_pairs_by_score`.
+
+    Closed form (O(T) per pair): ``Re(z)² = ½(|z|² + Re(z²))``, so per sequence and KV group
+
+    * non-causal: ``½[(Σ_{i,m}|u_{i,m}|²)(Σ_t|v_t|²) + Re(conj(Σ_{i,m} u_{i,m}²)·Σ_t v_t²)]`` (the sum over the
+      group's query heads ``i`` goes inside ``Σ_m`` because each term is a product of per-sequence sums);
+    * causal: ``Σ_{i,m} ½(|u_{i,m}|²·C1_m + Re(u_{i,m}²·conj(C2_m)))`` with the prefix sums
+      ``C1_m = Σ_{t<=m}|v_t|²``, ``C2_m = Σ_{t<=m} v_t²``.
+
+    Shapes: ``u`` complex [B, n, g, T, P] (post-RoPE queries from :func:`rope_complex`, the g query heads of
+    each of n KV groups; MHA: g = 1); ``v`` complex [B, n, T, P] (post-RoPE keys). Returns float64 [n, P]
+    (summed over the B sequences), on ``u``'s device.
+    """
+    u, v = torch.as_tensor(u), torch.as_tensor(v)
+    if not (u.is_complex() and v.is_complex()):
+        raise ValueError("rope_pair_energy needs complex u and v (use rope_complex on the q/k activations)")
+    u, v = u.to(torch.complex128), v.to(torch.complex128).to(u.device)
+    if u.dim() != 5 or v.dim() != 4 or u.shape[:2] != v.shape[:2] or u.shape[3:] != v.shape[2:]:
+        raise ValueError(
+            f"u must be [B, n, g, T, P] and v [B, n, T, P] with matching B, n, T, P; "
+            f"got {tuple(u.shape)} and {tuple(v.shape)}"
         )
-    keep = _top_sorted(scores, int(n_pairs))
-    total = scores.sum(-1)
-    loss = total - torch.gather(scores, -1, keep).sum(-1)
-    return PairSelection(keep=keep, scores=scores, loss=loss.clamp_min(0.0), total=total)
+    check_finite("the post-RoPE q/k coordinates passed to rope_pair_energy", u, v)
+    u_abs2, u_sq = u.abs().square(), u.square()  # [B, n, g, T, P]
+    v_abs2, v_sq = v.abs().square(), v.square()  # [B, n, T, P]
+    if not causal:
+        su_abs2, su_sq = u_abs2.sum(dim=(2, 3)), u_sq.sum(dim=(2, 3))  # [B, n, P]
+        sv_abs2, sv_sq = v_abs2.sum(2), v_sq.sum(2)
+        e = 0.5 * (su_abs2 * sv_abs2 + (su_sq.conj() * sv_sq).real)  # [B, n, P]
+        return e.sum(0)
+    C1 = v_abs2.cumsum(2).unsqueeze(2)  # [B, n, 1, T, P]
+    C2 = v_sq.cumsum(2).unsqueeze(2)
+    e = 0.5 * (u_abs2 * C1 + (u_sq * C2.conj()).real)  # [B, n, g, T, P]
+    return e.sum(dim=(0, 2, 3))
 
 
 def pair_columns(keep: torch.Tensor, d_h: int) -> torch.Tensor:
