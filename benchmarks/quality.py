@@ -25,40 +25,43 @@ from pathlib import Path
 import torch
 
 import a3_serve
-from a3_serve.calibration.sources import describe_source, eval_windows, load_texts, sample_calibration
+from a3_serve.calibration.sources import describe_source, eval_windows, load_texts, sample_calibration, sources_overlap
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.eval.ppl import evaluate_ppl
 from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.pipeline import _compressed_config, build_a3_model, compress_model, model_shape
+from a3_serve.export.recipes import RECIPES as NAMED_RECIPES
+from a3_serve.export.recipes import union_request
 from a3_serve.export.solve import Methods
 from a3_serve.progress import progress_bar
 from a3_serve.runtime import read_config
 from a3_serve.solvers.budget import plan_dims
 
-# name -> (components, methods, what it is)
-RECIPES = {
-    "a3": (("qk", "ov", "mlp"), Methods("a3", "a3", "a3"), "the paper's A3 on all components"),
-    "wanda": (("qk", "ov", "mlp"), Methods("wanda", "wanda", "wanda"), "Wanda-like selection everywhere (same dims as a3)"),
-    "weight-norm": (("qk", "ov", "mlp"), Methods("weight-norm", "weight-norm", "weight-norm"), "weight-norm selection (same dims as a3)"),
-    "a3-qk-only": (("qk",), Methods("a3", "a3", "a3"), "A3 on QK only (head QK dims cut by CR)"),
-    "a3-ov-only": (("ov",), Methods("a3", "a3", "a3"), "A3 on OV only (head VO dims cut by CR)"),
-    "a3-mlp-only": (("mlp",), Methods("a3", "a3", "a3"), "A3 on the MLP only (width cut by CR)"),
-    "a3-ov-svd": (("qk", "ov", "mlp"), Methods("a3", "svd", "a3"), "A3, but OV by plain SVD (no whitening)"),
-    "a3-mlp-rxx": (("qk", "ov", "mlp"), Methods("a3", "a3", "rxx"), "A3, but MLP scored by E[h^2] only"),
-}
+ALL = ("qk", "ov", "mlp")
+# name -> (components, methods, what it is): the named recipes on every component, then component ablations
+RECIPES = {name: (ALL, methods, desc) for name, (methods, desc) in NAMED_RECIPES.items()}
+RECIPES.update({
+    "paper-qk-only": (("qk",), NAMED_RECIPES["paper"][0], "the paper's A3 on QK only (head QK dims cut by CR)"),
+    "paper-ov-only": (("ov",), NAMED_RECIPES["paper"][0], "the paper's A3 on OV only (head VO dims cut by CR)"),
+    "paper-mlp-only": (("mlp",), NAMED_RECIPES["paper"][0], "the paper's A3 on the MLP only (width cut by CR)"),
+    "paper-ov-svd": (ALL, Methods("a3", "svd", "a3"), "paper, but OV by plain SVD (no whitening)"),
+    "paper-mlp-rxx": (ALL, Methods("a3", "a3", "rxx"), "paper, but MLP scored by E[h^2] only"),
+})
+DEFAULT_GRID = ("paper", "best", "paper+energy", "paper+ov-shrink", "paper+greedy-refit", "wanda")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="dense model folder (default: the built-in SmolLM2 demo model)")
     p.add_argument("--crs", default="0.1,0.2,0.3", help="comma-separated compression ratios")
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {','.join(RECIPES)}")
-    p.add_argument("--calib", default="wiki", help="calibration source (default: built-in wiki, calibration split)")
+    p.add_argument("--recipes", default=",".join(DEFAULT_GRID), help=f"comma-separated subset of {','.join(RECIPES)}")
+    p.add_argument("--calib", default="wiki", help="calibration source (default: built-in wiki, calibration split; "
+                   "e.g. wiki+austen for a mixed-domain set)")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", dest="evals", action="append", default=None,
-                   help="held-out text to evaluate on, repeatable (default: wiki:heldout)")
+                   help="held-out text to evaluate on, repeatable (default: wiki:heldout and austen:heldout)")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--head-multiple", type=int, default=16)
@@ -71,12 +74,15 @@ def main() -> int:
         from a3_serve.demo import build_demo_model
 
         args.model = str(build_demo_model())
-    evals = args.evals or ["wiki:heldout"]
+    evals = args.evals or ["wiki:heldout", "austen:heldout"]
     crs = [float(c) for c in args.crs.split(",")]
     recipes = [r for r in args.recipes.split(",") if r]
     for r in recipes:
-        if r not in RECIPES:
-            p.error(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)}")
+        if r.split("@")[0] not in RECIPES or r.split("@")[1:] not in ([], ["propagated"]):
+            p.error(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)} (optionally suffixed @propagated)")
+    for spec in evals:
+        if sources_overlap(args.calib, None, spec, None):
+            p.error(f"--eval {spec} overlaps the calibration text {args.calib}; evaluate on held-out text")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -94,7 +100,8 @@ def main() -> int:
 
     batches = list(tokens.split(args.batch_size))
     t0 = time.perf_counter()
-    stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+    request = union_request([RECIPES[r.split("@")[0]][1] for r in recipes])
+    stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=request)
     t_stats = time.perf_counter() - t0
     print(f"statistics over {tokens.numel():,} calibration tokens: {t_stats:.1f} s", flush=True)
 
@@ -109,9 +116,11 @@ def main() -> int:
                             "seed": args.seed, "tokens": int(tokens.numel())},
             "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen} for spec, w in windows.items()},
             "timing": {"statistics_s": t_stats,
-                       "solve_s_a3": next((r["solve_s"] for r in rows if r["recipe"] == "a3"), None)},
+                       "solve_s": {r["recipe"]: r["solve_s"] for r in rows if r["cr"] == crs[0]}},
+            "statistics_request": vars(request),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "recipes": {k: RECIPES[k][2] for k in recipes},
+            "recipes": {k: RECIPES[k.split("@")[0]][2] + (" (statistics propagated through the compressed layers)"
+                                                             if k.endswith("@propagated") else "") for k in recipes},
             "rows": rows,
         }
         (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -125,12 +134,17 @@ def main() -> int:
     print(f"dense: {dense}", flush=True)
     grid = [(cr, r) for r in recipes for cr in crs]  # recipe-major: the first recipes are complete early
     for cr, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
-        components, methods, _ = RECIPES[recipe]
+        base, _, stats_mode = recipe.partition("@")
+        components, methods, _ = RECIPES[base]
         plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
-        t0 = time.perf_counter()
-        state, _ = compress_model(model, stats, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, methods)
-        solve_s = time.perf_counter() - t0
         cfg = _compressed_config(src_cfg, arch, plan, {}, torch.float32)
+        t0 = time.perf_counter()
+        if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
+            state, _ = compress_model(model, None, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, methods,
+                                      batches=batches, stats_mode=stats_mode, a3_config=cfg)
+        else:
+            state, _ = compress_model(model, stats, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, methods)
+        solve_s = time.perf_counter() - t0
         small = build_a3_model(cfg, state)
         ppl = {spec: evaluate_ppl(small, w, batch_size=args.batch_size, progress=False)["ppl"] for spec, w in windows.items()}
         row = {"cr": cr, "recipe": recipe, "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
@@ -155,12 +169,21 @@ def render_markdown(result: dict, evals: list[str]) -> str:
         "| CR | recipe | QK/VO/MLP dims | achieved CR | " + " | ".join(f"ppl {s}" for s in evals) + " |",
         "|---|---|---|---|" + "---|" * len(evals),
     ]
+    lines[0] += " Cells: perplexity (increase over dense, and the share of the paper recipe's increase removed)."
     dense = result["rows"][0]["ppl"]
+    paper = {(r["cr"], s): r["ppl"][s] for r in result["rows"] if r["recipe"] == "paper" for s in evals}
     for r in result["rows"]:
         cells = []
         for s in evals:
             v = r["ppl"][s]
-            cells.append(f"{v:.2f}" if r["recipe"] == "dense" else f"{v:.2f} ({v - dense[s]:+.2f})")
+            if r["recipe"] == "dense":
+                cells.append(f"{v:.2f}")
+                continue
+            cell = f"{v:.2f} ({v - dense[s]:+.2f}"
+            p_ = paper.get((r["cr"], s))
+            if p_ is not None and r["recipe"] != "paper" and p_ > dense[s]:
+                cell += f", {100 * (p_ - v) / (p_ - dense[s]):+.0f}% vs paper"
+            cells.append(cell + ")")
         lines.append(f"| {r['cr']:.1f} | {r['recipe']} | {'/'.join(map(str, r['dims']))} | {r['achieved_cr']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

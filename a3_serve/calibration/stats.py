@@ -3,16 +3,28 @@
 Every A3 closed form depends on the data only through ``d_h x d_h`` second moments of head
 activations (A3_METHOD.md section 3), so we never form ``d x d`` autocorrelations:
 
-==========  ======================  ====================================================
-name        shape                   definition (mean over calibration tokens)
-==========  ======================  ====================================================
-``Gq``      ``[h_q, d_h, d_h]``     ``E[q_i q_iᵀ]``, q_proj output per query head, pre-RoPE, bias included
-``Gk``      ``[h_kv, d_h, d_h]``    ``E[k_j k_jᵀ]``, k_proj output per KV head, pre-RoPE
-``Gv``      ``[h_kv, d_h, d_h]``    ``E[v_j v_jᵀ]``, v_proj output per KV head (the "xkv" moment)
-``Go``      ``[h_q, d_h, d_h]``     ``E[o_i o_iᵀ]``, o_proj input per head = attention-weighted values
-``x2``      ``[d]``                 ``E[x²]`` of the q/k/v input (RMSNorm output), for Wanda-like scores
-``h2``      ``[d_int]``             ``E[h²]`` of the down_proj input (the A3-MLP score)
-==========  ======================  ====================================================
+============  ======================  ====================================================
+name          shape                   definition (mean over calibration tokens)
+============  ======================  ====================================================
+``Gq``        ``[h_q, d_h, d_h]``     ``E[q_i q_iᵀ]``, q_proj output per query head, pre-RoPE, bias included
+``Gk``        ``[h_kv, d_h, d_h]``    ``E[k_j k_jᵀ]``, k_proj output per KV head, pre-RoPE
+``Gv``        ``[h_kv, d_h, d_h]``    ``E[v_j v_jᵀ]``, v_proj output per KV head (the "xkv" moment)
+``Go``        ``[h_q, d_h, d_h]``     ``E[o_i o_iᵀ]``, o_proj input per head = attention-weighted values
+``x2``        ``[d]``                 ``E[x²]`` of the q/k/v input (RMSNorm output), for Wanda-like scores
+``h2``        ``[d_int]``             ``E[h²]`` of the down_proj input (the A3-MLP score)
+``H``         ``[d_int, d_int]``      ``E[h hᵀ]`` (only with ``StatsRequest.mlp_moment``; for the least-squares refit)
+``E_rope``    ``[h_kv, d_h/2]``       exact RoPE pair energy, all (m, t) pairs (``StatsRequest.rope_energy``)
+``E_rope_c``  ``[h_kv, d_h/2]``       the same over causal pairs t <= m only
+============  ======================  ====================================================
+
+The RoPE energies (A3_METHOD.md 4.4, "exact all-pairs energy") are, per KV group ``j`` and frequency pair
+``p``, the mean per token of ``Σ_seq Σ_{i∈group j} Σ_{m,t} Re(u_{i,m,p}·conj(v_{t,p}))²`` with ``u``/``v`` the
+post-RoPE complex coordinates of q/k (:func:`a3_serve.solvers.qk.rope_complex`; positions ``0..T-1``:
+calibration windows carry no padding).
+
+Held-out fold: with ``StatsRequest.heldout_every = k``, every k-th batch is accumulated separately. The
+returned stats are those of ALL batches; ``.fit`` (the other batches) and ``.val`` (the held-out batches)
+are attached so solvers can choose a hyper-parameter (shrinkage, ridge) on data they were not fitted on.
 
 Products are formed in float64 from the model's activations (float32 on CPU, bf16 on GPU); the
 result is checked for NaN/Inf.
@@ -20,13 +32,30 @@ result is checked for NaN/Inf.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from a3_serve.errors import NumericalError
+from a3_serve.solvers import qk as qk_solver
+
+log = logging.getLogger("a3_serve.calibration")
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Which optional statistics to collect (each costs time and memory; the paper needs none of them)."""
+
+    mlp_moment: bool = False  # full H = E[h hᵀ], d_int² float64 per layer
+    rope_energy: bool = False  # exact / causal RoPE pair energies
+    heldout_every: int = 0  # route every k-th batch to a held-out fold (0: no fold)
+
+    def __post_init__(self):
+        if self.heldout_every < 0 or self.heldout_every == 1:
+            raise ValueError("heldout_every must be 0 (no held-out fold) or >= 2")
 
 
 @dataclass
@@ -40,6 +69,23 @@ class LayerStats:
     Go: torch.Tensor
     x2: torch.Tensor
     h2: torch.Tensor
+    H: Optional[torch.Tensor] = None
+    E_rope: Optional[torch.Tensor] = None
+    E_rope_c: Optional[torch.Tensor] = None
+    fit: Optional["LayerStats"] = None  # the batches not held out (only with a held-out fold)
+    val: Optional["LayerStats"] = None  # the held-out batches
+
+    MOMENTS = ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H", "E_rope", "E_rope_c")
+
+    @staticmethod
+    def merge(a: "LayerStats", b: "LayerStats") -> "LayerStats":
+        """The statistics of the union of two disjoint token sets (token-weighted means)."""
+        n = a.n_tokens + b.n_tokens
+        vals = {}
+        for k in LayerStats.MOMENTS:
+            ta, tb = getattr(a, k), getattr(b, k)
+            vals[k] = None if ta is None else (ta * a.n_tokens + tb * b.n_tokens) / n
+        return LayerStats(n_tokens=n, **vals)
 
 
 @dataclass
@@ -50,15 +96,21 @@ class _Accumulator:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     n_tokens: int = 0
 
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
     def add_head_moment(self, name: str, act: torch.Tensor, n_heads: int) -> None:
         """act [..., n_heads * d_h] -> adds sum over tokens of a_h a_hᵀ, shape [n_heads, d_h, d_h]."""
         a = act.reshape(-1, n_heads, act.shape[-1] // n_heads).to(torch.float64).transpose(0, 1)  # [h, N, d_h]
-        m = torch.bmm(a.transpose(1, 2), a)
-        self.sums[name] = self.sums[name] + m if name in self.sums else m
+        self.add(name, torch.bmm(a.transpose(1, 2), a))
 
     def add_square(self, name: str, act: torch.Tensor) -> None:
-        s = act.reshape(-1, act.shape[-1]).to(torch.float64).square().sum(0)
-        self.sums[name] = self.sums[name] + s if name in self.sums else s
+        self.add(name, act.reshape(-1, act.shape[-1]).to(torch.float64).square().sum(0))
+
+    def add_outer(self, name: str, act: torch.Tensor) -> None:
+        """act [..., n] -> adds Σ_tokens a aᵀ [n, n]."""
+        a = act.reshape(-1, act.shape[-1]).to(torch.float64)
+        self.add(name, a.T @ a)
 
     def finish(self, layer_idx: int) -> LayerStats:
         if self.n_tokens == 0:
@@ -73,23 +125,66 @@ class _Accumulator:
         return LayerStats(n_tokens=self.n_tokens, **means)
 
 
-def _attach(layer: nn.Module, acc: _Accumulator) -> list[torch.utils.hooks.RemovableHandle]:
+class _Router:
+    """Sends each batch's statistics to the fit or the held-out accumulator of every layer."""
+
+    def __init__(self, fit: list[_Accumulator], val: list[_Accumulator] | None):
+        self.fit, self.val, self.held_out = fit, val, False
+
+    def __call__(self, layer_idx: int) -> _Accumulator:
+        return (self.val if self.held_out and self.val is not None else self.fit)[layer_idx]
+
+
+def _attach(layer: nn.Module, idx: int, route: _Router, req: StatsRequest, inv_freq: torch.Tensor | None) -> list:
     attn, mlp = layer.self_attn, layer.mlp
-    hq, hkv = acc.num_heads, acc.num_kv_heads
+    acc0 = route.fit[idx]
+    hq, hkv, dh = acc0.num_heads, acc0.num_kv_heads, acc0.head_dim
+    pending: dict[str, torch.Tensor] = {}
 
     def on_q_in(_mod, args):
-        x = args[0]
+        x, acc = args[0], route(idx)
         acc.n_tokens += x.shape[:-1].numel()
         acc.add_square("x2", x)
 
-    return [
+    def on_q_out(_m, _a, out):
+        route(idx).add_head_moment("Gq", out, hq)
+        if req.rope_energy:
+            B, T = out.shape[0], out.shape[1]
+            q = out.reshape(B, T, hkv, hq // hkv, dh).to(torch.float64).permute(0, 2, 3, 1, 4)  # [B, h_kv, g, T, d_h]
+            pending["u"] = qk_solver.rope_complex(q, inv_freq, torch.arange(T, device=out.device))
+
+    def on_k_out(_m, _a, out):
+        acc = route(idx)
+        acc.add_head_moment("Gk", out, hkv)
+        if req.rope_energy:
+            B, T = out.shape[0], out.shape[1]
+            k = out.reshape(B, T, hkv, dh).to(torch.float64).transpose(1, 2)  # [B, h_kv, T, d_h]
+            v = qk_solver.rope_complex(k, inv_freq, torch.arange(T, device=out.device))
+            u = pending.pop("u")
+            acc.add("E_rope", qk_solver.rope_pair_energy(u, v, causal=False))
+            acc.add("E_rope_c", qk_solver.rope_pair_energy(u, v, causal=True))
+
+    hooks = [
         attn.q_proj.register_forward_pre_hook(on_q_in),
-        attn.q_proj.register_forward_hook(lambda _m, _a, out: acc.add_head_moment("Gq", out, hq)),
-        attn.k_proj.register_forward_hook(lambda _m, _a, out: acc.add_head_moment("Gk", out, hkv)),
-        attn.v_proj.register_forward_hook(lambda _m, _a, out: acc.add_head_moment("Gv", out, hkv)),
-        attn.o_proj.register_forward_pre_hook(lambda _m, args: acc.add_head_moment("Go", args[0], hq)),
-        mlp.down_proj.register_forward_pre_hook(lambda _m, args: acc.add_square("h2", args[0])),
+        attn.q_proj.register_forward_hook(on_q_out),
+        attn.k_proj.register_forward_hook(on_k_out),
+        attn.v_proj.register_forward_hook(lambda _m, _a, out: route(idx).add_head_moment("Gv", out, hkv)),
+        attn.o_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_head_moment("Go", args[0], hq)),
+        mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_square("h2", args[0])),
     ]
+    if req.mlp_moment:
+        hooks.append(mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_outer("H", args[0])))
+    return hooks
+
+
+def rope_inv_freq(model: nn.Module) -> torch.Tensor:
+    """The (already scaled, e.g. ``llama3``) RoPE inverse frequencies [d_h/2] of an HF Llama-style model."""
+    rot = getattr(model.model, "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        raise RuntimeError("the model has no rotary_emb.inv_freq; the exact RoPE energy needs a RoPE model")
+    if float(getattr(rot, "attention_scaling", 1.0)) != 1.0:
+        log.warning("RoPE attention_scaling %.4g is ignored by the pair energies (a common factor)", rot.attention_scaling)
+    return rot.inv_freq.detach().to(torch.float64)
 
 
 @torch.no_grad()
@@ -100,24 +195,39 @@ def collect_stats(
     num_kv_heads: int,
     head_dim: int,
     progress=None,
+    request: StatsRequest = StatsRequest(),
 ) -> list[LayerStats]:
     """Run ``model`` (a Llama-style causal LM) over token batches and return one LayerStats per layer.
 
     ``batches`` yields LongTensors ``[B, T]`` of calibration tokens (no padding). Statistics are those
     of the ORIGINAL model at every layer (the paper's protocol). Only the decoder runs (``model.model``):
     the LM head's logits are not needed. ``progress`` is an optional callable ``progress(n_sequences)``
-    called after each batch.
+    called after each batch. ``request`` asks for the optional statistics (module docstring).
     """
     layers = model.model.layers
-    accs = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in layers]
-    handles = [h for layer, acc in zip(layers, accs) for h in _attach(layer, acc)]
+    batches = list(batches)
+    fit = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in layers]
+    k = request.heldout_every
+    val = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in layers] if k and len(batches) >= k else None
+    route = _Router(fit, val)
+    inv_freq = rope_inv_freq(model) if request.rope_energy else None
+    handles = [h for i, layer in enumerate(layers) for h in _attach(layer, i, route, request, inv_freq)]
     device = next(model.parameters()).device
     try:
-        for batch in batches:
+        for b, batch in enumerate(batches):
+            route.held_out = bool(k) and b % k == k - 1
             model.model(input_ids=batch.to(device), use_cache=False)
             if progress is not None:
                 progress(batch.shape[0])
     finally:
         for h in handles:
             h.remove()
-    return [acc.finish(i) for i, acc in enumerate(accs)]
+    if val is None:
+        return [acc.finish(i) for i, acc in enumerate(fit)]
+    out = []
+    for i in range(len(layers)):
+        f, v = fit[i].finish(i), val[i].finish(i)
+        merged = LayerStats.merge(f, v)
+        merged.fit, merged.val = f, v
+        out.append(merged)
+    return out

@@ -45,7 +45,7 @@ def render_model_card(report: dict[str, Any]) -> str:
         f"Target compression ratio {s['target_cr']:.3f}; achieved {s['achieved_cr']:.4f} of the decoder's linear parameters "
         f"(head sizes rounded down to multiples of {s['head_multiple']}, the MLP width re-solved to meet the budget).",
         "",
-        f"Methods: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`; components compressed: {', '.join(s['components'])}.",
+        f"Recipe `{report.get('recipe', 'custom')}`: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`; components compressed: {', '.join(s['components'])}.",
         f"Calibration: {cal['nsamples']} x {cal['seqlen']} tokens from `{cal['source']}` (seed {cal['seed']}).",
         "",
         "## Quality",

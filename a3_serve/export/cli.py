@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
 from a3_serve.export.solve import MLP_METHODS, OV_METHODS, QK_METHODS, Methods
 from a3_serve.progress import setup_logging
 from a3_serve.runtime import OneLineArgumentParser, run_cli
@@ -28,13 +29,21 @@ examples:
   a3-export --model ./Llama-3.1-8B --cr 0.1 --out ./compressed
   a3-export --model "$(a3-demo-model)" --cr 0.2 --out ./smol-a3 --nsamples 64 --seqlen 512 --eval-tokens 16384
   a3-export --model ./m --cr 0.2 --out ./m-ov --components ov          # ablation: only VO dims
-  a3-export --model ./m --cr 0.2 --out ./m-wanda --qk-method wanda --ov-method wanda --mlp-method wanda
+  a3-export --model ./m --cr 0.2 --out ./m-paper --recipe paper       # reproduce the publication
+  a3-export --model ./m --cr 0.2 --out ./m-wanda --recipe wanda        # a baseline
+  a3-export --model ./m --cr 0.2 --out ./m-x --recipe paper --mlp-method greedy-refit   # override one component
 
 cost: calibration is one forward pass over nsamples x seqlen tokens plus small head-space solves.
 The paper's default 128 x 2048 (262k tokens) takes about 11 minutes for a 135M model on a 2-core
 CPU in float32, and hours for a 7B model on CPU; use --device cuda, or fewer tokens (64 x 512 is a
 good quick setting for small models). bfloat16 is very slow on most CPUs: keep float32 there.
 """
+
+
+def _methods(args) -> Methods:
+    """The recipe's methods with any per-component --*-method override applied."""
+    base = RECIPES[args.recipe][0]
+    return Methods(qk=args.qk_method or base.qk, ov=args.ov_method or base.ov, mlp=args.mlp_method or base.mlp)
 
 
 def _describe(table: dict[str, str]) -> str:
@@ -75,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which components to compress, comma-separated subset of qk,ov,mlp (default: all). With a subset, each chosen component "
                             "is cut by --cr and the others stay dense (for ablations; QK-only/OV-only checkpoints have K and V of different sizes, "
                             "which vLLM's CPU backend cannot run)")
-    shape.add_argument("--qk-method", default="a3", choices=list(QK_METHODS), help="QK (RoPE pair selection) score. " + _describe(QK_METHODS))
-    shape.add_argument("--ov-method", default="a3", choices=list(OV_METHODS), help="OV solver. " + _describe(OV_METHODS))
-    shape.add_argument("--mlp-method", default="a3", choices=list(MLP_METHODS), help="MLP neuron score. " + _describe(MLP_METHODS))
+    shape.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+                       help=f"named set of per-component methods (default: {DEFAULT_RECIPE}). " + _describe({k: v[1] for k, v in RECIPES.items()}))
+    shape.add_argument("--qk-method", default=None, choices=list(QK_METHODS), help="override the recipe's QK (RoPE pair selection) score. " + _describe(QK_METHODS))
+    shape.add_argument("--ov-method", default=None, choices=list(OV_METHODS), help="override the recipe's OV solver. " + _describe(OV_METHODS))
+    shape.add_argument("--mlp-method", default=None, choices=list(MLP_METHODS), help="override the recipe's MLP method. " + _describe(MLP_METHODS))
 
     ev = p.add_argument_group("quality check and output")
     ev.add_argument("--eval-tokens", type=int, default=0, metavar="N",
@@ -102,7 +113,7 @@ def format_summary(report: dict) -> str:
         f"  KV cache    {s['kv_bytes_per_token_before']:,} -> {s['kv_bytes_per_token_after']:,} bytes/token ({s['kv_dtype']}), "
         f"x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB",
         f"  CR          target {s['target_cr']:.3f}, achieved {s['achieved_cr']:.4f}",
-        f"  methods     qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']}; components {','.join(s['components'])}",
+        f"  methods     recipe {report.get('recipe', 'custom')}: qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']}; components {','.join(s['components'])}",
         f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from {report['calibration']['description']}",
         f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write + verify{' + eval' if report.get('quality') else ''} {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",
     ]
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device,
             dtype=args.dtype, save_dtype=args.save_dtype, head_multiple=args.head_multiple,
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-            methods=Methods(qk=args.qk_method, ov=args.ov_method, mlp=args.mlp_method), damp=args.damp,
+            methods=_methods(args), recipe=args.recipe, damp=args.damp,
             overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
             verify=not args.no_verify,
         )

@@ -21,6 +21,7 @@ from a3_serve.calibration.stats import collect_stats
 from a3_serve.errors import InputError, NumericalError
 from a3_serve.export.architectures import SourceArch, inspect_architecture
 from a3_serve.export.card import render_model_card
+from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
 from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, PROJECTIONS, QK_METHODS, Methods, layer_tensors, solve_layer
 from a3_serve.export.writer import check_destination, write_checkpoint
 from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
@@ -51,7 +52,8 @@ class ExportOptions:
     save_dtype: str = "auto"
     head_multiple: int = 16
     components: tuple[str, ...] = COMPONENTS
-    methods: Methods = field(default_factory=Methods)
+    methods: Methods = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE][0])
+    recipe: str | None = DEFAULT_RECIPE  # the named recipe the methods came from (None: hand-picked)
     damp: float = 1e-6
     overwrite: bool = False
     eval_data: str = "wiki:heldout"
@@ -146,9 +148,49 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _solve_layer_into(
+    new_state: dict[str, torch.Tensor], layer: torch.nn.Module, i: int, st, arch: SourceArch,
+    r_qk: int, r_vo: int, r_int: int, methods: Methods, damp: float,
+) -> dict[str, Any]:
+    """Solve decoder layer ``i`` and put its compressed tensors into ``new_state`` (checkpoint names)."""
+    tl = time.perf_counter()
+    new, rope_index, rep = solve_layer(layer_tensors(layer), st, arch, r_qk, r_vo, r_int, methods, damp)
+    prefix = f"model.layers.{i}."
+    for key in LAYER_TENSORS:
+        t = new[key]
+        if t is None:
+            continue
+        if not torch.isfinite(t).all():
+            raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
+        base, kind = key.split("_")
+        new_state[prefix + PROJECTIONS[base] + (".weight" if kind == "w" else ".bias")] = t
+    new_state[prefix + "self_attn.rope_freq_index"] = rope_index
+    rep["layer"] = i
+    rep["seconds"] = round(time.perf_counter() - tl, 4)
+    return rep
+
+
+def _a3_layer(model: torch.nn.Module, a3_config: dict[str, Any], i: int, new_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The compressed decoder layer ``i`` as a module (for propagating calibration activations)."""
+    from a3_serve.modeling import A3LlamaConfig
+    from a3_serve.modeling.modeling_a3_llama import A3LlamaDecoderLayer
+
+    cfg = A3LlamaConfig.from_dict(a3_config)
+    cfg._attn_implementation = model.config._attn_implementation
+    dense = model.model.layers[i]
+    p = next(dense.parameters())
+    layer = A3LlamaDecoderLayer(cfg, i).to(device=p.device, dtype=p.dtype).eval()
+    prefix = f"model.layers.{i}."
+    sd = {k[len(prefix):]: v for k, v in new_state.items() if k.startswith(prefix)}
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        sd[name] = dense.get_submodule(name.rsplit(".", 1)[0]).weight
+    layer.load_state_dict(sd, strict=True)
+    return layer
+
+
 def compress_model(
     model: torch.nn.Module,
-    stats: list,
+    stats: list | None,
     arch: SourceArch,
     r_qk: int,
     r_vo: int,
@@ -156,35 +198,45 @@ def compress_model(
     methods: Methods,
     damp: float = 1e-6,
     progress: bool = False,
+    batches: list[torch.Tensor] | None = None,
+    stats_mode: str = "original",
+    a3_config: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Solve every layer of a loaded dense model; returns (compressed state dict, per-layer reports).
+
+    With ``stats`` (one LayerStats per layer, from :func:`collect_stats`), every layer is solved from those
+    original-model statistics. With ``stats=None``, ``batches`` of calibration tokens are run layer by layer
+    (:mod:`a3_serve.export.sequential`) in ``stats_mode`` ``"original"`` or ``"propagated"`` (the latter needs
+    ``a3_config``, the compressed config dict, to build each compressed layer).
 
     The state dict uses the checkpoint's tensor names (embeddings, norms and an untied lm_head are
     carried over unchanged; a tied lm_head is left out). The dense model is not modified, so several
     recipes can be solved from one set of statistics.
     """
+    from a3_serve.export.sequential import sequential_calibrate
     from a3_serve.progress import progress_bar
 
     new_state: dict[str, torch.Tensor] = {}
     reports = []
-    with progress_bar(total=arch.num_layers, desc="solving", unit="layer", force=None if progress else False) as bar:
-        for i, layer in enumerate(model.model.layers):
-            tl = time.perf_counter()
-            new, rope_index, rep = solve_layer(layer_tensors(layer), stats[i], arch, r_qk, r_vo, r_int, methods, damp)
-            prefix = f"model.layers.{i}."
-            for key in LAYER_TENSORS:
-                t = new[key]
-                if t is None:
-                    continue
-                if not torch.isfinite(t).all():
-                    raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
-                base, kind = key.split("_")
-                new_state[prefix + PROJECTIONS[base] + (".weight" if kind == "w" else ".bias")] = t
-            new_state[prefix + "self_attn.rope_freq_index"] = rope_index
-            rep["layer"] = i
-            rep["seconds"] = round(time.perf_counter() - tl, 4)
-            reports.append(rep)
-            bar.update(1)
+    layers = model.model.layers
+    desc = "solving" if stats is not None else f"calibrating + solving ({stats_mode} statistics)"
+    with progress_bar(total=arch.num_layers, desc=desc, unit="layer", force=None if progress else False) as bar:
+        if stats is not None:
+            for i, layer in enumerate(layers):
+                reports.append(_solve_layer_into(new_state, layer, i, stats[i], arch, r_qk, r_vo, r_int, methods, damp))
+                bar.update(1)
+        else:
+            if batches is None:
+                raise ValueError("compress_model needs either stats or calibration batches")
+            if stats_mode == "propagated" and a3_config is None:
+                raise ValueError("propagated statistics need the compressed config (a3_config)")
+
+            def solve_fn(i: int, st) -> torch.nn.Module | None:
+                reports.append(_solve_layer_into(new_state, layers[i], i, st, arch, r_qk, r_vo, r_int, methods, damp))
+                return _a3_layer(model, a3_config, i, new_state) if stats_mode == "propagated" else None
+
+            sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, solve_fn,
+                                 mode=stats_mode, request=methods.stats_request(), progress=bar.update)
     for k, v in model.state_dict().items():  # embeddings, norms, lm_head
         if ".self_attn." in k or ".mlp." in k:
             continue
@@ -257,7 +309,8 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     batches = list(tokens.split(opts.batch_size))
     with progress_bar(total=opts.nsamples, desc="calibrating", unit="seq", force=None if progress else False) as bar:
-        stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, progress=bar.update)
+        stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, progress=bar.update,
+                              request=opts.methods.stats_request())
     t_calib = time.perf_counter() - t0
 
     # solve layer by layer
@@ -281,6 +334,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     bpe = torch.finfo(save_dtype).bits // 8
     source_name = str(src_cfg.get("_name_or_path") or Path(opts.model).resolve().name)
     methods = opts.methods.as_dict()
+    recipe = opts.recipe if opts.recipe in RECIPES and RECIPES[opts.recipe][0] == opts.methods else "custom"
     summary = {
         "target_cr": opts.cr,
         "achieved_cr": plan.achieved_cr,
@@ -312,6 +366,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "target_cr": opts.cr,
         "achieved_cr": plan.achieved_cr,
         "components": list(opts.components),
+        "recipe": recipe,
         "methods": methods,
         "head_multiple": opts.head_multiple,
         "calibration": calibration,
@@ -322,6 +377,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "a3_serve_version": a3_serve.__version__,
         "source": {"name": source_name, "path": str(Path(opts.model).resolve()), "architecture": arch.model_type, "attention": arch.attention_kind},
         "summary": summary,
+        "recipe": recipe,
         "methods": methods,
         "calibration": calibration,
         "device": str(device),

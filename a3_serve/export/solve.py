@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from a3_serve.calibration.stats import LayerStats
+from a3_serve.calibration.stats import LayerStats, StatsRequest
 from a3_serve.export.architectures import SourceArch
 from a3_serve.solvers import mlp as mlp_solver
 from a3_serve.solvers import ov as ov_solver
@@ -30,12 +30,17 @@ from a3_serve.solvers import qk as qk_solver
 
 QK_METHODS = {
     "a3": "the paper's RoPE pair score E[q_a²]E[k_a²] + E[q_b²]E[k_b²] per KV group (A3 'rxx-w-rxx')",
+    "energy": "exact all-pairs energy of each RoPE pair's score contribution, from post-RoPE q/k (A3_METHOD 4.4)",
+    "energy-causal": "the exact pair energy over causal (query, key) pairs only",
     "wanda": "Wanda-like pair score with per-dim energy Σ_j E[x_j²]·W[c, j]² (input scale × weight)",
     "weight-norm": "pair score from weight norms only, ‖W_q[c]‖²·‖W_k[c]‖² (no calibration data)",
 }
 OV_METHODS = {
     "a3": "MHA: per-head closed form whitened by E[o oᵀ] (attention-weighted, 'axkv'); GQA: joint SVD whitened by E[v vᵀ] ('xkv')",
     "xkv": "closed form whitened by E[v vᵀ] for every model (cheaper ablation of 'a3')",
+    "a3-avg": "closed form whitened by the group-averaged attention-weighted moment mean_i E[o_i o_iᵀ] (GQA; MHA: = a3)",
+    "a3-shrink": "a3-avg's moment shrunk toward E[v vᵀ], (1-β)·G_o + β·(tr G_o/tr G_v)·G_v, β per value head chosen "
+                 "on held-out calibration batches (A3_METHOD 5.5)",
     "svd": "plain SVD of W_v W_o without whitening (CLOVER-like baseline)",
     "wanda": "keep value dims by E[v_c²]·‖W_o[c]‖² (selection baseline)",
     "weight-norm": "keep value dims by ‖W_v[c]‖²·‖W_o[c]‖² (selection baseline, no data)",
@@ -43,9 +48,19 @@ OV_METHODS = {
 MLP_METHODS = {
     "a3": "the paper's score E[h_i²]·‖W_down[:, i]‖² ('rxx-w')",
     "rxx": "activation energy E[h_i²] only ('rxx')",
+    "a3-refit": "the paper's selection, then a least-squares refit of down_proj on the kept neurons (ridge chosen on "
+                "held-out calibration batches; A3_METHOD 6.3)",
+    "greedy-refit": "greedy selection on the refit objective (backward elimination), then the refit",
     "wanda": "structured Wanda: sqrt(E[h_i²])·‖W_down[:, i]‖₁",
     "weight-norm": "‖W_gate[i]‖² + ‖W_up[i]‖² + ‖W_down[:, i]‖² (no data)",
 }
+
+
+#: fallbacks when the calibration set is too small for a held-out fold
+DEFAULT_SHRINKAGE = 0.3
+DEFAULT_RIDGE = 1e-2
+#: every HELDOUT_EVERY-th calibration batch is held out to choose shrinkage / ridge (when a method needs it)
+HELDOUT_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,15 @@ class Methods:
 
     def as_dict(self) -> dict[str, str]:
         return {"qk": self.qk, "ov": self.ov, "mlp": self.mlp}
+
+    def stats_request(self) -> StatsRequest:
+        """The optional calibration statistics these methods read."""
+        refit = self.mlp in ("a3-refit", "greedy-refit")
+        return StatsRequest(
+            mlp_moment=refit,
+            rope_energy=self.qk in ("energy", "energy-causal"),
+            heldout_every=HELDOUT_EVERY if (refit or self.ov == "a3-shrink") else 0,
+        )
 
 
 LAYER_TENSORS = ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b", "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
@@ -98,9 +122,15 @@ def _gather_heads(W: torch.Tensor, cols: torch.Tensor, n_heads: int) -> torch.Te
 def solve_qk(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str) -> tuple[dict, torch.Tensor, dict]:
     """Pair selection for RoPE attention; returns (new q/k tensors, rope_freq_index [h_kv, r/2], report)."""
     hq, hkv, g, dh = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim
-    eq = _per_dim_energy(method, st.Gq, w["q_w"], st.x2, hq).reshape(hkv, g, dh).sum(1)
-    ek = _per_dim_energy(method, st.Gk, w["k_w"], st.x2, hkv)
-    sel = qk_solver.select_rope_pairs(eq, ek, r // 2)
+    if method in ("energy", "energy-causal"):
+        scores = st.E_rope if method == "energy" else st.E_rope_c
+        if scores is None:
+            raise ValueError(f"QK method {method!r} needs RoPE energies: collect stats with Methods.stats_request()")
+        sel = qk_solver.select_pairs_by_score(scores, r // 2)
+    else:
+        eq = _per_dim_energy(method, st.Gq, w["q_w"], st.x2, hq).reshape(hkv, g, dh).sum(1)
+        ek = _per_dim_energy(method, st.Gk, w["k_w"], st.x2, hkv)
+        sel = qk_solver.select_rope_pairs(eq, ek, r // 2)
     cols = qk_solver.pair_columns(sel.keep, dh)  # [h_kv, r]
     q_cols = cols.repeat_interleave(g, dim=0)  # [h_q, r]
     new = {
@@ -119,8 +149,15 @@ def solve_ov(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str, eps
     dtype = w["v_w"].dtype
     Wv = w["v_w"].to(torch.float64).reshape(hkv, dh, d)  # per value head [d_h, d]
     Wo = w["o_w"].to(torch.float64).reshape(d, hq, dh).permute(1, 2, 0).reshape(hkv, g, dh, d)
+    extra: dict = {}
     if method == "a3" and g == 1:
         res = ov_solver.ov_closed_form(st.Go, Wo, r, eps)
+    elif method == "a3-avg":
+        res = ov_solver.ov_closed_form(ov_solver.group_mean(st.Go, hkv), Wo, r, eps)
+    elif method == "a3-shrink":
+        beta = _choose_shrinkage(st, Wo, hkv, r, eps)
+        res = ov_solver.ov_closed_form(_shrink_per_head(ov_solver.group_mean(st.Go, hkv), st.Gv, beta), Wo, r, eps)
+        extra = {"shrinkage": [round(float(b), 3) for b in beta]}
     elif method in ("a3", "xkv"):
         res = ov_solver.ov_closed_form(st.Gv, Wo, r, eps)
     elif method == "svd":
@@ -138,20 +175,57 @@ def solve_ov(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str, eps
         new_vb = (T.transpose(1, 2) @ w["v_b"].to(torch.float64).reshape(hkv, dh, 1)).reshape(hkv * r)
     new_o = res.Wo_new.reshape(hq, r, d).permute(2, 0, 1).reshape(d, hq * r)
     new = {"v_w": new_v.to(dtype), "v_b": new_vb.to(dtype) if new_vb is not None else None, "o_w": new_o.to(dtype), "o_b": w["o_b"]}
-    return new, {"loss": res.loss.sum().item(), "total": res.total.sum().item()}
+    return new, {"loss": res.loss.sum().item(), "total": res.total.sum().item(), **extra}
+
+
+def _shrink_per_head(Gp: torch.Tensor, Gx: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """:func:`ov_solver.shrink_moment` with one β per value head (Gp, Gx [n, d_h, d_h]; beta [n])."""
+    return torch.stack([ov_solver.shrink_moment(Gp[j], Gx[j], float(b)) for j, b in enumerate(beta)])
+
+
+def _choose_shrinkage(st: LayerStats, Wo: torch.Tensor, hkv: int, r: int, eps: float) -> torch.Tensor:
+    """β per value head minimising the held-out output error (fit on st.fit, scored on st.val)."""
+    if st.fit is None or st.val is None:
+        return torch.full((hkv,), DEFAULT_SHRINKAGE, dtype=torch.float64)
+    g = Wo.shape[1]
+    G_val = st.val.Go.reshape(hkv, g, *st.val.Go.shape[1:])
+    _, beta, _ = ov_solver.ov_choose_shrinkage(ov_solver.group_mean(st.fit.Go, hkv), st.fit.Gv, Wo, r, G_val, eps=eps)
+    return beta
 
 
 def solve_mlp(w: dict, st: LayerStats, r_int: int, method: str) -> tuple[dict, dict]:
     """Keep r_int intermediate neurons; returns (new gate/up/down tensors, report)."""
-    scores = mlp_solver.mlp_scores(method, st.h2, w["gate_w"], w["up_w"], w["down_w"])
-    keep = mlp_solver.select_neurons(scores, r_int).to(w["gate_w"].device)
+    d_int = w["down_w"].shape[1]
+    refit = method in ("a3-refit", "greedy-refit") and r_int < d_int  # nothing dropped: nothing to refit
+    report: dict = {}
+    if refit and st.H is None:
+        raise ValueError(f"MLP method {method!r} needs E[h hᵀ]: collect stats with Methods.stats_request()")
+    score_method = "a3" if method in ("a3-refit", "greedy-refit") else method
+    scores = mlp_solver.mlp_scores(score_method, st.h2, w["gate_w"], w["up_w"], w["down_w"])
+    if method == "greedy-refit" and refit:
+        keep = mlp_solver.mlp_greedy_select(st.H, w["down_w"], r_int, DEFAULT_RIDGE)
+    else:
+        keep = mlp_solver.select_neurons(scores, r_int)
+    keep = keep.to(w["gate_w"].device)
+    down = w["down_w"][:, keep]
+    if refit:
+        ridge = DEFAULT_RIDGE
+        if st.fit is not None and st.val is not None:
+            _, ridge, _ = mlp_solver.mlp_choose_ridge(st.fit.H, st.val.H, keep, w["down_w"])
+        if ridge == float("inf"):  # plain selection won on the held-out fold
+            down = w["down_w"][:, keep]
+        else:
+            down = mlp_solver.mlp_refit(st.H, keep, w["down_w"], ridge).to(w["down_w"])
+        report["ridge"] = None if ridge == float("inf") else float(ridge)  # None: plain selection kept
+        plain = mlp_solver.mlp_objective(st.H, w["down_w"], keep, w["down_w"][:, keep])
+        report["refit_gain"] = plain / max(mlp_solver.mlp_objective(st.H, w["down_w"], keep, down), 1e-300)
     new = {
-        "gate_w": w["gate_w"][keep], "up_w": w["up_w"][keep], "down_w": w["down_w"][:, keep],
+        "gate_w": w["gate_w"][keep], "up_w": w["up_w"][keep], "down_w": down,
         "gate_b": w["gate_b"][keep] if w["gate_b"] is not None else None,
         "up_b": w["up_b"][keep] if w["up_b"] is not None else None,
         "down_b": w["down_b"],
     }
-    return new, {"dropped_score_fraction": float(mlp_solver.dropped_fraction(scores, keep.cpu()))}
+    return new, {"dropped_score_fraction": float(mlp_solver.dropped_fraction(scores, keep.cpu())), **report}
 
 
 def solve_layer(

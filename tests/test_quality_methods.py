@@ -1,0 +1,205 @@
+"""Quality methods end to end: optional statistics, held-out fold, layer-by-layer calibration, recipes.
+
+The pure solvers are tested against their definitions in test_solvers_quality.py; here we check that the
+statistics fed to them are the right ones (from the real model's activations) and that every recipe
+exports a working checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import a3_serve  # noqa: F401
+from a3_serve.calibration.stats import StatsRequest, collect_stats
+from a3_serve.export.architectures import inspect_architecture
+from a3_serve.export.pipeline import ExportOptions, _compressed_config, build_a3_model, compress_model, model_shape, run_export
+from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
+from a3_serve.export.sequential import capture_first_layer_inputs, sequential_calibrate
+from a3_serve.runtime import read_config
+from a3_serve.solvers.budget import plan_dims
+
+
+def _load(folder: Path):
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    arch = inspect_architecture(read_config(folder))
+    return model, arch
+
+
+def _batches(n: int = 4, b: int = 2, t: int = 24, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randint(3, 5000, (n * b, t), generator=g).split(b))
+
+
+@pytest.mark.parametrize("kind", ["llama3-gqa", "llama2-mha"])
+def test_rope_energy_statistics_match_the_models_own_rope(kind, random_models):
+    """E_rope / E_rope_c from the hooks equal Σ over sequences, query heads of a group and (m, t) pairs of the
+    squared per-pair contribution to q_rot·k_rot, computed from the model's own apply_rotary_pos_emb."""
+    model, arch = _load(random_models[kind])
+    batches = _batches(n=2)
+    st = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=StatsRequest(rope_energy=True))[1]
+
+    layer = model.model.layers[1].self_attn
+    seen = {}
+    hooks = [layer.q_proj.register_forward_hook(lambda m, a, o: seen.setdefault("q", []).append(o)),
+             layer.k_proj.register_forward_hook(lambda m, a, o: seen.setdefault("k", []).append(o))]
+    with torch.no_grad():
+        for b in batches:
+            model.model(input_ids=b)
+    for h in hooks:
+        h.remove()
+    hq, hkv, dh, P = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.head_dim // 2
+    g = hq // hkv
+    full = torch.zeros(hkv, P, dtype=torch.float64)
+    causal = torch.zeros(hkv, P, dtype=torch.float64)
+    n_tok = 0
+    for q, k, ids in zip(seen["q"], seen["k"], batches):
+        B, T = ids.shape
+        n_tok += B * T
+        q = q.double().view(B, T, hq, dh).transpose(1, 2)
+        k = k.double().view(B, T, hkv, dh).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(q, torch.arange(T)[None])
+        qr, kr = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        for p in range(P):
+            cols = [p, p + P]
+            s = torch.einsum("bhmc,bhtc->bhmt", qr[..., cols], kr[..., cols].repeat_interleave(g, dim=1))  # [B, hq, T, T]
+            e = s.square()
+            full[:, p] += e.sum(dim=(0, 2, 3)).view(hkv, g).sum(1)
+            causal[:, p] += (e * mask).sum(dim=(0, 2, 3)).view(hkv, g).sum(1)
+    # the model's cos/sin are float32, ours float64: 1e-6 relative (a wrong frequency or pairing is off by >1e-2)
+    torch.testing.assert_close(st.E_rope, full / n_tok, rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.E_rope_c, causal / n_tok, rtol=1e-6, atol=0)
+
+
+def test_heldout_fold_partitions_the_batches(random_models):
+    model, arch = _load(random_models["llama3-gqa"])
+    batches = _batches(n=6)
+    args = (model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+    plain = collect_stats(*args, request=StatsRequest(mlp_moment=True))
+    folded = collect_stats(*args, request=StatsRequest(mlp_moment=True, heldout_every=3))
+    held = collect_stats(model, [batches[2], batches[5]], *args[2:], request=StatsRequest(mlp_moment=True))
+    for p, f, h in zip(plain, folded, held):
+        assert f.n_tokens == p.n_tokens and f.val.n_tokens == h.n_tokens == 2 * 2 * 24 and f.fit.n_tokens == 4 * 2 * 24
+        for name in ("Gq", "Go", "Gv", "h2", "H"):
+            torch.testing.assert_close(getattr(f, name), getattr(p, name), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(getattr(f.val, name), getattr(h, name), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.diagonal(p.H), p.h2, rtol=1e-10, atol=1e-12)  # H's diagonal is E[h²]
+
+
+def test_sequential_original_statistics_equal_the_whole_model_pass(random_models):
+    model, arch = _load(random_models["qwen2-bias"])
+    batches = _batches()
+    ref = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+    got = {}
+    sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                         lambda i, st: got.setdefault(i, st) and None, mode="original")
+    assert sorted(got) == list(range(arch.num_layers))
+    for i, r in enumerate(ref):
+        for name in ("Gq", "Gk", "Gv", "Go", "x2", "h2"):
+            torch.testing.assert_close(getattr(got[i], name), getattr(r, name), rtol=1e-6, atol=1e-9)
+    hidden, kwargs = capture_first_layer_inputs(model, batches[:1])
+    assert hidden[0].shape == (2, 24, arch.hidden_size) and "position_embeddings" in kwargs[0]
+
+
+def test_propagated_statistics_follow_the_compressed_layers(random_models):
+    """Layer 0 is solved identically in both modes; layer 1's statistics are those of the dense layer 1 fed
+    by the COMPRESSED layer 0 (checked on E[v vᵀ] against an explicit computation)."""
+    from a3_serve.export.pipeline import _a3_layer
+
+    model, arch = _load(random_models["llama3-gqa"])
+    plan = plan_dims(model_shape(arch), 0.3)
+    cfg = _compressed_config(read_config(random_models["llama3-gqa"]), arch, plan, {}, torch.float32)
+    batches = _batches()
+    dims = (plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size)
+    methods = RECIPES["paper"][0]
+    orig, _ = compress_model(model, None, arch, *dims, methods, batches=batches, stats_mode="original")
+    prop, _ = compress_model(model, None, arch, *dims, methods, batches=batches, stats_mode="propagated", a3_config=cfg)
+    for k in (k for k in orig if k.startswith("model.layers.0.")):
+        torch.testing.assert_close(prop[k], orig[k])
+    l1 = [k for k in orig if k.startswith("model.layers.1.") and orig[k].is_floating_point() and "layernorm" not in k]
+    assert any((prop[k] - orig[k]).abs().max() > 1e-4 for k in l1)
+
+    hkv, dh = arch.num_kv_heads, arch.head_dim
+    comp0, dense1 = _a3_layer(model, cfg, 0, prop), model.model.layers[1]
+    hidden, kwargs = capture_first_layer_inputs(model, batches)
+    with torch.no_grad():
+        V = torch.cat([dense1.self_attn.v_proj(dense1.input_layernorm(comp0(x, **kw))).double().reshape(-1, hkv, dh)
+                       for x, kw in zip(hidden, kwargs)])
+    Gv_ref = torch.einsum("njc,njd->jcd", V, V) / V.shape[0]
+    seen, dense_seen = {}, {}
+    sequential_calibrate(model, batches, arch.num_heads, hkv, dh,
+                         lambda i, st: (seen.__setitem__(i, st), _a3_layer(model, cfg, i, prop))[1], mode="propagated")
+    sequential_calibrate(model, batches, arch.num_heads, hkv, dh, lambda i, st: dense_seen.__setitem__(i, st), mode="original")
+    torch.testing.assert_close(seen[1].Gv, Gv_ref, rtol=1e-6, atol=1e-9)
+    assert (seen[1].Gv - dense_seen[1].Gv).abs().max() > 1e-4
+    torch.testing.assert_close(seen[0].Gv, dense_seen[0].Gv)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in ("wanda", "weight-norm")])
+def test_every_recipe_exports_a_working_checkpoint(recipe, random_models, tmp_path):
+    src = random_models["llama3-gqa"]
+    out = tmp_path / recipe
+    methods = RECIPES[recipe][0]
+    rep = run_export(ExportOptions(model=src, out=out, cr=0.3, nsamples=16, seqlen=32, batch_size=2, device="cpu",
+                                   dtype="float32", methods=methods, recipe=recipe), progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["a3"]["recipe"] == recipe and cfg["a3"]["methods"] == methods.as_dict() and rep["recipe"] == recipe
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert torch.isfinite(model(input_ids=_batches(n=1, b=1)[0]).logits).all()
+    layer = rep["layers"][1]
+    if methods.ov == "a3-shrink":  # 16 samples / batch 2 = 8 batches: one held-out batch chose β per value head
+        assert len(layer["ov"]["shrinkage"]) == arch_kv(src) and all(0 <= b <= 1 for b in layer["ov"]["shrinkage"])
+    if methods.mlp in ("a3-refit", "greedy-refit"):
+        assert layer["mlp"]["refit_gain"] >= 1.0 and (layer["mlp"]["ridge"] is None or layer["mlp"]["ridge"] > 0)
+
+
+def arch_kv(folder: Path) -> int:
+    return inspect_architecture(read_config(folder)).num_kv_heads
+
+
+def test_refit_lowers_the_real_mlp_output_error(demo_model):
+    """On SmolLM2's real activations, the least-squares refit of down_proj lowers the MLP output error on
+    calibration batches it was NOT fitted on (the ridge is chosen on a held-out fold)."""
+    from a3_serve.calibration.sources import load_texts, sample_calibration
+    from a3_serve.export.solve import layer_tensors, solve_mlp
+    from a3_serve.solvers.mlp import mlp_objective, mlp_scores, select_neurons
+    from transformers import AutoTokenizer
+
+    model, arch = _load(demo_model)
+    tok = AutoTokenizer.from_pretrained(str(demo_model))
+    model.model.layers = model.model.layers[:4]
+    ids = sample_calibration(tok, load_texts("wiki"), 80, 256, 0)
+    fit = collect_stats(model, list(ids[:64].split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                        request=StatsRequest(mlp_moment=True, heldout_every=8))
+    test = collect_stats(model, list(ids[64:].split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                         request=StatsRequest(mlp_moment=True))
+    for i in (1, 3):
+        w = layer_tensors(model.model.layers[i])
+        plain, _ = solve_mlp(w, fit[i], 1200, "a3")
+        refit, rep = solve_mlp(w, fit[i], 1200, "a3-refit")
+        assert torch.equal(plain["gate_w"], refit["gate_w"])  # same neurons, only down_proj is refitted
+        sel = select_neurons(mlp_scores("a3", fit[i].h2, None, None, w["down_w"]), 1200)
+        torch.testing.assert_close(plain["down_w"], w["down_w"][:, sel])
+        e_plain = mlp_objective(test[i].H, w["down_w"], sel, plain["down_w"])
+        e_refit = mlp_objective(test[i].H, w["down_w"], sel, refit["down_w"])
+        assert e_refit < 0.9 * e_plain, (i, e_plain, e_refit, rep)
+
+
+def test_default_recipe_and_cli_record_it(random_models, tmp_path, capsys):
+    from a3_serve.export.cli import main
+
+    assert DEFAULT_RECIPE in RECIPES and ExportOptions(model=Path("m"), out=Path("o"), cr=0.1).methods == RECIPES[DEFAULT_RECIPE][0]
+    src = random_models["llama2-mha"]
+    for args, recipe in ((["--recipe", "paper"], "paper"), (["--recipe", "paper", "--mlp-method", "rxx"], "custom")):
+        out = tmp_path / recipe
+        rc = main(["--model", str(src), "--cr", "0.2", "--out", str(out), "--nsamples", "4", "--seqlen", "32", "--quiet", *args])
+        assert rc == 0
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["a3"]["recipe"] == recipe
+    assert cfg["a3"]["methods"] == {"qk": "a3", "ov": "a3", "mlp": "rxx"}
