@@ -24,6 +24,8 @@ from a3_serve.export.sequential import capture_first_layer_inputs, sequential_ca
 from a3_serve.runtime import read_config
 from a3_serve.solvers.budget import plan_dims
 
+from conftest import assert_one_line_error
+
 
 def _load(folder: Path):
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -196,10 +198,21 @@ def test_default_recipe_and_cli_record_it(random_models, tmp_path, capsys):
 
     assert DEFAULT_RECIPE in RECIPES and ExportOptions(model=Path("m"), out=Path("o"), cr=0.1).methods == RECIPES[DEFAULT_RECIPE][0]
     src = random_models["llama2-mha"]
-    for args, recipe in ((["--recipe", "paper"], "paper"), (["--recipe", "paper", "--mlp-method", "rxx"], "custom")):
-        out = tmp_path / recipe
-        rc = main(["--model", str(src), "--cr", "0.2", "--out", str(out), "--nsamples", "4", "--seqlen", "32", "--quiet", *args])
+    runs = ((["--recipe", "paper"], "paper", "original"), (["--recipe", "paper", "--mlp-method", "rxx"], "custom", "original"),
+            (["--stats", "propagated"], DEFAULT_RECIPE, "propagated"))
+    for args, recipe, stats in runs:
+        out = tmp_path / f"{recipe}-{stats}"
+        rc = main(["--model", str(src), "--cr", "0.2", "--out", str(out), "--nsamples", "8", "--seqlen", "32",
+                   "--batch-size", "1", "--quiet", *args])
         assert rc == 0
         cfg = json.loads((out / "config.json").read_text())
-        assert cfg["a3"]["recipe"] == recipe
-    assert cfg["a3"]["methods"] == {"qk": "a3", "ov": "a3", "mlp": "rxx"}
+        assert cfg["a3"]["recipe"] == recipe and cfg["a3"]["calibration"]["statistics"] == stats
+        if recipe == "custom":
+            assert cfg["a3"]["methods"] == {"qk": "a3", "ov": "a3", "mlp": "rxx"}
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+        assert torch.isfinite(model(input_ids=_batches(n=1, b=1)[0]).logits).all()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(src), "--cr", "0.2", "--out", str(tmp_path / "x"), "--stats", "sideways"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+    assert_one_line_error(2, capsys.readouterr().err, "--stats")

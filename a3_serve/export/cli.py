@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: 2048, the paper's; see 'cost' below)")
     cal.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows (default: 0)")
     cal.add_argument("--batch-size", type=int, default=4, help="sequences per calibration forward pass (default: 4)")
+    cal.add_argument("--stats", default="original", choices=["original", "propagated"],
+                     help="where each layer's statistics come from: 'original' = the dense model's activations at every layer "
+                          "(the paper; one pass for all layers), 'propagated' = activations that went through the already-compressed "
+                          "earlier layers (layer by layer; about twice the calibration compute; default: original)")
 
     run = p.add_argument_group("compute")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
@@ -114,7 +118,8 @@ def format_summary(report: dict) -> str:
         f"x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB",
         f"  CR          target {s['target_cr']:.3f}, achieved {s['achieved_cr']:.4f}",
         f"  methods     recipe {report.get('recipe', 'custom')}: qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']}; components {','.join(s['components'])}",
-        f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from {report['calibration']['description']}",
+        f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from {report['calibration']['description']}"
+        f" ({report['calibration'].get('statistics', 'original')} statistics)",
         f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write + verify{' + eval' if report.get('quality') else ''} {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",
     ]
     q = report.get("quality")
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device,
             dtype=args.dtype, save_dtype=args.save_dtype, head_multiple=args.head_multiple,
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-            methods=_methods(args), recipe=args.recipe, damp=args.damp,
+            methods=_methods(args), recipe=args.recipe, damp=args.damp, stats=args.stats,
             overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
             verify=not args.no_verify,
         )

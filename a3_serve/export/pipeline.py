@@ -31,6 +31,7 @@ log = logging.getLogger("a3_serve.export")
 
 FORMAT_VERSION = 1
 COMPONENTS = ("qk", "ov", "mlp")
+STATS_MODES = ("original", "propagated")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,6 +60,7 @@ class ExportOptions:
     eval_data: str = "wiki:heldout"
     eval_tokens: int = 0
     eval_seqlen: int = 512
+    stats: str = "original"  # "original" (the paper) or "propagated" (through the compressed earlier layers)
     verify: bool = True  # load the written folder and run a forward pass before it is renamed into place
     allow_zero_cr: bool = False  # Python API only: CR 0 runs the whole pipeline without removing anything
 
@@ -88,6 +90,8 @@ def validate_options(opts: ExportOptions) -> None:
         raise InputError(f"--save-dtype {opts.save_dtype!r} is not supported; use auto, float32, bfloat16 or float16")
     if opts.eval_tokens < 0:
         raise InputError(f"--eval-tokens must be >= 0, got {opts.eval_tokens}")
+    if opts.stats not in STATS_MODES:
+        raise InputError(f"--stats {opts.stats!r} is unknown; use original (the paper) or propagated")
     if opts.damp <= 0:
         raise InputError(f"--damp must be > 0, got {opts.damp:g}; the default 1e-6 is a good start")
 
@@ -305,21 +309,29 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     _check_weights_finite(model)
     t_load = time.perf_counter() - t0
 
-    # calibration statistics (original model, every layer at once)
-    t0 = time.perf_counter()
     batches = list(tokens.split(opts.batch_size))
-    with progress_bar(total=opts.nsamples, desc="calibrating", unit="seq", force=None if progress else False) as bar:
-        stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, progress=bar.update,
-                              request=opts.methods.stats_request())
-    t_calib = time.perf_counter() - t0
-
-    # solve layer by layer
-    t0 = time.perf_counter()
     src_state = model.state_dict()
-    new_state, layer_reports = compress_model(
-        model, stats, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.methods, opts.damp, progress=progress,
-    )
-    t_solve = time.perf_counter() - t0
+    dims = (plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size)
+    stats = None
+    if opts.stats == "original":
+        # calibration statistics (original model, every layer at once), then solve layer by layer
+        t0 = time.perf_counter()
+        with progress_bar(total=opts.nsamples, desc="calibrating", unit="seq", force=None if progress else False) as bar:
+            stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, progress=bar.update,
+                                  request=opts.methods.stats_request())
+        t_calib = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        new_state, layer_reports = compress_model(model, stats, arch, *dims, opts.methods, opts.damp, progress=progress)
+        t_solve = time.perf_counter() - t0
+    else:
+        # one layer at a time, each calibrated on the output of the already-compressed layers before it
+        t0 = time.perf_counter()
+        new_state, layer_reports = compress_model(
+            model, None, arch, *dims, opts.methods, opts.damp, progress=progress, batches=batches, stats_mode="propagated",
+            a3_config=_compressed_config(src_cfg, arch, plan, {}, dtype),
+        )
+        t_solve = sum(r["seconds"] for r in layer_reports)
+        t_calib = time.perf_counter() - t0 - t_solve
 
     # save dtype: the source checkpoint's unless asked otherwise
     if opts.save_dtype == "auto":
@@ -355,7 +367,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "notes": list(plan.notes),
     }
     calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc, "nsamples": opts.nsamples,
-                   "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel())}
+                   "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel()), "statistics": opts.stats}
     a3_block = {
         "format_version": FORMAT_VERSION,
         "a3_serve_version": a3_serve.__version__,
