@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import a3_serve  # noqa: F401  (registers a3_llama with the Auto classes)
 from a3_serve.export.pipeline import ExportOptions, run_export
+from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
 from a3_serve.export.solve import Methods
 from transformers import AutoModelForCausalLM
 
@@ -60,7 +61,8 @@ def test_compressed_checkpoint_contract(demo_model, tmp_path):
     assert cfg["architectures"] == ["A3LlamaForCausalLM"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_a3_llama.A3LlamaForCausalLM"
     a3 = cfg["a3"]
-    assert a3["methods"] == {"qk": "a3", "ov": "a3", "mlp": "a3"} and a3["calibration"]["nsamples"] == 8
+    assert a3["recipe"] == DEFAULT_RECIPE and a3["methods"] == RECIPES[DEFAULT_RECIPE][0].as_dict()
+    assert a3["calibration"]["nsamples"] == 8 and a3["calibration"]["statistics"] == "original"
     for f in ("modeling_a3_llama.py", "configuration_a3_llama.py", "README.md", "a3_report.json", "tokenizer.json", "model.safetensors"):
         assert (out / f).is_file(), f
     report = json.loads((out / "a3_report.json").read_text())

@@ -216,3 +216,35 @@ def test_default_recipe_and_cli_record_it(random_models, tmp_path, capsys):
         main(["--model", str(src), "--cr", "0.2", "--out", str(tmp_path / "x"), "--stats", "sideways"])
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
     assert_one_line_error(2, capsys.readouterr().err, "--stats")
+
+
+def test_per_layer_dims_export_and_load(random_models, tmp_path):
+    """Explicit per-layer sizes (what a loss-aware allocation produces) reach config.json as lists, every layer's
+    tensors have its own shapes, the checkpoint loads through the Auto classes, and equal per-layer sizes give
+    exactly the uniform export."""
+    from safetensors.torch import load_file
+
+    src = random_models["llama3-gqa"]
+    common = dict(model=src, cr=0.3, nsamples=4, seqlen=32, batch_size=2, device="cpu", dtype="float32",
+                  methods=RECIPES["paper"][0], recipe="paper")
+    mixed = ((64, 64, 300), (32, 32, 512))
+    rep = run_export(ExportOptions(out=tmp_path / "mixed", layer_dims=mixed, **common), progress=False)
+    cfg = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert cfg["layer_qk_head_dims"] == [64, 32] and cfg["layer_v_head_dims"] == [64, 32]
+    assert cfg["layer_intermediate_sizes"] == [300, 512] and rep["summary"]["layer_dims"] == [list(t) for t in mixed]
+    shape = model_shape(inspect_architecture(read_config(src)))
+    assert rep["summary"]["linear_params_after"] == sum(shape.layer_linear_params(*t) for t in mixed)
+    assert rep["summary"]["kv_bytes_per_token_after"] == shape.num_kv_heads * (128 + 64) * 4  # float32 checkpoint
+    t = load_file(str(tmp_path / "mixed" / "model.safetensors"))
+    assert t["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2 * 64 and t["model.layers.1.self_attn.k_proj.weight"].shape[0] == 2 * 32
+    assert t["model.layers.0.mlp.down_proj.weight"].shape[1] == 300 and t["model.layers.1.self_attn.rope_freq_index"].shape == (2, 16)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mixed"), dtype=torch.float32)
+    assert torch.isfinite(model(input_ids=_batches(n=1, b=1)[0]).logits).all()
+
+    run_export(ExportOptions(out=tmp_path / "same", layer_dims=((48, 48, 400),) * 2, **common), progress=False)
+    run_export(ExportOptions(out=tmp_path / "uniform", **common), progress=False)
+    ucfg = json.loads((tmp_path / "uniform" / "config.json").read_text())
+    assert (ucfg["qk_head_dim"], ucfg["intermediate_size"], ucfg["layer_qk_head_dims"]) == (32, 409, None)  # uniform plan, CR 0.3
+    same = load_file(str(tmp_path / "same" / "model.safetensors"))
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["layer_qk_head_dims"] is None
+    assert same["model.layers.1.self_attn.q_proj.weight"].shape == (4 * 48, 256)

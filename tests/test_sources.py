@@ -95,7 +95,7 @@ def test_missing_and_empty_sources(tmp_path):
     empty.write_text("\n\n   \n")
     with pytest.raises(CalibrationError, match="contains no text"):
         load_texts(str(empty))
-    with pytest.raises(InputError, match="applies only to 'wiki' and 'hf:'"):
+    with pytest.raises(InputError, match="applies only to built-in"):
         load_texts(str(empty), "heldout")
 
 

@@ -50,12 +50,15 @@ PROMPTS = [
     "specialised cells contain many chloroplasts. In the first stage, light energy is absorbed and used to split "
     "water molecules; in the second stage, the energy stored in ATP and NADPH is used to",
 ]
-PARITY = ["smol-cr0.1", "smol-cr0.2", "mha", "gqa", "bias"]
+PARITY = ["smol-cr0.1", "smol-cr0.2", "mha", "gqa", "bias", "smol-per-layer"]
+# per-layer sizes (what a loss-aware allocation writes): even layers keep 64-dim heads and lose MLP width, odd
+# layers keep the MLP and get 32-dim heads; K = V per layer, multiples of 16 (vLLM's CPU attention)
+PER_LAYER = tuple((64, 64, 1280) if i % 2 == 0 else (32, 32, 1536) for i in range(30))
 
 
-def _export(model: Path, out: Path, cr: float) -> Path:
+def _export(model: Path, out: Path, cr: float, **kw) -> Path:
     run_export(ExportOptions(model=model, out=out, cr=cr, nsamples=4, seqlen=128, batch_size=4, device="cpu",
-                             dtype="float32", allow_zero_cr=(cr == 0)), progress=False)
+                             dtype="float32", allow_zero_cr=(cr == 0), **kw), progress=False)
     return out
 
 
@@ -103,6 +106,7 @@ def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01) -> dict[str
         "mha": _export(random_models["llama2-mha"], root / "mha", 0.2),
         "gqa": _export(random_models["llama3-gqa"], root / "gqa", 0.2),  # GQA + llama3 rope scaling
         "bias": _export(random_models["qwen2-bias"], root / "bias", 0.2),  # q/k/v bias
+        "smol-per-layer": _export(demo_model, root / "smol-per-layer", 0.0, layer_dims=PER_LAYER),
         "dense": demo_model,
     }
     c["rotated-index"] = _edit_tensors(c["smol-cr0.1"], root / "rotated-index", _rotate_index)
@@ -221,6 +225,17 @@ def test_kv_cache_capacity_scales_with_head_size(ckpts, vllm_results):
         assert comp["block_size"] == dense["block_size"]
         expected = dense["num_blocks"] * ratio
         assert abs(comp["num_blocks"] - expected) <= 1, (name, comp["num_blocks"], dense["num_blocks"], ratio)
+
+
+def test_kv_cache_capacity_with_per_layer_head_sizes(ckpts, vllm_results):
+    """Per-layer head sizes share one KV-cache group in vLLM (one spec per layer, pages of each layer's size): at
+    the same cache memory the engine's block count scales as L·d_h / Σ_l r_l (here 30·64 / (15·64 + 15·32))."""
+    cfg = json.loads((ckpts["smol-per-layer"] / "config.json").read_text())
+    assert cfg["layer_qk_head_dims"] == [t[0] for t in PER_LAYER]
+    dense, comp = vllm_results["dense"], vllm_results["smol-per-layer"]
+    assert "error" not in comp, comp.get("error")
+    ratio = len(PER_LAYER) * cfg["head_dim"] / sum(t[0] for t in PER_LAYER)
+    assert abs(comp["num_blocks"] - dense["num_blocks"] * ratio) <= 1, (comp["num_blocks"], dense["num_blocks"], ratio)
 
 
 @pytest.mark.parametrize("name, needles", [

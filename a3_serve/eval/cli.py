@@ -38,6 +38,7 @@ speed: a 135M-parameter model scores about 400 tokens/s in float32 on a 2-core C
 
 DATA_HELP = (
     "evaluation text: 'wiki' (built-in Wikipedia lead paragraphs; default, split heldout), 'wiki:heldout', "
+    "'austen' (built-in Jane Austen novels, split heldout: Persuasion and Northanger Abbey), "
     "a .txt file (documents separated by blank lines), a .jsonl file (field 'text', or FILE.jsonl:FIELD), "
     "a folder of .txt files, or hf:NAME[:CONFIG][:SPLIT] (needs the 'datasets' package and network)"
 )
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = pp.add_argument_group("evaluation text")
     g.add_argument("--data", default="wiki", metavar="SOURCE", help=DATA_HELP)
     g.add_argument("--split", default=None, metavar="SPLIT",
-                   help="split of 'wiki' (calibration or heldout; default heldout) or of an hf: dataset; "
+                   help="split of 'wiki' or 'austen' (calibration or heldout; default heldout) or of an hf: dataset; "
                         "not allowed for files and folders")
     g.add_argument("--seqlen", type=int, default=512, metavar="N",
                    help="tokens per window; each window is scored on its own (default: 512)")

@@ -174,8 +174,10 @@ def check_calibration_overlap(config: dict[str, Any], data: str, split: Optional
 
 
 def default_split(data: str) -> Optional[str]:
-    """The evaluation split used when none is given: ``heldout`` for the built-in wiki corpus."""
-    return "heldout" if data.strip() == "wiki" else None
+    """The evaluation split used when none is given: ``heldout`` for the built-in corpora (``wiki``, ``austen``)."""
+    from a3_serve.calibration.sources import BUILTIN_CORPORA
+
+    return "heldout" if data.strip() in BUILTIN_CORPORA else None
 
 
 def evaluate_folder(model_dir: Union[str, Path], data: str = "wiki", split: Optional[str] = None, seqlen: int = 512,

@@ -12,7 +12,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
 from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, PROJECTIONS, QK_METHODS, Methods, layer_tensors, solve_layer
 from a3_serve.export.writer import check_destination, write_checkpoint
 from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
-from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims
+from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims, plan_per_layer
 
 log = logging.getLogger("a3_serve.export")
 
@@ -60,6 +60,7 @@ class ExportOptions:
     eval_data: str = "wiki:heldout"
     eval_tokens: int = 0
     eval_seqlen: int = 512
+    layer_dims: tuple | None = None  # Python API: explicit per-layer (r_qk, r_vo, r_int), overriding cr
     stats: str = "original"  # "original" (the paper) or "propagated" (through the compressed earlier layers)
     verify: bool = True  # load the written folder and run a forward pass before it is renamed into place
     allow_zero_cr: bool = False  # Python API only: CR 0 runs the whole pipeline without removing anything
@@ -67,7 +68,7 @@ class ExportOptions:
 
 def validate_options(opts: ExportOptions) -> None:
     """One-line errors for option values that can never work."""
-    lo_ok = opts.cr >= 0 if opts.allow_zero_cr else opts.cr > 0
+    lo_ok = opts.cr >= 0 if (opts.allow_zero_cr or opts.layer_dims is not None) else opts.cr > 0
     if not (lo_ok and opts.cr < 1):
         raise InputError(
             f"--cr must be between 0 and 1 (exclusive), got {opts.cr:g}; e.g. --cr 0.1 removes 10% of the decoder's linear-layer parameters"
@@ -126,6 +127,9 @@ def _compressed_config(src_cfg: dict[str, Any], arch: SourceArch, plan: DimPlan,
         qk_head_dim=plan.qk_head_dim,
         v_head_dim=plan.v_head_dim,
         intermediate_size=plan.intermediate_size,
+        layer_qk_head_dims=[t[0] for t in plan.layers] if plan.layers else None,
+        layer_v_head_dims=[t[1] for t in plan.layers] if plan.layers else None,
+        layer_intermediate_sizes=[t[2] for t in plan.layers] if plan.layers else None,
         num_key_value_heads=arch.num_kv_heads,
         qkv_bias=arch.qkv_bias,
         o_bias=arch.o_bias,
@@ -196,9 +200,9 @@ def compress_model(
     model: torch.nn.Module,
     stats: list | None,
     arch: SourceArch,
-    r_qk: int,
-    r_vo: int,
-    r_int: int,
+    r_qk: int | Sequence[int],
+    r_vo: int | Sequence[int],
+    r_int: int | Sequence[int],
     methods: Methods,
     damp: float = 1e-6,
     progress: bool = False,
@@ -208,6 +212,7 @@ def compress_model(
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Solve every layer of a loaded dense model; returns (compressed state dict, per-layer reports).
 
+    ``r_qk``/``r_vo``/``r_int`` are one size for every layer or one per layer.
     With ``stats`` (one LayerStats per layer, from :func:`collect_stats`), every layer is solved from those
     original-model statistics. With ``stats=None``, ``batches`` of calibration tokens are run layer by layer
     (:mod:`a3_serve.export.sequential`) in ``stats_mode`` ``"original"`` or ``"propagated"`` (the latter needs
@@ -223,11 +228,13 @@ def compress_model(
     new_state: dict[str, torch.Tensor] = {}
     reports = []
     layers = model.model.layers
+    per_layer = [r if isinstance(r, (list, tuple)) else [r] * len(layers) for r in (r_qk, r_vo, r_int)]
+    dims_of = lambda i: (per_layer[0][i], per_layer[1][i], per_layer[2][i])  # noqa: E731
     desc = "solving" if stats is not None else f"calibrating + solving ({stats_mode} statistics)"
     with progress_bar(total=arch.num_layers, desc=desc, unit="layer", force=None if progress else False) as bar:
         if stats is not None:
             for i, layer in enumerate(layers):
-                reports.append(_solve_layer_into(new_state, layer, i, stats[i], arch, r_qk, r_vo, r_int, methods, damp))
+                reports.append(_solve_layer_into(new_state, layer, i, stats[i], arch, *dims_of(i), methods, damp))
                 bar.update(1)
         else:
             if batches is None:
@@ -236,7 +243,7 @@ def compress_model(
                 raise ValueError("propagated statistics need the compressed config (a3_config)")
 
             def solve_fn(i: int, st) -> torch.nn.Module | None:
-                reports.append(_solve_layer_into(new_state, layers[i], i, st, arch, r_qk, r_vo, r_int, methods, damp))
+                reports.append(_solve_layer_into(new_state, layers[i], i, st, arch, *dims_of(i), methods, damp))
                 return _a3_layer(model, a3_config, i, new_state) if stats_mode == "propagated" else None
 
             sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, solve_fn,
@@ -278,7 +285,10 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     src_cfg = read_config(opts.model)
     arch = inspect_architecture(src_cfg)
     shape = model_shape(arch)
-    plan = plan_dims(shape, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple)
+    if opts.layer_dims is not None:
+        plan = plan_per_layer(shape, opts.layer_dims, head_multiple=opts.head_multiple)
+    else:
+        plan = plan_dims(shape, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple)
     check_destination(Path(opts.out), opts.overwrite, Path(opts.model))
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -311,9 +321,9 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
 
     batches = list(tokens.split(opts.batch_size))
     src_state = model.state_dict()
-    dims = (plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size)
+    dims = tuple(list(x) for x in zip(*(plan.layer_dims(i) for i in range(arch.num_layers))))  # per-layer r_qk, r_vo, r_int
     stats = None
-    if opts.stats == "original":
+    if opts.stats == "original" and not opts.methods.stats_request().mlp_moment:
         # calibration statistics (original model, every layer at once), then solve layer by layer
         t0 = time.perf_counter()
         with progress_bar(total=opts.nsamples, desc="calibrating", unit="seq", force=None if progress else False) as bar:
@@ -324,10 +334,11 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         new_state, layer_reports = compress_model(model, stats, arch, *dims, opts.methods, opts.damp, progress=progress)
         t_solve = time.perf_counter() - t0
     else:
-        # one layer at a time, each calibrated on the output of the already-compressed layers before it
+        # one layer at a time over cached hidden states: needed for propagated statistics, and bounds memory when a
+        # method needs the d_int x d_int MLP moment (one layer's statistics alive at a time, not all of them)
         t0 = time.perf_counter()
         new_state, layer_reports = compress_model(
-            model, None, arch, *dims, opts.methods, opts.damp, progress=progress, batches=batches, stats_mode="propagated",
+            model, None, arch, *dims, opts.methods, opts.damp, progress=progress, batches=batches, stats_mode=opts.stats,
             a3_config=_compressed_config(src_cfg, arch, plan, {}, dtype),
         )
         t_solve = sum(r["seconds"] for r in layer_reports)
@@ -358,13 +369,14 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "intermediate_size": arch.intermediate_size,
         "new_intermediate_size": plan.intermediate_size,
         "linear_params_before": shape.linear_params(arch.head_dim, arch.head_dim, arch.intermediate_size),
-        "linear_params_after": shape.linear_params(plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size),
+        "linear_params_after": plan.linear_params(shape),
         "params_before": params_before,
         "params_after": params_after,
         "kv_dtype": dtype_name(save_dtype),
         "kv_bytes_per_token_before": shape.kv_bytes_per_token(arch.head_dim, arch.head_dim, bpe),
-        "kv_bytes_per_token_after": shape.kv_bytes_per_token(plan.qk_head_dim, plan.v_head_dim, bpe),
+        "kv_bytes_per_token_after": plan.kv_bytes_per_token(shape, bpe),
         "notes": list(plan.notes),
+        "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
     }
     calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc, "nsamples": opts.nsamples,
                    "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel()), "statistics": opts.stats}

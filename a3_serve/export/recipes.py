@@ -13,8 +13,9 @@ from a3_serve.export.solve import HELDOUT_EVERY, Methods
 #: name -> (methods, one-line description)
 RECIPES: dict[str, tuple[Methods, str]] = {
     "paper": (Methods("a3", "a3", "a3"), "A3 as published: paper pair score, xkv/axkv OV closed form, rxx-w MLP selection"),
-    "best": (Methods("energy", "a3-shrink", "greedy-refit"),
-             "exact RoPE pair energy, shrunk group-averaged OV moment, greedy MLP selection + least-squares refit"),
+    "best": (Methods("energy", "a3-shrink", "a3-refit"),
+             "exact RoPE pair energy, shrunk group-averaged OV moment, MLP least-squares refit where it helps on held-out "
+             "calibration batches"),
     "paper+energy": (Methods("energy", "a3", "a3"), "paper, with the exact all-pairs RoPE energy score"),
     "paper+energy-causal": (Methods("energy-causal", "a3", "a3"), "paper, with the causal RoPE energy score"),
     "paper+ov-avg": (Methods("a3", "a3-avg", "a3"), "paper, with the group-averaged attention-weighted OV moment"),

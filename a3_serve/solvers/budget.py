@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from a3_serve.errors import BudgetError, InputError
 
-__all__ = ["COMPONENTS", "ModelShape", "DimPlan", "plan_dims"]
+__all__ = ["COMPONENTS", "ModelShape", "DimPlan", "plan_dims", "plan_per_layer"]
 
 COMPONENTS = ("qk", "ov", "mlp")
 
@@ -91,6 +91,22 @@ class DimPlan:
     achieved_cr: float
     components: tuple[str, ...]
     notes: list[str] = field(default_factory=list)
+    #: per-layer ``(r_qk, r_vo, r_int)`` when layers differ (then the scalar fields hold the maxima); None: uniform
+    layers: tuple[tuple[int, int, int], ...] | None = None
+
+    def layer_dims(self, i: int) -> tuple[int, int, int]:
+        """``(r_qk, r_vo, r_int)`` of layer ``i``."""
+        if self.layers is not None:
+            return self.layers[i]
+        return (self.qk_head_dim, self.v_head_dim, self.intermediate_size)
+
+    def linear_params(self, shape: ModelShape) -> int:
+        """Decoder linear-layer parameters of the planned model."""
+        return sum(shape.layer_linear_params(*self.layer_dims(i)) for i in range(shape.num_layers))
+
+    def kv_bytes_per_token(self, shape: ModelShape, bytes_per_elem: int = 2) -> int:
+        """KV-cache bytes per token of the planned model: ``Σ_l h_kv·(r_qk,l + r_vo,l)·bytes_per_elem``."""
+        return sum(shape.num_kv_heads * (a + b) * bytes_per_elem for a, b, _ in map(self.layer_dims, range(shape.num_layers)))
 
 
 def _normalise_components(components) -> tuple[str, ...]:
@@ -214,3 +230,33 @@ def plan_dims(
         )
     notes.append(f"each selected component is cut by {cr_f:g}; the MLP width is not re-solved (not all components compressed)")
     return plan(r_qk, r_vo, r_int)
+
+
+def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, target_cr: float | None = None) -> DimPlan:
+    """A plan from explicit per-layer ``(r_qk, r_vo, r_int)`` (e.g. from a loss-aware allocation).
+
+    Each ``r_qk``/``r_vo`` must be a multiple of ``head_multiple`` in ``[head_multiple, d_h]`` and each ``r_int`` in
+    ``[1, d_int]``; otherwise :class:`BudgetError`. ``achieved_cr`` is computed from the sum over layers;
+    ``target_cr`` defaults to it. Layers that are all equal give a uniform plan (``layers=None``).
+    """
+    dims = [tuple(int(v) for v in t) for t in layer_dims]
+    if len(dims) != shape.num_layers or any(len(t) != 3 for t in dims):
+        raise BudgetError(f"per-layer dims need one (r_qk, r_vo, r_int) triple per layer ({shape.num_layers}), got {len(dims)}")
+    for i, (a, b, m) in enumerate(dims):
+        for name, r in (("r_qk", a), ("r_vo", b)):
+            if r % head_multiple or not head_multiple <= r <= shape.head_dim:
+                raise BudgetError(
+                    f"layer {i}: {name} = {r} must be a multiple of {head_multiple} between {head_multiple} and {shape.head_dim}"
+                )
+        if not 1 <= m <= shape.intermediate_size:
+            raise BudgetError(f"layer {i}: r_int = {m} must be between 1 and {shape.intermediate_size}")
+    orig = shape.linear_params()
+    achieved = 1.0 - sum(shape.layer_linear_params(*t) for t in dims) / orig
+    comps = tuple(c for c, k in (("qk", 0), ("ov", 1), ("mlp", 2))
+                  if any(t[k] != (shape.head_dim if k < 2 else shape.intermediate_size) for t in dims)) or COMPONENTS
+    uniform = all(t == dims[0] for t in dims)
+    return DimPlan(
+        qk_head_dim=max(t[0] for t in dims), v_head_dim=max(t[1] for t in dims), intermediate_size=max(t[2] for t in dims),
+        target_cr=achieved if target_cr is None else float(target_cr), achieved_cr=achieved, components=comps,
+        notes=[] if uniform else ["per-layer dims"], layers=None if uniform else tuple(dims),
+    )
