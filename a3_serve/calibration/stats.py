@@ -126,13 +126,34 @@ class _Accumulator:
 
 
 class _Router:
-    """Sends each batch's statistics to the fit or the held-out accumulator of every layer."""
+    """Per-layer fit accumulators and, with a held-out fold, the held-out ones; routes each batch's statistics.
 
-    def __init__(self, fit: list[_Accumulator], val: list[_Accumulator] | None):
-        self.fit, self.val, self.held_out = fit, val, False
+    The fold rule: with ``request.heldout_every = k`` and at least ``k`` batches, batch ``b`` is held out when
+    ``b % k == k − 1``.
+    """
+
+    def __init__(self, n_layers: int, n_batches: int, num_heads: int, num_kv_heads: int, head_dim: int, request: StatsRequest):
+        self.k = request.heldout_every if request.heldout_every and n_batches >= request.heldout_every else 0
+        self.fit = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)]
+        self.val = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)] if self.k else None
+        self.held_out = False
+
+    def start_batch(self, b: int) -> None:
+        self.held_out = bool(self.k) and b % self.k == self.k - 1
 
     def __call__(self, layer_idx: int) -> _Accumulator:
         return (self.val if self.held_out and self.val is not None else self.fit)[layer_idx]
+
+    def finish(self, idx: int, layer_idx: int | None = None) -> LayerStats:
+        """The statistics of accumulator slot ``idx`` (all batches; ``.fit``/``.val`` attached with a fold).
+        ``layer_idx`` names the decoder layer in error messages (default: ``idx``)."""
+        name = idx if layer_idx is None else layer_idx
+        if self.val is None:
+            return self.fit[idx].finish(name)
+        f, v = self.fit[idx].finish(name), self.val[idx].finish(name)
+        merged = LayerStats.merge(f, v)
+        merged.fit, merged.val = f, v
+        return merged
 
 
 def _attach(layer: nn.Module, idx: int, route: _Router, req: StatsRequest, inv_freq: torch.Tensor | None) -> list:
@@ -206,28 +227,17 @@ def collect_stats(
     """
     layers = model.model.layers
     batches = list(batches)
-    fit = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in layers]
-    k = request.heldout_every
-    val = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in layers] if k and len(batches) >= k else None
-    route = _Router(fit, val)
+    route = _Router(len(layers), len(batches), num_heads, num_kv_heads, head_dim, request)
     inv_freq = rope_inv_freq(model) if request.rope_energy else None
     handles = [h for i, layer in enumerate(layers) for h in _attach(layer, i, route, request, inv_freq)]
     device = next(model.parameters()).device
     try:
         for b, batch in enumerate(batches):
-            route.held_out = bool(k) and b % k == k - 1
+            route.start_batch(b)
             model.model(input_ids=batch.to(device), use_cache=False)
             if progress is not None:
                 progress(batch.shape[0])
     finally:
         for h in handles:
             h.remove()
-    if val is None:
-        return [acc.finish(i) for i, acc in enumerate(fit)]
-    out = []
-    for i in range(len(layers)):
-        f, v = fit[i].finish(i), val[i].finish(i)
-        merged = LayerStats.merge(f, v)
-        merged.fit, merged.val = f, v
-        out.append(merged)
-    return out
+    return [route.finish(i) for i in range(len(layers))]

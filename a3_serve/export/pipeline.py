@@ -22,6 +22,7 @@ from a3_serve.errors import InputError, NumericalError
 from a3_serve.export.architectures import SourceArch, inspect_architecture
 from a3_serve.export.card import render_model_card
 from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
+from a3_serve.export.sequential import MODES as STATS_MODES
 from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, PROJECTIONS, QK_METHODS, Methods, layer_tensors, solve_layer
 from a3_serve.export.writer import check_destination, write_checkpoint
 from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
@@ -31,7 +32,6 @@ log = logging.getLogger("a3_serve.export")
 
 FORMAT_VERSION = 1
 COMPONENTS = ("qk", "ov", "mlp")
-STATS_MODES = ("original", "propagated")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from a3_serve.calibration.stats import LayerStats, StatsRequest, _Accumulator, _attach, _Router, rope_inv_freq
+from a3_serve.calibration.stats import LayerStats, StatsRequest, _attach, _Router, rope_inv_freq
 
 MODES = ("original", "propagated")
 
@@ -81,28 +81,19 @@ def sequential_calibrate(
     if mode not in MODES:
         raise ValueError(f"unknown statistics mode {mode!r}; use one of {', '.join(MODES)}")
     hidden, kwargs = capture_first_layer_inputs(model, batches)
-    k = request.heldout_every
     inv_freq = rope_inv_freq(model) if request.rope_energy else None
     for idx, layer in enumerate(model.model.layers):
-        fit = [_Accumulator(num_heads, num_kv_heads, head_dim)]
-        val = [_Accumulator(num_heads, num_kv_heads, head_dim)] if k and len(batches) >= k else None
-        route = _Router(fit, val)
+        route = _Router(1, len(batches), num_heads, num_kv_heads, head_dim, request)  # one layer's slot
         handles = _attach(layer, 0, route, request, inv_freq)
         dense_out = []
         try:
             for b, (x, kw) in enumerate(zip(hidden, kwargs)):
-                route.held_out = bool(k) and b % k == k - 1
+                route.start_batch(b)
                 dense_out.append(_layer_output(layer(x, **kw)))
         finally:
             for h in handles:
                 h.remove()
-        if val is None:
-            stats = fit[0].finish(idx)
-        else:
-            f, v = fit[0].finish(idx), val[0].finish(idx)
-            stats = LayerStats.merge(f, v)
-            stats.fit, stats.val = f, v
-        compressed = solve_fn(idx, stats)
+        compressed = solve_fn(idx, route.finish(0, layer_idx=idx))
         if mode == "propagated":
             if compressed is None:
                 raise ValueError("mode='propagated' needs solve_fn to return the compressed layer")

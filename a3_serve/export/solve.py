@@ -56,6 +56,8 @@ MLP_METHODS = {
 }
 
 
+#: MLP methods that refit down_proj on the kept neurons (they need E[h hᵀ] and a held-out fold)
+REFIT_METHODS = ("a3-refit", "greedy-refit")
 #: fallbacks when the calibration set is too small for a held-out fold
 DEFAULT_SHRINKAGE = 0.3
 DEFAULT_RIDGE = 1e-2
@@ -74,7 +76,7 @@ class Methods:
 
     def stats_request(self) -> StatsRequest:
         """The optional calibration statistics these methods read."""
-        refit = self.mlp in ("a3-refit", "greedy-refit")
+        refit = self.mlp in REFIT_METHODS
         return StatsRequest(
             mlp_moment=refit,
             rope_energy=self.qk in ("energy", "energy-causal"),
@@ -196,28 +198,27 @@ def _choose_shrinkage(st: LayerStats, Wo: torch.Tensor, hkv: int, r: int, eps: f
 def solve_mlp(w: dict, st: LayerStats, r_int: int, method: str) -> tuple[dict, dict]:
     """Keep r_int intermediate neurons; returns (new gate/up/down tensors, report)."""
     d_int = w["down_w"].shape[1]
-    refit = method in ("a3-refit", "greedy-refit") and r_int < d_int  # nothing dropped: nothing to refit
+    refit = method in REFIT_METHODS and r_int < d_int  # nothing dropped: nothing to refit
     report: dict = {}
     if refit and st.H is None:
         raise ValueError(f"MLP method {method!r} needs E[h hᵀ]: collect stats with Methods.stats_request()")
-    score_method = "a3" if method in ("a3-refit", "greedy-refit") else method
+    score_method = "a3" if method in REFIT_METHODS else method
     scores = mlp_solver.mlp_scores(score_method, st.h2, w["gate_w"], w["up_w"], w["down_w"])
     if method == "greedy-refit" and refit:
         keep = mlp_solver.mlp_greedy_select(st.H, w["down_w"], r_int, DEFAULT_RIDGE)
     else:
         keep = mlp_solver.select_neurons(scores, r_int)
     keep = keep.to(w["gate_w"].device)
-    down = w["down_w"][:, keep]
+    plain_down = w["down_w"][:, keep]
+    down = plain_down
     if refit:
         ridge = DEFAULT_RIDGE
         if st.fit is not None and st.val is not None:
             _, ridge, _ = mlp_solver.mlp_choose_ridge(st.fit.H, st.val.H, keep, w["down_w"])
-        if ridge == float("inf"):  # plain selection won on the held-out fold
-            down = w["down_w"][:, keep]
-        else:
+        if ridge != float("inf"):  # inf: plain selection won on the held-out fold
             down = mlp_solver.mlp_refit(st.H, keep, w["down_w"], ridge).to(w["down_w"])
         report["ridge"] = None if ridge == float("inf") else float(ridge)  # None: plain selection kept
-        plain = mlp_solver.mlp_objective(st.H, w["down_w"], keep, w["down_w"][:, keep])
+        plain = mlp_solver.mlp_objective(st.H, w["down_w"], keep, plain_down)
         report["refit_gain"] = plain / max(mlp_solver.mlp_objective(st.H, w["down_w"], keep, down), 1e-300)
     new = {
         "gate_w": w["gate_w"][keep], "up_w": w["up_w"][keep], "down_w": down,
