@@ -28,6 +28,7 @@ import a3_serve
 from a3_serve.calibration.sources import describe_source, eval_windows, load_texts, sample_calibration, sources_overlap
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.eval.ppl import evaluate_ppl
+from a3_serve.export.allocation import allocate_plan
 from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.pipeline import _compressed_config, build_a3_model, compress_model, model_shape
 from a3_serve.export.recipes import RECIPES as NAMED_RECIPES
@@ -136,18 +137,22 @@ def main() -> int:
     for cr, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
         base, _, stats_mode = recipe.partition("@")
         components, methods, _ = RECIPES[base]
-        plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
-        cfg = _compressed_config(src_cfg, arch, plan, {}, torch.float32)
         t0 = time.perf_counter()
-        if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
-            state, _ = compress_model(model, None, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, methods,
-                                      batches=batches, stats_mode=stats_mode, a3_config=cfg)
+        if methods.allocation == "loss":
+            plan = allocate_plan(model, stats, arch, shape, cr, methods, components, args.head_multiple)
         else:
-            state, _ = compress_model(model, stats, arch, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, methods)
+            plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
+        cfg = _compressed_config(src_cfg, arch, plan, {}, torch.float32)
+        dims = [list(x) for x in zip(*(plan.layer_dims(i) for i in range(arch.num_layers)))]  # per-layer r_qk, r_vo, r_int
+        if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
+            state, _ = compress_model(model, None, arch, *dims, methods, batches=batches, stats_mode=stats_mode, a3_config=cfg)
+        else:
+            state, _ = compress_model(model, stats, arch, *dims, methods)
         solve_s = time.perf_counter() - t0
         small = build_a3_model(cfg, state)
         ppl = {spec: evaluate_ppl(small, w, batch_size=args.batch_size, progress=False)["ppl"] for spec, w in windows.items()}
         row = {"cr": cr, "recipe": recipe, "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
+               "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
                "achieved_cr": plan.achieved_cr, "ppl": ppl, "solve_s": solve_s}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -184,8 +189,20 @@ def render_markdown(result: dict, evals: list[str]) -> str:
             if p_ is not None and r["recipe"] != "paper" and p_ > dense[s]:
                 cell += f", {100 * (p_ - v) / (p_ - dense[s]):+.0f}% vs paper"
             cells.append(cell + ")")
-        lines.append(f"| {r['cr']:.1f} | {r['recipe']} | {'/'.join(map(str, r['dims']))} | {r['achieved_cr']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['cr']:.1f} | {r['recipe']} | {_dims_cell(r)} | {r['achieved_cr']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _dims_cell(row: dict) -> str:
+    """'48/48/1459' for uniform dims, 'min-max' ranges over layers for per-layer dims."""
+    layers = row.get("layer_dims")
+    if not layers:
+        return "/".join(map(str, row["dims"]))
+    spans = []
+    for k in range(3):
+        lo, hi = min(t[k] for t in layers), max(t[k] for t in layers)
+        spans.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return "/".join(spans) + " (per layer)"
 
 
 def plot(result: dict, evals: list[str], path: Path) -> None:

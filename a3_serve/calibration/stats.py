@@ -15,6 +15,10 @@ name          shape                   definition (mean over calibration tokens)
 ``H``         ``[d_int, d_int]``      ``E[h hᵀ]`` (only with ``StatsRequest.mlp_moment``; for the least-squares refit)
 ``E_rope``    ``[h_kv, d_h/2]``       exact RoPE pair energy, all (m, t) pairs (``StatsRequest.rope_energy``)
 ``E_rope_c``  ``[h_kv, d_h/2]``       the same over causal pairs t <= m only
+``inv_ms_attn`` ``[]``                ``E[1/ms(h')]``, ``ms`` = mean square over features of the residual stream after
+                                      the attention block (post_attention_layernorm input): the scale that turns an
+                                      attention-output error into the relative error the next RMSNorm sees
+``inv_ms_mlp``  ``[]``                the same after the MLP block (the decoder layer's output)
 ============  ======================  ====================================================
 
 The RoPE energies (A3_METHOD.md 4.4, "exact all-pairs energy") are, per KV group ``j`` and frequency pair
@@ -72,10 +76,12 @@ class LayerStats:
     H: Optional[torch.Tensor] = None
     E_rope: Optional[torch.Tensor] = None
     E_rope_c: Optional[torch.Tensor] = None
+    inv_ms_attn: Optional[torch.Tensor] = None
+    inv_ms_mlp: Optional[torch.Tensor] = None
     fit: Optional["LayerStats"] = None  # the batches not held out (only with a held-out fold)
     val: Optional["LayerStats"] = None  # the held-out batches
 
-    MOMENTS = ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H", "E_rope", "E_rope_c")
+    MOMENTS = ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H", "E_rope", "E_rope_c", "inv_ms_attn", "inv_ms_mlp")
 
     @staticmethod
     def merge(a: "LayerStats", b: "LayerStats") -> "LayerStats":
@@ -106,6 +112,11 @@ class _Accumulator:
 
     def add_square(self, name: str, act: torch.Tensor) -> None:
         self.add(name, act.reshape(-1, act.shape[-1]).to(torch.float64).square().sum(0))
+
+    def add_inverse_mean_square(self, name: str, act: torch.Tensor) -> None:
+        """act [..., d] -> adds Σ_tokens 1 / mean_j(a_j²) (a scalar)."""
+        ms = act.reshape(-1, act.shape[-1]).to(torch.float64).square().mean(-1)
+        self.add(name, (1.0 / ms.clamp_min(1e-30)).sum())
 
     def add_outer(self, name: str, act: torch.Tensor) -> None:
         """act [..., n] -> adds Σ_tokens a aᵀ [n, n]."""
@@ -192,6 +203,10 @@ def _attach(layer: nn.Module, idx: int, route: _Router, req: StatsRequest, inv_f
         attn.v_proj.register_forward_hook(lambda _m, _a, out: route(idx).add_head_moment("Gv", out, hkv)),
         attn.o_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_head_moment("Go", args[0], hq)),
         mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_square("h2", args[0])),
+        layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda _m, args: route(idx).add_inverse_mean_square("inv_ms_attn", args[0])),
+        layer.register_forward_hook(
+            lambda _m, _a, out: route(idx).add_inverse_mean_square("inv_ms_mlp", out[0] if isinstance(out, tuple) else out)),
     ]
     if req.mlp_moment:
         hooks.append(mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_outer("H", args[0])))

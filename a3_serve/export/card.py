@@ -9,6 +9,15 @@ def _fmt_int(n: int | float) -> str:
     return f"{int(n):,}"
 
 
+def _dim_cell(s: dict, k: int, key: str) -> str:
+    """The compressed size, or its range over layers when the layers differ (per-layer dims)."""
+    layers = s.get("layer_dims")
+    if not layers:
+        return str(s[key])
+    lo, hi = min(t[k] for t in layers), max(t[k] for t in layers)
+    return f"{lo} to {hi} (per layer)" if lo != hi else str(lo)
+
+
 def render_model_card(report: dict[str, Any]) -> str:
     """Markdown model card from the export report (the same dict that becomes a3_report.json)."""
     s = report["summary"]
@@ -35,17 +44,20 @@ def render_model_card(report: dict[str, Any]) -> str:
         "",
         "| | dense | compressed |",
         "|---|---|---|",
-        f"| QK head dim | {s['head_dim']} | {s['qk_head_dim']} |",
-        f"| VO head dim | {s['head_dim']} | {s['v_head_dim']} |",
-        f"| MLP width | {s['intermediate_size']} | {s['new_intermediate_size']} |",
+        f"| QK head dim | {s['head_dim']} | {_dim_cell(s, 0, 'qk_head_dim')} |",
+        f"| VO head dim | {s['head_dim']} | {_dim_cell(s, 1, 'v_head_dim')} |",
+        f"| MLP width | {s['intermediate_size']} | {_dim_cell(s, 2, 'new_intermediate_size')} |",
         f"| decoder linear parameters | {_fmt_int(s['linear_params_before'])} | {_fmt_int(s['linear_params_after'])} |",
         f"| all parameters | {_fmt_int(s['params_before'])} | {_fmt_int(s['params_after'])} |",
         f"| KV cache per token ({s['kv_dtype']}) | {_fmt_int(s['kv_bytes_per_token_before'])} B | {_fmt_int(s['kv_bytes_per_token_after'])} B |",
         "",
         f"Target compression ratio {s['target_cr']:.3f}; achieved {s['achieved_cr']:.4f} of the decoder's linear parameters "
-        f"(head sizes rounded down to multiples of {s['head_multiple']}, the MLP width re-solved to meet the budget).",
+        + (f"(per-layer head sizes in multiples of {s['head_multiple']} and MLP widths chosen by loss-aware allocation)."
+           if s.get("layer_dims") else
+           f"(head sizes rounded down to multiples of {s['head_multiple']}, the MLP width re-solved to meet the budget)."),
         "",
-        f"Recipe `{report.get('recipe', 'custom')}`: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`; components compressed: {', '.join(s['components'])}.",
+        f"Recipe `{report.get('recipe', 'custom')}`: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`, budget allocation "
+        f"`{report.get('allocation', 'uniform')}`; components compressed: {', '.join(s['components'])}.",
         f"Calibration: {cal['nsamples']} x {cal['seqlen']} tokens from `{cal['source']}` (seed {cal['seed']}).",
         "",
         "## Quality",

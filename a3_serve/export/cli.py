@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
-from a3_serve.export.solve import MLP_METHODS, OV_METHODS, QK_METHODS, Methods
+from a3_serve.export.solve import ALLOCATIONS, MLP_METHODS, OV_METHODS, QK_METHODS, Methods
 from a3_serve.progress import setup_logging
 from a3_serve.runtime import OneLineArgumentParser, run_cli
 
@@ -43,7 +43,8 @@ good quick setting for small models). bfloat16 is very slow on most CPUs: keep f
 def _methods(args) -> Methods:
     """The recipe's methods with any per-component --*-method override applied."""
     base = RECIPES[args.recipe][0]
-    return Methods(qk=args.qk_method or base.qk, ov=args.ov_method or base.ov, mlp=args.mlp_method or base.mlp)
+    return Methods(qk=args.qk_method or base.qk, ov=args.ov_method or base.ov, mlp=args.mlp_method or base.mlp,
+                   allocation=args.allocation or base.allocation)
 
 
 def _describe(table: dict[str, str]) -> str:
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "which vLLM's CPU backend cannot run)")
     shape.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
                        help=f"named set of per-component methods (default: {DEFAULT_RECIPE}). " + _describe({k: v[1] for k, v in RECIPES.items()}))
+    shape.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
+                       help="override the recipe's budget allocation. " + _describe(ALLOCATIONS))
     shape.add_argument("--qk-method", default=None, choices=list(QK_METHODS), help="override the recipe's QK (RoPE pair selection) score. " + _describe(QK_METHODS))
     shape.add_argument("--ov-method", default=None, choices=list(OV_METHODS), help="override the recipe's OV solver. " + _describe(OV_METHODS))
     shape.add_argument("--mlp-method", default=None, choices=list(MLP_METHODS), help="override the recipe's MLP method. " + _describe(MLP_METHODS))
@@ -106,18 +109,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dims_line(s: dict) -> str:
+    """'QK head 64 -> 48, ...' for uniform dims; ranges over layers for per-layer dims."""
+    layers = s.get("layer_dims")
+    if not layers:
+        return (f"QK head {s['head_dim']} -> {s['qk_head_dim']}, VO head {s['head_dim']} -> {s['v_head_dim']}, "
+                f"MLP {s['intermediate_size']} -> {s['new_intermediate_size']}")
+
+    def span(k: int) -> str:
+        lo, hi = min(t[k] for t in layers), max(t[k] for t in layers)
+        return f"{lo}" if lo == hi else f"{lo}..{hi}"
+
+    return (f"per layer: QK head {s['head_dim']} -> {span(0)}, VO head {s['head_dim']} -> {span(1)}, "
+            f"MLP {s['intermediate_size']} -> {span(2)} (config.json layer_* lists)")
+
+
 def format_summary(report: dict) -> str:
     s = report["summary"]
     t = report["timings"]
     lines = [
         f"A3 export done: {report['output']}",
         f"  source      {report['source']['name']} ({report['source']['architecture']}, {report['source']['attention']})",
-        f"  dims        QK head {s['head_dim']} -> {s['qk_head_dim']}, VO head {s['head_dim']} -> {s['v_head_dim']}, MLP {s['intermediate_size']} -> {s['new_intermediate_size']}",
+        f"  dims        {_dims_line(s)}",
         f"  params      decoder linear {s['linear_params_before']:,} -> {s['linear_params_after']:,}; all {s['params_before']:,} -> {s['params_after']:,}",
         f"  KV cache    {s['kv_bytes_per_token_before']:,} -> {s['kv_bytes_per_token_after']:,} bytes/token ({s['kv_dtype']}), "
         f"x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB",
         f"  CR          target {s['target_cr']:.3f}, achieved {s['achieved_cr']:.4f}",
-        f"  methods     recipe {report.get('recipe', 'custom')}: qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']}; components {','.join(s['components'])}",
+        f"  methods     recipe {report.get('recipe', 'custom')}: qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']} "
+        f"allocation={report.get('allocation', 'uniform')}; components {','.join(s['components'])}",
         f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from {report['calibration']['description']}"
         f" ({report['calibration'].get('statistics', 'original')} statistics)",
         f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write + verify{' + eval' if report.get('quality') else ''} {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",

@@ -17,13 +17,14 @@ from typing import Any, Sequence
 import torch
 
 import a3_serve
-from a3_serve.calibration.stats import collect_stats
+from a3_serve.calibration.stats import StatsRequest, collect_stats
+from a3_serve.export.allocation import allocate_plan
 from a3_serve.errors import InputError, NumericalError
 from a3_serve.export.architectures import SourceArch, inspect_architecture
 from a3_serve.export.card import render_model_card
 from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
 from a3_serve.export.sequential import MODES as STATS_MODES
-from a3_serve.export.solve import LAYER_TENSORS, MLP_METHODS, OV_METHODS, PROJECTIONS, QK_METHODS, Methods, layer_tensors, solve_layer
+from a3_serve.export.solve import ALLOCATIONS, LAYER_TENSORS, MLP_METHODS, OV_METHODS, PROJECTIONS, QK_METHODS, Methods, layer_tensors, solve_layer
 from a3_serve.export.writer import check_destination, write_checkpoint
 from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
 from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims, plan_per_layer
@@ -87,6 +88,8 @@ def validate_options(opts: ExportOptions) -> None:
     for comp, table, value in (("qk", QK_METHODS, opts.methods.qk), ("ov", OV_METHODS, opts.methods.ov), ("mlp", MLP_METHODS, opts.methods.mlp)):
         if value not in table:
             raise InputError(f"--{comp}-method {value!r} is unknown; choose one of {', '.join(table)}")
+    if opts.methods.allocation not in ALLOCATIONS:
+        raise InputError(f"--allocation {opts.methods.allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
     if opts.save_dtype != "auto" and opts.save_dtype not in SAVE_DTYPES:
         raise InputError(f"--save-dtype {opts.save_dtype!r} is not supported; use auto, float32, bfloat16 or float16")
     if opts.eval_tokens < 0:
@@ -297,6 +300,8 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         opts.model, arch.model_type, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
         arch.intermediate_size, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.cr, plan.achieved_cr,
     )
+    if opts.methods.allocation == "loss" and opts.layer_dims is None:
+        log.info("those are the uniform dims; the loss-aware allocation replaces them with per-layer dims after calibration")
 
     # calibration text -> tokens (fails fast on too little text, before loading the model)
     try:
@@ -321,15 +326,26 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
 
     batches = list(tokens.split(opts.batch_size))
     src_state = model.state_dict()
-    dims = tuple(list(x) for x in zip(*(plan.layer_dims(i) for i in range(arch.num_layers))))  # per-layer r_qk, r_vo, r_int
     stats = None
-    if opts.stats == "original" and not opts.methods.stats_request().mlp_moment:
-        # calibration statistics (original model, every layer at once), then solve layer by layer
+    whole_model = opts.stats == "original" and not opts.methods.stats_request().mlp_moment
+    allocate = opts.methods.allocation == "loss" and opts.layer_dims is None
+    t_alloc = 0.0
+    if whole_model or allocate:
+        # original-model statistics of every layer in one pass: for solving (whole_model) and/or for the allocation
+        request = opts.methods.stats_request()
+        if not whole_model:  # the allocation reads only the light moments; the solve pass gathers the rest
+            request = StatsRequest(rope_energy=request.rope_energy)
         t0 = time.perf_counter()
-        with progress_bar(total=opts.nsamples, desc="calibrating", unit="seq", force=None if progress else False) as bar:
+        desc = "calibrating" if whole_model else "calibrating (allocation pass)"
+        with progress_bar(total=opts.nsamples, desc=desc, unit="seq", force=None if progress else False) as bar:
             stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, progress=bar.update,
-                                  request=opts.methods.stats_request())
-        t_calib = time.perf_counter() - t0
+                                  request=request)
+        t_alloc = time.perf_counter() - t0
+    if allocate:
+        plan = allocate_plan(model, stats, arch, shape, opts.cr, opts.methods, tuple(opts.components), opts.head_multiple, opts.damp)
+    dims = tuple(list(x) for x in zip(*(plan.layer_dims(i) for i in range(arch.num_layers))))  # per-layer r_qk, r_vo, r_int
+    if whole_model:
+        t_calib = t_alloc
         t0 = time.perf_counter()
         new_state, layer_reports = compress_model(model, stats, arch, *dims, opts.methods, opts.damp, progress=progress)
         t_solve = time.perf_counter() - t0
@@ -342,7 +358,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
             a3_config=_compressed_config(src_cfg, arch, plan, {}, dtype),
         )
         t_solve = sum(r["seconds"] for r in layer_reports)
-        t_calib = time.perf_counter() - t0 - t_solve
+        t_calib = time.perf_counter() - t0 - t_solve + t_alloc
 
     # save dtype: the source checkpoint's unless asked otherwise
     if opts.save_dtype == "auto":
@@ -392,6 +408,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "components": list(opts.components),
         "recipe": recipe,
         "methods": methods,
+        "allocation": opts.methods.allocation if opts.layer_dims is None else "explicit",
         "head_multiple": opts.head_multiple,
         "calibration": calibration,
     }
@@ -403,6 +420,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "summary": summary,
         "recipe": recipe,
         "methods": methods,
+        "allocation": a3_block["allocation"],
         "calibration": calibration,
         "device": str(device),
         "compute_dtype": dtype_name(dtype),

@@ -16,6 +16,9 @@ RECIPES: dict[str, tuple[Methods, str]] = {
     "best": (Methods("energy", "a3-shrink", "a3-refit"),
              "exact RoPE pair energy, shrunk group-averaged OV moment, MLP least-squares refit where it helps on held-out "
              "calibration batches"),
+    "best+alloc": (Methods("energy", "a3-shrink", "a3-refit", "loss"),
+                   "best, with loss-aware per-layer allocation of head sizes and MLP widths"),
+    "paper+alloc": (Methods("a3", "a3", "a3", "loss"), "paper, with loss-aware per-layer allocation of head sizes and MLP widths"),
     "paper+energy": (Methods("energy", "a3", "a3"), "paper, with the exact all-pairs RoPE energy score"),
     "paper+energy-causal": (Methods("energy-causal", "a3", "a3"), "paper, with the causal RoPE energy score"),
     "paper+ov-avg": (Methods("a3", "a3-avg", "a3"), "paper, with the group-averaged attention-weighted OV moment"),

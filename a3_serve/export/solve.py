@@ -65,11 +65,22 @@ DEFAULT_RIDGE = 1e-2
 HELDOUT_EVERY = 8
 
 
+#: how the parameter budget is spread over layers and components
+ALLOCATIONS = {
+    "uniform": "every layer and component cut by the same ratio (the paper; head sizes rounded to --head-multiple)",
+    "loss": "per-layer head sizes and MLP widths chosen by the least predicted output error per parameter removed "
+            "(each solver's own loss; docs/DESIGN.md); K and V heads keep one size per layer",
+}
+
+
 @dataclass(frozen=True)
 class Methods:
+    """Which solver each component uses, and how the budget is allocated (``ALLOCATIONS``)."""
+
     qk: str = "a3"
     ov: str = "a3"
     mlp: str = "a3"
+    allocation: str = "uniform"
 
     def as_dict(self) -> dict[str, str]:
         return {"qk": self.qk, "ov": self.ov, "mlp": self.mlp}
@@ -121,18 +132,23 @@ def _gather_heads(W: torch.Tensor, cols: torch.Tensor, n_heads: int) -> torch.Te
     return torch.gather(Wh, 1, idx.to(W.device)).reshape(-1, *W.shape[1:])
 
 
-def solve_qk(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str) -> tuple[dict, torch.Tensor, dict]:
-    """Pair selection for RoPE attention; returns (new q/k tensors, rope_freq_index [h_kv, r/2], report)."""
+def qk_pair_scores(w: dict, st: LayerStats, arch: SourceArch, method: str) -> torch.Tensor:
+    """The RoPE frequency-pair scores [h_kv, d_h/2] of a QK method (higher = keep)."""
     hq, hkv, g, dh = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim
     if method in ("energy", "energy-causal"):
         scores = st.E_rope if method == "energy" else st.E_rope_c
         if scores is None:
             raise ValueError(f"QK method {method!r} needs RoPE energies: collect stats with Methods.stats_request()")
-        sel = qk_solver.select_pairs_by_score(scores, r // 2)
-    else:
-        eq = _per_dim_energy(method, st.Gq, w["q_w"], st.x2, hq).reshape(hkv, g, dh).sum(1)
-        ek = _per_dim_energy(method, st.Gk, w["k_w"], st.x2, hkv)
-        sel = qk_solver.select_rope_pairs(eq, ek, r // 2)
+        return scores
+    eq = _per_dim_energy(method, st.Gq, w["q_w"], st.x2, hq).reshape(hkv, g, dh).sum(1)
+    ek = _per_dim_energy(method, st.Gk, w["k_w"], st.x2, hkv)
+    return qk_solver.rope_pair_scores(eq, ek)
+
+
+def solve_qk(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str) -> tuple[dict, torch.Tensor, dict]:
+    """Pair selection for RoPE attention; returns (new q/k tensors, rope_freq_index [h_kv, r/2], report)."""
+    hq, hkv, g, dh = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim
+    sel = qk_solver.select_pairs_by_score(qk_pair_scores(w, st, arch, method), r // 2)
     cols = qk_solver.pair_columns(sel.keep, dh)  # [h_kv, r]
     q_cols = cols.repeat_interleave(g, dim=0)  # [h_q, r]
     new = {

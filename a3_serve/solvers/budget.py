@@ -235,7 +235,7 @@ def plan_dims(
 def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, target_cr: float | None = None) -> DimPlan:
     """A plan from explicit per-layer ``(r_qk, r_vo, r_int)`` (e.g. from a loss-aware allocation).
 
-    Each ``r_qk``/``r_vo`` must be a multiple of ``head_multiple`` in ``[head_multiple, d_h]`` and each ``r_int`` in
+    Each ``r_qk``/``r_vo`` must be ``d_h`` (unchanged) or a multiple of ``head_multiple`` in ``[head_multiple, d_h)`` and each ``r_int`` in
     ``[1, d_int]``; otherwise :class:`BudgetError`. ``achieved_cr`` is computed from the sum over layers;
     ``target_cr`` defaults to it. Layers that are all equal give a uniform plan (``layers=None``).
     """
@@ -244,9 +244,10 @@ def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, targe
         raise BudgetError(f"per-layer dims need one (r_qk, r_vo, r_int) triple per layer ({shape.num_layers}), got {len(dims)}")
     for i, (a, b, m) in enumerate(dims):
         for name, r in (("r_qk", a), ("r_vo", b)):
-            if r % head_multiple or not head_multiple <= r <= shape.head_dim:
+            if r != shape.head_dim and (r % head_multiple or not head_multiple <= r < shape.head_dim):
                 raise BudgetError(
-                    f"layer {i}: {name} = {r} must be a multiple of {head_multiple} between {head_multiple} and {shape.head_dim}"
+                    f"layer {i}: {name} = {r} must be a multiple of {head_multiple} between {head_multiple} and {shape.head_dim} "
+                    "(or the original head dim)"
                 )
         if not 1 <= m <= shape.intermediate_size:
             raise BudgetError(f"layer {i}: r_int = {m} must be between 1 and {shape.intermediate_size}")
