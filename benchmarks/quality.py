@@ -48,7 +48,7 @@ RECIPES.update({
     "paper-ov-svd": (ALL, Methods("a3", "svd", "a3"), "paper, but OV by plain SVD (no whitening)"),
     "paper-mlp-rxx": (ALL, Methods("a3", "a3", "rxx"), "paper, but MLP scored by E[h^2] only"),
 })
-DEFAULT_GRID = ("paper", "best", "paper+energy", "paper+ov-shrink", "paper+greedy-refit", "wanda")
+DEFAULT_GRID = ("paper", "best", "best-uniform", "paper+alloc", "paper+ov-shrink", "wanda")
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 # The main job, end to end on the built-in real model (SmolLM2-135M-Instruct, fp32 on CPU):
 # set up, build the dense demo checkpoint, compress it with A3 at CR 0.1, measure held-out
 # perplexity of both, generate with the compressed model, then serve it with vLLM and send one completion
-# request. About 10 minutes on 2 CPU cores.
+# request. About 20 minutes on 2 CPU cores.
 # Override with env vars: CR=0.2 NSAMPLES=128 SEQLEN=2048 EVAL_TOKENS=32768 OUT=./out/x scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import a3_serve  # noqa: F401  (registers a3_llama with the Auto classes)
 from a3_serve.export.pipeline import ExportOptions, run_export
-from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
+from a3_serve.export.recipes import RECIPES
 from a3_serve.export.solve import Methods
 from transformers import AutoModelForCausalLM
 
@@ -53,15 +53,16 @@ def test_cr0_reproduces_dense_smollm2(demo_model, tmp_path):
 
 def test_compressed_checkpoint_contract(demo_model, tmp_path):
     out = tmp_path / "smol-a3"
-    rep = _export(demo_model, out, 0.1, nsamples=8, seqlen=256)
+    rep = _export(demo_model, out, 0.1, nsamples=8, seqlen=256, methods=RECIPES["best-uniform"][0], recipe="best-uniform")
     cfg = json.loads((out / "config.json").read_text())
-    # dims of the budget (A3_METHOD section 7): heads 64 -> 48, MLP re-solved to 1459
+    # uniform dims of the budget (A3_METHOD section 7): heads 64 -> 48, MLP re-solved to 1459
     assert (cfg["qk_head_dim"], cfg["v_head_dim"], cfg["intermediate_size"], cfg["head_dim"]) == (48, 48, 1459, 64)
     assert abs(rep["summary"]["achieved_cr"] - 0.1) < 0.01
     assert cfg["architectures"] == ["A3LlamaForCausalLM"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_a3_llama.A3LlamaForCausalLM"
     a3 = cfg["a3"]
-    assert a3["recipe"] == DEFAULT_RECIPE and a3["methods"] == RECIPES[DEFAULT_RECIPE][0].as_dict()
+    assert a3["recipe"] == "best-uniform" and a3["methods"] == RECIPES["best-uniform"][0].as_dict() and a3["allocation"] == "uniform"
+    assert cfg["layer_qk_head_dims"] is None
     assert a3["calibration"]["nsamples"] == 8 and a3["calibration"]["statistics"] == "original"
     for f in ("modeling_a3_llama.py", "configuration_a3_llama.py", "README.md", "a3_report.json", "tokenizer.json", "model.safetensors"):
         assert (out / f).is_file(), f
@@ -87,7 +88,7 @@ def test_compressed_checkpoint_contract(demo_model, tmp_path):
 
 def test_components_subset_and_baselines(random_models, tmp_path):
     src = random_models["llama3-gqa"]
-    rep = _export(src, tmp_path / "ov-only", 0.25, components=("ov",))
+    rep = _export(src, tmp_path / "ov-only", 0.25, components=("ov",), methods=RECIPES["best-uniform"][0])
     cfg = json.loads((tmp_path / "ov-only" / "config.json").read_text())
     assert (cfg["qk_head_dim"], cfg["v_head_dim"], cfg["intermediate_size"]) == (64, 48, 512)
     assert torch.isfinite(_logits(tmp_path / "ov-only")).all()

@@ -33,6 +33,7 @@ assert importlib.util.find_spec("vllm") is not None, (
 
 import a3_serve  # noqa: E402,F401  (registers a3_llama with the Auto classes)
 from a3_serve.export.pipeline import ExportOptions, run_export  # noqa: E402
+from a3_serve.export.recipes import RECIPES  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -92,8 +93,10 @@ def _misshape_index(tensors):
 
 @pytest.fixture(scope="session")
 def smol_a3_cr01(tmp_path_factory, demo_model) -> Path:
-    """SmolLM2 compressed at CR 0.1 (heads 64 -> 48); shared with test_vllm_serve.py."""
-    return _export(demo_model, tmp_path_factory.mktemp("smol_a3") / "compressed", 0.1)
+    """SmolLM2 compressed at CR 0.1 with uniform dims (heads 64 -> 48); shared with test_vllm_serve.py. (smol-cr0.2
+    uses the default recipe, whose loss-aware allocation writes per-layer sizes.)"""
+    return _export(demo_model, tmp_path_factory.mktemp("smol_a3") / "compressed", 0.1,
+                   methods=RECIPES["best-uniform"][0], recipe="best-uniform")
 
 
 @pytest.fixture(scope="module")
@@ -216,11 +219,13 @@ def test_cr0_through_plugin_matches_stock_vllm_dense(vllm_results):
 
 
 def test_kv_cache_capacity_scales_with_head_size(ckpts, vllm_results):
-    """Same cache memory (VLLM_CPU_KVCACHE_SPACE=1): the engine's block count scales as d_h / r."""
+    """Same cache memory (VLLM_CPU_KVCACHE_SPACE=1): the engine's block count scales as d_h / r (L·d_h / Σ_l r_l when
+    the exporter's default recipe chose per-layer head sizes)."""
     dense = vllm_results["dense"]
     for name in ("smol-cr0.1", "smol-cr0.2", "smol-cr0"):
         cfg = json.loads((ckpts[name] / "config.json").read_text())
-        ratio = cfg["head_dim"] / cfg["qk_head_dim"]
+        heads = cfg.get("layer_qk_head_dims") or [cfg["qk_head_dim"]] * cfg["num_hidden_layers"]
+        ratio = len(heads) * cfg["head_dim"] / sum(heads)
         comp = vllm_results[name]
         assert comp["block_size"] == dense["block_size"]
         expected = dense["num_blocks"] * ratio

@@ -20,8 +20,11 @@ transformers loads after `import a3_serve` (or with trust_remote_code=True) and 
 a3-serve plugin. The write is atomic: nothing appears at --out until the checkpoint is complete.
 
 CR is the fraction of the decoder's linear-layer parameters (q, k, v, o, gate, up, down) removed.
-Head sizes are rounded DOWN to --head-multiple and the MLP width is re-solved so the model still
-meets the target (e.g. SmolLM2 at --cr 0.1: heads 64 -> 48, MLP 1536 -> 1459).
+The default recipe spends that budget per layer (loss-aware allocation): each layer gets its own head
+size (a multiple of --head-multiple, K = V) and MLP width, written as per-layer lists in config.json.
+With --allocation uniform (recipes paper, best-uniform) every layer gets the same sizes: heads rounded
+DOWN to --head-multiple and the MLP re-solved to meet the target (SmolLM2 at --cr 0.1: heads 64 -> 48,
+MLP 1536 -> 1459).
 """
 
 EPILOG = """\

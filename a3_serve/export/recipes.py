@@ -13,11 +13,11 @@ from a3_serve.export.solve import HELDOUT_EVERY, Methods
 #: name -> (methods, one-line description)
 RECIPES: dict[str, tuple[Methods, str]] = {
     "paper": (Methods("a3", "a3", "a3"), "A3 as published: paper pair score, xkv/axkv OV closed form, rxx-w MLP selection"),
-    "best": (Methods("energy", "a3-shrink", "a3-refit"),
+    "best": (Methods("energy", "a3-shrink", "a3-refit", "loss"),
              "exact RoPE pair energy, shrunk group-averaged OV moment, MLP least-squares refit where it helps on held-out "
-             "calibration batches"),
-    "best+alloc": (Methods("energy", "a3-shrink", "a3-refit", "loss"),
-                   "best, with loss-aware per-layer allocation of head sizes and MLP widths"),
+             "calibration batches, and loss-aware per-layer head sizes and MLP widths"),
+    "best-uniform": (Methods("energy", "a3-shrink", "a3-refit"),
+                     "best's solvers with the paper's uniform dims (one head size and MLP width for every layer)"),
     "paper+alloc": (Methods("a3", "a3", "a3", "loss"), "paper, with loss-aware per-layer allocation of head sizes and MLP widths"),
     "paper+energy": (Methods("energy", "a3", "a3"), "paper, with the exact all-pairs RoPE energy score"),
     "paper+energy-causal": (Methods("energy-causal", "a3", "a3"), "paper, with the causal RoPE energy score"),
