@@ -32,12 +32,17 @@ from a3_serve.solvers.budget import DimPlan, ModelShape
 
 log = logging.getLogger("a3_serve.export")
 
+#: the smallest per-layer head size the allocation picks: vLLM's CPU attention runs multiples of 16 from 32 up
+#: (docs/VLLM.md); a 16-dim head in one layer makes the whole checkpoint unservable there
+MIN_HEAD_DIM = 32
+
 
 def layer_curves(w: dict, st: LayerStats, arch: SourceArch, methods: Methods, eps: float = 1e-6) -> LayerCurves:
     """Predicted output error of one layer's QK, OV and MLP at every kept size (see the module docstring)."""
     hq, hkv, g, dh, d = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim, arch.hidden_size
     Wo = w["o_w"].to(torch.float64).reshape(d, hq, dh).permute(1, 2, 0).reshape(hkv, g, dh, d)
     full = ov_solver.ov_closed_form(ov_solver.group_mean(st.Go, hkv), Wo, dh, eps)
+    # the selection baselines' QK scores are not energies: their allocation uses the paper's pair score
     qk_scores = qk_pair_scores(w, st, arch, "a3" if methods.qk in ("wanda", "weight-norm") else methods.qk)
     mlp_scores = mlp_solver.mlp_scores("a3", st.h2, w["gate_w"], w["up_w"], w["down_w"])
     attn_scale = float(st.inv_ms_attn) if st.inv_ms_attn is not None else 1.0
@@ -59,10 +64,12 @@ def allocate_plan(
     components=("qk", "ov", "mlp"),
     head_multiple: int = 16,
     eps: float = 1e-6,
+    min_head_dim: int = MIN_HEAD_DIM,
 ) -> DimPlan:
     """Per-layer dims for ``cr`` by loss-aware allocation over the loaded dense ``model``'s layers and ``stats``."""
     curves = [layer_curves(layer_tensors(layer), st, arch, methods, eps) for layer, st in zip(model.model.layers, stats)]
-    plan = allocate_dims(shape, curves, cr, components=components, head_multiple=head_multiple)
+    plan = allocate_dims(shape, curves, cr, components=components, head_multiple=head_multiple,
+                         min_head_dim=min(min_head_dim, arch.head_dim))
     heads = [t[0] for t in plan.layers] if plan.layers else [plan.qk_head_dim] * shape.num_layers
     widths = [t[2] for t in plan.layers] if plan.layers else [plan.intermediate_size] * shape.num_layers
     log.info("loss-aware allocation: head dims per layer %s; MLP widths %d..%d (achieved CR %.4f)",

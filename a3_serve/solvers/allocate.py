@@ -184,13 +184,15 @@ def allocate_dims(
     cr: float,
     components=("qk", "ov", "mlp"),
     head_multiple: int = 16,
-    min_head_dim: int = 16,
+    min_head_dim: int = 32,
     tie_qk_ov: bool = True,
     min_mlp_keep: float = 0.0,
 ) -> DimPlan:
     """Per-layer ``(r_qk, r_vo, r_int)`` meeting ``cr`` (on decoder linear parameters) with the least predicted loss.
 
-    Options per layer: head dims ``r ∈ {max(min_head_dim, m), …, d_h}`` in steps of ``m = head_multiple`` (with
+    Options per layer: head dims ``r ∈ {max(min_head_dim, m), …, d_h}`` in steps of ``m = head_multiple`` (the
+    default minimum 32 is the smallest head vLLM's CPU attention runs; a uniform plan never goes that low at
+    the CRs people use, but a per-layer plan would, in its least sensitive layers) (with
     ``tie_qk_ov`` QK and OV share ``r``, as vLLM's CPU attention needs K and V of one size; otherwise they are
     separate items), MLP widths ``n ∈ [ceil(min_mlp_keep·d_int), d_int]`` (any integer). Components not in
     ``components`` keep their size. Parameters per layer: ``d·r_qk·(h_q + h_kv) + d·r_vo·(h_kv + h_q) +
