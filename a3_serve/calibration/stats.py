@@ -3,23 +3,23 @@
 Every A3 closed form depends on the data only through ``d_h x d_h`` second moments of head
 activations (A3_METHOD.md section 3), so we never form ``d x d`` autocorrelations:
 
-============  ======================  ====================================================
-name          shape                   definition (mean over calibration tokens)
-============  ======================  ====================================================
-``Gq``        ``[h_q, d_h, d_h]``     ``E[q_i q_iᵀ]``, q_proj output per query head, pre-RoPE, bias included
-``Gk``        ``[h_kv, d_h, d_h]``    ``E[k_j k_jᵀ]``, k_proj output per KV head, pre-RoPE
-``Gv``        ``[h_kv, d_h, d_h]``    ``E[v_j v_jᵀ]``, v_proj output per KV head (the "xkv" moment)
-``Go``        ``[h_q, d_h, d_h]``     ``E[o_i o_iᵀ]``, o_proj input per head = attention-weighted values
-``x2``        ``[d]``                 ``E[x²]`` of the q/k/v input (RMSNorm output), for Wanda-like scores
-``h2``        ``[d_int]``             ``E[h²]`` of the down_proj input (the A3-MLP score)
-``H``         ``[d_int, d_int]``      ``E[h hᵀ]`` (only with ``StatsRequest.mlp_moment``; for the least-squares refit)
-``E_rope``    ``[h_kv, d_h/2]``       exact RoPE pair energy, all (m, t) pairs (``StatsRequest.rope_energy``)
-``E_rope_c``  ``[h_kv, d_h/2]``       the same over causal pairs t <= m only
-``inv_ms_attn`` ``[]``                ``E[1/ms(h')]``, ``ms`` = mean square over features of the residual stream after
-                                      the attention block (post_attention_layernorm input): the scale that turns an
-                                      attention-output error into the relative error the next RMSNorm sees
-``inv_ms_mlp``  ``[]``                the same after the MLP block (the decoder layer's output)
-============  ======================  ====================================================
+================  ======================  ====================================================================================
+name              shape                   definition (mean over calibration tokens)
+================  ======================  ====================================================================================
+``Gq``            ``[h_q, d_h, d_h]``     ``E[q_i q_iᵀ]``, q_proj output per query head, pre-RoPE, bias included
+``Gk``            ``[h_kv, d_h, d_h]``    ``E[k_j k_jᵀ]``, k_proj output per KV head, pre-RoPE
+``Gv``            ``[h_kv, d_h, d_h]``    ``E[v_j v_jᵀ]``, v_proj output per KV head (the "xkv" moment)
+``Go``            ``[h_q, d_h, d_h]``     ``E[o_i o_iᵀ]``, o_proj input per head = attention-weighted values
+``x2``            ``[d]``                 ``E[x²]`` of the q/k/v input (RMSNorm output), for Wanda-like scores
+``h2``            ``[d_int]``             ``E[h²]`` of the down_proj input (the A3-MLP score)
+``H``             ``[d_int, d_int]``      ``E[h hᵀ]`` (only with ``StatsRequest.mlp_moment``; for the least-squares refit)
+``E_rope``        ``[h_kv, d_h/2]``       exact RoPE pair energy, all (m, t) pairs (``StatsRequest.rope_energy``)
+``E_rope_c``      ``[h_kv, d_h/2]``       the same over causal pairs t <= m only
+``inv_ms_attn``   ``[]``                  ``E[1/ms(h)]`` of the residual stream after the attention block (``ms``: mean square
+                                          over features; post_attention_layernorm input): turns an attention-output error
+                                          into the relative error the next RMSNorm sees (loss-aware allocation)
+``inv_ms_mlp``    ``[]``                  the same after the MLP block (the decoder layer's output)
+================  ======================  ====================================================================================
 
 The RoPE energies (A3_METHOD.md 4.4, "exact all-pairs energy") are, per KV group ``j`` and frequency pair
 ``p``, the mean per token of ``Σ_seq Σ_{i∈group j} Σ_{m,t} Re(u_{i,m,p}·conj(v_{t,p}))²`` with ``u``/``v`` the
