@@ -30,6 +30,7 @@ from a3_serve.calibration.stats import collect_stats
 from a3_serve.eval.ppl import evaluate_ppl
 from a3_serve.export.allocation import allocate_plan
 from a3_serve.export.architectures import inspect_architecture
+from a3_serve.export.card import dim_span
 from a3_serve.export.pipeline import _compressed_config, build_a3_model, compress_model, model_shape
 from a3_serve.export.recipes import RECIPES as NAMED_RECIPES
 from a3_serve.export.recipes import union_request
@@ -143,7 +144,7 @@ def main() -> int:
         else:
             plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
         cfg = _compressed_config(src_cfg, arch, plan, {}, torch.float32)
-        dims = [list(x) for x in zip(*(plan.layer_dims(i) for i in range(arch.num_layers)))]  # per-layer r_qk, r_vo, r_int
+        dims = plan.dim_lists(arch.num_layers)
         if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
             state, _ = compress_model(model, None, arch, *dims, methods, batches=batches, stats_mode=stats_mode, a3_config=cfg)
         else:
@@ -198,11 +199,7 @@ def _dims_cell(row: dict) -> str:
     layers = row.get("layer_dims")
     if not layers:
         return "/".join(map(str, row["dims"]))
-    spans = []
-    for k in range(3):
-        lo, hi = min(t[k] for t in layers), max(t[k] for t in layers)
-        spans.append(str(lo) if lo == hi else f"{lo}-{hi}")
-    return "/".join(spans) + " (per layer)"
+    return "/".join(dim_span(layers, k, "-") for k in range(3)) + " (per layer)"
 
 
 def plot(result: dict, evals: list[str], path: Path) -> None:

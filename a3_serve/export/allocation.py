@@ -24,7 +24,7 @@ import torch
 
 from a3_serve.calibration.stats import LayerStats
 from a3_serve.export.architectures import SourceArch
-from a3_serve.export.solve import Methods, layer_tensors, qk_pair_scores
+from a3_serve.export.solve import Methods, layer_tensors, qk_pair_scores, wo_per_group
 from a3_serve.solvers import mlp as mlp_solver
 from a3_serve.solvers import ov as ov_solver
 from a3_serve.solvers.allocate import LayerCurves, allocate_dims, drop_curve, pair_drop_curve, tail_curve
@@ -39,9 +39,8 @@ MIN_HEAD_DIM = 32
 
 def layer_curves(w: dict, st: LayerStats, arch: SourceArch, methods: Methods, eps: float = 1e-6) -> LayerCurves:
     """Predicted output error of one layer's QK, OV and MLP at every kept size (see the module docstring)."""
-    hq, hkv, g, dh, d = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim, arch.hidden_size
-    Wo = w["o_w"].to(torch.float64).reshape(d, hq, dh).permute(1, 2, 0).reshape(hkv, g, dh, d)
-    full = ov_solver.ov_closed_form(ov_solver.group_mean(st.Go, hkv), Wo, dh, eps)
+    hkv, dh = arch.num_kv_heads, arch.head_dim
+    full = ov_solver.ov_closed_form(ov_solver.group_mean(st.Go, hkv), wo_per_group(w["o_w"], arch), dh, eps)
     # the selection baselines' QK scores are not energies: their allocation uses the paper's pair score
     qk_scores = qk_pair_scores(w, st, arch, "a3" if methods.qk in ("wanda", "weight-norm") else methods.qk)
     mlp_scores = mlp_solver.mlp_scores("a3", st.h2, w["gate_w"], w["up_w"], w["down_w"])
@@ -70,8 +69,7 @@ def allocate_plan(
     curves = [layer_curves(layer_tensors(layer), st, arch, methods, eps) for layer, st in zip(model.model.layers, stats)]
     plan = allocate_dims(shape, curves, cr, components=components, head_multiple=head_multiple,
                          min_head_dim=min(min_head_dim, arch.head_dim))
-    heads = [t[0] for t in plan.layers] if plan.layers else [plan.qk_head_dim] * shape.num_layers
-    widths = [t[2] for t in plan.layers] if plan.layers else [plan.intermediate_size] * shape.num_layers
+    heads, _, widths = plan.dim_lists(shape.num_layers)
     log.info("loss-aware allocation: head dims per layer %s; MLP widths %d..%d (achieved CR %.4f)",
              heads, min(widths), max(widths), plan.achieved_cr)
     return plan

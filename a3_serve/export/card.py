@@ -9,13 +9,19 @@ def _fmt_int(n: int | float) -> str:
     return f"{int(n):,}"
 
 
+def dim_span(layer_dims, k: int, sep: str = "..") -> str:
+    """Entry ``k`` (0: r_qk, 1: r_vo, 2: r_int) of per-layer dims as ``"lo{sep}hi"``, or ``"lo"`` when all agree."""
+    lo, hi = min(t[k] for t in layer_dims), max(t[k] for t in layer_dims)
+    return str(lo) if lo == hi else f"{lo}{sep}{hi}"
+
+
 def _dim_cell(s: dict, k: int, key: str) -> str:
     """The compressed size, or its range over layers when the layers differ (per-layer dims)."""
     layers = s.get("layer_dims")
     if not layers:
         return str(s[key])
-    lo, hi = min(t[k] for t in layers), max(t[k] for t in layers)
-    return f"{lo} to {hi} (per layer)" if lo != hi else str(lo)
+    span = dim_span(layers, k, " to ")
+    return f"{span} (per layer)" if len({t[k] for t in layers}) > 1 else span
 
 
 def render_model_card(report: dict[str, Any]) -> str:

@@ -114,17 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dims_line(s: dict) -> str:
     """'QK head 64 -> 48, ...' for uniform dims; ranges over layers for per-layer dims."""
+    from a3_serve.export.card import dim_span
+
     layers = s.get("layer_dims")
     if not layers:
         return (f"QK head {s['head_dim']} -> {s['qk_head_dim']}, VO head {s['head_dim']} -> {s['v_head_dim']}, "
                 f"MLP {s['intermediate_size']} -> {s['new_intermediate_size']}")
-
-    def span(k: int) -> str:
-        lo, hi = min(t[k] for t in layers), max(t[k] for t in layers)
-        return f"{lo}" if lo == hi else f"{lo}..{hi}"
-
-    return (f"per layer: QK head {s['head_dim']} -> {span(0)}, VO head {s['head_dim']} -> {span(1)}, "
-            f"MLP {s['intermediate_size']} -> {span(2)} (config.json layer_* lists)")
+    return (f"per layer: QK head {s['head_dim']} -> {dim_span(layers, 0)}, VO head {s['head_dim']} -> {dim_span(layers, 1)}, "
+            f"MLP {s['intermediate_size']} -> {dim_span(layers, 2)} (config.json layer_* lists)")
 
 
 def format_summary(report: dict) -> str:

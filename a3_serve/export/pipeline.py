@@ -343,7 +343,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         t_alloc = time.perf_counter() - t0
     if allocate:
         plan = allocate_plan(model, stats, arch, shape, opts.cr, opts.methods, tuple(opts.components), opts.head_multiple, opts.damp)
-    dims = tuple(list(x) for x in zip(*(plan.layer_dims(i) for i in range(arch.num_layers))))  # per-layer r_qk, r_vo, r_int
+    dims = plan.dim_lists(arch.num_layers)
     if whole_model:
         t_calib = t_alloc
         t0 = time.perf_counter()

@@ -161,12 +161,18 @@ def solve_qk(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str) -> 
     return new, sel.keep.to(torch.int32), report
 
 
+def wo_per_group(o_w: torch.Tensor, arch: SourceArch) -> torch.Tensor:
+    """o_proj weight [d, h_q·d_h] -> float64 [h_kv, g, d_h, d]: the output rows of every query head, by KV group."""
+    hq, hkv, g, dh, d = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim, arch.hidden_size
+    return o_w.to(torch.float64).reshape(d, hq, dh).permute(1, 2, 0).reshape(hkv, g, dh, d)
+
+
 def solve_ov(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str, eps: float) -> tuple[dict, dict]:
     """Shrink each value head to r dims; returns (new v/o tensors, report)."""
     hq, hkv, g, dh, d = arch.num_heads, arch.num_kv_heads, arch.group_size, arch.head_dim, arch.hidden_size
     dtype = w["v_w"].dtype
     Wv = w["v_w"].to(torch.float64).reshape(hkv, dh, d)  # per value head [d_h, d]
-    Wo = w["o_w"].to(torch.float64).reshape(d, hq, dh).permute(1, 2, 0).reshape(hkv, g, dh, d)
+    Wo = wo_per_group(w["o_w"], arch)
     extra: dict = {}
     if method == "a3" and g == 1:
         res = ov_solver.ov_closed_form(st.Go, Wo, r, eps)

@@ -186,15 +186,14 @@ def allocate_dims(
     head_multiple: int = 16,
     min_head_dim: int = 32,
     tie_qk_ov: bool = True,
-    min_mlp_keep: float = 0.0,
 ) -> DimPlan:
     """Per-layer ``(r_qk, r_vo, r_int)`` meeting ``cr`` (on decoder linear parameters) with the least predicted loss.
 
-    Options per layer: head dims ``r ∈ {max(min_head_dim, m), …, d_h}`` in steps of ``m = head_multiple`` (the
-    default minimum 32 is the smallest head vLLM's CPU attention runs; a uniform plan never goes that low at
-    the CRs people use, but a per-layer plan would, in its least sensitive layers) (with
-    ``tie_qk_ov`` QK and OV share ``r``, as vLLM's CPU attention needs K and V of one size; otherwise they are
-    separate items), MLP widths ``n ∈ [ceil(min_mlp_keep·d_int), d_int]`` (any integer). Components not in
+    Options per layer: head dims ``r ∈ {max(min_head_dim, m), …, d_h}`` in steps of ``m = head_multiple``; the
+    default minimum 32 is the smallest head vLLM's CPU attention runs (a uniform plan never goes that low at the
+    CRs people use, but a per-layer plan would, in its least sensitive layers). With ``tie_qk_ov`` QK and OV share
+    ``r``, as vLLM's CPU attention needs K and V of one size; otherwise they are separate items. MLP widths
+    ``n ∈ [1, d_int]`` (any integer). Components not in
     ``components`` keep their size. Parameters per layer: ``d·r_qk·(h_q + h_kv) + d·r_vo·(h_kv + h_q) +
     n_mlp·d·n``. The budget is ``floor((1 − cr) · P)`` with ``P`` the original parameters of the compressed
     components (the whole decoder when all three are); the result meets it, overshooting by at most one step
@@ -210,16 +209,16 @@ def allocate_dims(
     if lo > dh:
         raise BudgetError(f"head dim {dh} is smaller than the minimum reduced size {lo}; use a smaller --head-multiple")
     head_sizes = sorted({dh, *range(m * math.ceil(lo / m), dh + 1, m)}, reverse=True)  # the full size, then multiples of m
-    n_lo = max(1, math.ceil(min_mlp_keep * d_int))
-    mlp_sizes = list(range(d_int, n_lo - 1, -1))
+    mlp_sizes = list(range(d_int, 0, -1))
     per_head = d * (hq + hkv)
     comps = set(components)
 
     items: list[tuple[list[int], list[float]]] = []
     slots: list[tuple[int, str, list[int]]] = []  # (layer, what, sizes)
     for li, c in enumerate(curves):
-        qk = [float(c.qk[r // 2]) for r in head_sizes]
-        ov = [float(c.ov[r]) for r in head_sizes]
+        qk_curve, ov_curve = c.qk.tolist(), c.ov.tolist()  # Python floats once, not one tensor index per option
+        qk = [qk_curve[r // 2] for r in head_sizes]
+        ov = [ov_curve[r] for r in head_sizes]
         if tie_qk_ov and {"qk", "ov"} <= comps:
             items.append(([2 * per_head * r for r in head_sizes], [a + b for a, b in zip(qk, ov)]))
             slots.append((li, "attn", head_sizes))
@@ -229,10 +228,11 @@ def allocate_dims(
                     items.append(([per_head * r for r in head_sizes], loss))
                     slots.append((li, name, head_sizes))
         if "mlp" in comps:
-            items.append(([shape.n_mlp_mats * d * n for n in mlp_sizes], [float(c.mlp[n]) for n in mlp_sizes]))
+            mlp_curve = c.mlp.tolist()
+            items.append(([shape.n_mlp_mats * d * n for n in mlp_sizes], [mlp_curve[n] for n in mlp_sizes]))
             slots.append((li, "mlp", mlp_sizes))
-    for p_, l_ in items:
-        if not all(math.isfinite(x) for x in l_):
+    for _, losses in items:
+        if not all(math.isfinite(x) for x in losses):
             raise BudgetError("the allocation losses contain NaN or Inf; check the calibration statistics")
 
     # CR applies to the compressed components (all of them: the whole decoder), as in plan_dims

@@ -100,6 +100,11 @@ class DimPlan:
             return self.layers[i]
         return (self.qk_head_dim, self.v_head_dim, self.intermediate_size)
 
+    def dim_lists(self, num_layers: int) -> tuple[list[int], list[int], list[int]]:
+        """The per-layer ``r_qk``, ``r_vo`` and ``r_int`` lists (what ``compress_model`` takes)."""
+        a, b, c = zip(*(self.layer_dims(i) for i in range(num_layers)))
+        return list(a), list(b), list(c)
+
     def linear_params(self, shape: ModelShape) -> int:
         """Decoder linear-layer parameters of the planned model."""
         return sum(shape.layer_linear_params(*self.layer_dims(i)) for i in range(shape.num_layers))
