@@ -31,3 +31,9 @@ class CalibrationError(A3Error):
 
 class NumericalError(A3Error):
     """NaN or Inf in weights, activations or statistics."""
+
+
+class EngineError(A3Error):
+    """An inference engine failed or timed out while measuring (exit status 1: not the user's input)."""
+
+    exit_code = 1
