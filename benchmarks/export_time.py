@@ -27,16 +27,24 @@ FORWARD = """
 import json, resource, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from a3_serve.calibration.sources import load_texts, sample_calibration
-model_dir, nsamples, seqlen, seed, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+from a3_serve.runtime import resolve_device, resolve_dtype
+model_dir, nsamples, seqlen, seed, bs, calib, device, dtype = sys.argv[1:9]
+nsamples, seqlen, seed, bs = int(nsamples), int(seqlen), int(seed), int(bs)
+dev = resolve_device(device)
+dt = resolve_dtype(dtype, dev)
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 t0 = time.perf_counter()
 tok = AutoTokenizer.from_pretrained(model_dir)
-tokens = sample_calibration(tok, load_texts("wiki", "calibration"), nsamples, seqlen, seed)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+tokens = sample_calibration(tok, load_texts(calib), nsamples, seqlen, seed)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
 t_load = time.perf_counter() - t0
-t0 = time.perf_counter()
 with torch.no_grad():
+    model.model(input_ids=tokens[:1, :64].to(dev), use_cache=False)  # warm-up (kernel selection, allocator)
+    sync()
+    t0 = time.perf_counter()
     for b in tokens.split(bs):
-        model.model(input_ids=b, use_cache=False)
+        model.model(input_ids=b.to(dev), use_cache=False)
+    sync()
 t_fwd = time.perf_counter() - t0
 print("RESULT=" + json.dumps({"load_s": t_load, "forward_s": t_fwd, "tokens": tokens.numel(),
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -44,7 +52,8 @@ print("RESULT=" + json.dumps({"load_s": t_load, "forward_s": t_fwd, "tokens": to
 
 
 def run_forward(model: str, args) -> dict:
-    out = subprocess.run([sys.executable, "-c", FORWARD, model, str(args.nsamples), str(args.seqlen), str(args.seed), str(args.batch_size)],
+    out = subprocess.run([sys.executable, "-c", FORWARD, model, str(args.nsamples), str(args.seqlen), str(args.seed), str(args.batch_size),
+                          args.calib, args.device, args.dtype],
                          capture_output=True, text=True, check=True, env=dict(os.environ, A3_SERVE_NO_PROGRESS="1"))
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT="))
     return json.loads(line[len("RESULT="):])
@@ -53,15 +62,22 @@ def run_forward(model: str, args) -> dict:
 def run_export(model: str, args, workdir: Path) -> dict:
     out_dir = workdir / "a3"
     report = workdir / "report.json"
-    cmd = ["a3-export", "--model", model, "--cr", str(args.cr), "--out", str(out_dir), "--overwrite", "--device", "cpu",
+    cmd = [sys.executable, "-m", "a3_serve.export.cli", "--model", model, "--cr", str(args.cr), "--out", str(out_dir),
+           "--overwrite", "--device", args.device, "--dtype", args.dtype, "--calib", args.calib, "--recipe", args.recipe,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
            "--batch-size", str(args.batch_size), "--json", str(report), "--quiet"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=dict(os.environ, A3_SERVE_NO_PROGRESS="1"))
     wall = time.perf_counter() - t0
     rep = json.loads(report.read_text())
+    if args.keep:
+        import shutil
+
+        shutil.rmtree(args.keep, ignore_errors=True)
+        shutil.copytree(out_dir, args.keep)
     return {"wall_s": wall, **{k: rep["timings"][k] for k in ("load_s", "calibration_s", "solve_s", "write_s", "total_s")},
-            "peak_rss_mb": rep["peak_rss_mb"], "command": " ".join(cmd)}
+            "peak_rss_mb": rep["peak_rss_mb"], "peak_gpu_mb": rep.get("peak_gpu_mb"), "command": " ".join(cmd),
+            "per_layer_solve_s": [layer.get("seconds") for layer in rep.get("layers", [])]}
 
 
 def main() -> int:
@@ -73,6 +89,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--dtype", default="auto", help="forward / calibration dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--calib", default="wiki", help="calibration source (default: built-in wiki)")
+    p.add_argument("--recipe", default="best", help="a3-export recipe (default: best)")
+    p.add_argument("--keep", default=None, help="keep the last export in this folder (default: a temporary one)")
     p.add_argument("--out-dir", default="benchmarks/results/export-time")
     args = p.parse_args()
     if args.model is None:
@@ -98,6 +119,8 @@ def main() -> int:
         "ratio_export_total_to_forward": med(exp, "total_s") / med(fwd, "forward_s"),
         "ratio_calibration_plus_solve_to_forward": (med(exp, "calibration_s") + med(exp, "solve_s")) / med(fwd, "forward_s"),
         "peak_rss_mb": {"forward_process": max(r["peak_rss_mb"] for r in fwd), "export_process": max(r["peak_rss_mb"] for r in exp)},
+        "device": args.device,
+        "per_layer_solve_s": exp[-1].get("per_layer_solve_s"),
         "repeats": {"forward": fwd, "export": exp},
     }
     out = Path(args.out_dir)

@@ -465,6 +465,8 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     report["timings"]["write_s"] = time.perf_counter() - t0
     report["timings"]["total_s"] = time.perf_counter() - t_start
     report["peak_rss_mb"] = _rss_mb()
+    if device.type == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     report["output"] = str(Path(out).resolve())
     # the final numbers (write time, total, RSS) are known only now: refresh the report file
     (Path(out) / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
