@@ -78,6 +78,20 @@ def build_random_model(kind: str, folder: Path, tokenizer_dir: Path, seed: int =
 
 
 @pytest.fixture(scope="session")
+def smol_a3_cr01(tmp_path_factory, demo_model) -> Path:
+    """SmolLM2 compressed at CR 0.1 with uniform dims (heads 64 -> 48, recipe best-uniform, 4 x 128 calibration
+    tokens): one export shared by every test file that serves or benchmarks a compressed model. Its folder is
+    ``<tmp>/compressed`` inside a folder of its own, which the service tests use as a model root."""
+    from a3_serve.export.pipeline import ExportOptions, run_export
+    from a3_serve.export.recipes import RECIPES
+
+    out = tmp_path_factory.mktemp("smol_a3") / "compressed"
+    run_export(ExportOptions(model=demo_model, out=out, cr=0.1, nsamples=4, seqlen=128, batch_size=4, device="cpu",
+                             dtype="float32", methods=RECIPES["best-uniform"][0], recipe="best-uniform"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def random_models(tmp_path_factory, demo_model) -> dict[str, Path]:
     """One saved random-weight model per supported architecture family."""
     root = tmp_path_factory.mktemp("random_models")

@@ -91,14 +91,6 @@ def _misshape_index(tensors):
             for k, v in tensors.items()}
 
 
-@pytest.fixture(scope="session")
-def smol_a3_cr01(tmp_path_factory, demo_model) -> Path:
-    """SmolLM2 compressed at CR 0.1 with uniform dims (heads 64 -> 48); shared with test_vllm_serve.py. (smol-cr0.2
-    uses the default recipe, whose loss-aware allocation writes per-layer sizes.)"""
-    return _export(demo_model, tmp_path_factory.mktemp("smol_a3") / "compressed", 0.1,
-                   methods=RECIPES["best-uniform"][0], recipe="best-uniform")
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm_ckpts")

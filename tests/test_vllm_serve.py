@@ -25,7 +25,6 @@ if os.environ.get("A3_SERVE_SKIP_VLLM") == "1":
     pytest.skip("A3_SERVE_SKIP_VLLM=1: vLLM tests skipped on purpose", allow_module_level=True)
 
 import a3_serve  # noqa: E402,F401
-from test_vllm_plugin import smol_a3_cr01  # noqa: E402,F401  (session fixture: one export for both files)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 VLLM = Path(sys.executable).parent / "vllm"  # the console script pip installed into this venv
