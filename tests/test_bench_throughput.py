@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from test_vllm_plugin import smol_a3_cr01  # noqa: F401  (session fixture: SmolLM2 at CR 0.1, heads 64 -> 48)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
@@ -155,3 +154,31 @@ def test_engine_crash_is_one_line_and_exit_1(demo_model, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "compressed model" in lines[0], lines
     assert not (tmp_path / "o" / "throughput.json").exists()
+
+
+def test_sigterm_stops_the_engine_worker(demo_model, smol_a3_cr01, tmp_path):
+    """Stopping the benchmark leaves no engine worker behind (workers run in their own process session)."""
+    import signal
+    import time
+
+    import psutil
+
+    env = dict(os.environ, A3_SERVE_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--engine", "hf", "--device", "cpu", "--dense", str(demo_model),
+                             "--compressed", str(smol_a3_cr01), "--num-prompts", "2", "--input-len", "16", "--output-len",
+                             "512", "--max-model-len", "1024", "--out-dir", str(tmp_path / "o")],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    worker = None
+    deadline = time.monotonic() + 120
+    while worker is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        for p in psutil.process_iter(["cmdline"]):
+            if "a3_serve.bench.worker" in " ".join(p.info["cmdline"] or []):
+                worker = p
+    assert worker is not None, "no engine worker started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
+    gone, alive = psutil.wait_procs([worker], timeout=15)
+    assert not alive, "the engine worker outlived the benchmark"

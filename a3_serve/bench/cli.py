@@ -162,6 +162,9 @@ def _run_worker(spec: dict[str, Any], timeout: float, label: str) -> dict[str, f
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 raise EngineError(f"{label} took longer than --timeout {timeout:.0f} s and was stopped") from None
+            except BaseException:  # Ctrl-C / SIGTERM: take the engine worker (its own session) down with us
+                _kill_group(proc)
+                raise
         if code != 0 or not out.is_file():
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
             reason = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else f"exit code {code}")
@@ -288,8 +291,19 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so workers and launched servers are stopped on the way out."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _interrupt_on_sigterm()
 
     def command() -> int:
         if args.events:
@@ -321,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"wrote {kind}: {path}")
         return 0
 
-    return run_cli(command)
+    return run_cli(command, interrupted="interrupted; engine workers and servers were stopped")
 
 
 if __name__ == "__main__":
