@@ -98,6 +98,17 @@ def random_models(tmp_path_factory, demo_model) -> dict[str, Path]:
     return {kind: build_random_model(kind, root / kind, demo_model, seed=i) for i, kind in enumerate(RANDOM_ARCHS)}
 
 
+def hf_param_bytes(folder: Path) -> int:
+    """fp32 bytes of the transformers model's parameters: an independent count of what the engine serves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import a3_serve  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return sum(p.numel() for p in model.parameters()) * 4
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -29,6 +29,7 @@ if os.environ.get("A3_SERVE_SKIP_VLLM") == "1":
 import httpx  # noqa: E402
 
 from a3_serve.bench.server.models import CLI_FLAGS  # noqa: E402
+from conftest import hf_param_bytes  # noqa: E402
 from a3_serve.bench.server.runner import marked_pids  # noqa: E402
 
 TOKEN = "test-token-1234"
@@ -178,7 +179,9 @@ def bench_server(bench_models, tmp_path_factory):
         server = BenchServer(data, [bench_models["root"], bench_models["dense"].parent],
                              extra=("--queue-size", "2", "--kill-grace", "5", "--run-timeout", "1200")).start()
         with server.client() as c:
-            crash = submit(c, bench_models["dense"], bench_models["broken"], label="truncated safetensors")
+            # the transformers engine crashes the same way on truncated weights and starts far faster than vLLM
+            crash = submit(c, bench_models["dense"], bench_models["broken"], label="truncated safetensors", engine="hf",
+                           engine_options={})
             good = submit(c, bench_models["dense"], bench_models["compressed"], label="good")
         server.runs = {"crash": crash["id"], "good": good["id"]}  # type: ignore[attr-defined]
         _SHARED["server"] = server
@@ -392,7 +395,14 @@ def test_next_run_succeeds_with_progress_and_reports(bench_server, finished_run,
             for name in ("dense", "compressed"):
                 assert res["models"][name]["median"][key] > 0
             assert res["ratios"][key] > 0
-        assert res["ratios"]["kv_cache_tokens"] > 1.2  # heads 64 -> 48: 4/3 more tokens in the same KV memory
+        # the engine's own figures: same KV memory, capacity scales with the head size (64 -> 48); whole 24-token
+        # sequences per block count; weight bytes = the transformers model's parameters (fp32)
+        assert res["ratios"]["kv_cache_tokens"] == pytest.approx(64 / 48, rel=0.02)
+        for name in ("dense", "compressed"):
+            m, block = res["models"][name]["median"], res["models"][name]["runs"][0]["kv_block_size"]
+            assert m["max_concurrency"] == pytest.approx(m["kv_cache_tokens"] / block / -(-24 // block))
+            assert m["weight_bytes"] == pytest.approx(hf_param_bytes(bench_models[name]), rel=0.002)
+            assert m["requests_per_s"] == pytest.approx(m["output_tokens_per_s"] / 8)
         assert run["ratios"] == res["ratios"]
         assert c.get(f"/runs/{run['id']}/report.json").json() == res
         md = c.get(f"/runs/{run['id']}/report.md")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, hf_param_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
@@ -28,17 +28,6 @@ def bench(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 def config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
-
-
-def hf_param_bytes(folder: Path) -> int:
-    """fp32 bytes of the transformers model's parameters: an independent count of what the engine serves."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import a3_serve  # noqa: F401
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    return sum(p.numel() for p in model.parameters()) * 4
 
 
 def check_files(out: Path) -> dict:
@@ -60,6 +49,7 @@ def check_files(out: Path) -> dict:
     return report
 
 
+@pytest.mark.slow  # ~2.5 min; the default run checks the same engine figures on the service's vLLM run (test_bench_server.py)
 @pytest.mark.skipif(SKIP_VLLM, reason="A3_SERVE_SKIP_VLLM=1")
 def test_vllm_offline_report_has_the_engines_numbers(demo_model, smol_a3_cr01, tmp_path):
     out = tmp_path / "offline"
@@ -91,7 +81,8 @@ def test_vllm_offline_report_has_the_engines_numbers(demo_model, smol_a3_cr01, t
 def test_hf_engine_alternates_and_measures_the_kv_cache(demo_model, smol_a3_cr01, tmp_path):
     out = tmp_path / "hf"
     proc = bench("--engine", "hf", "--device", "cpu", "--dense", str(demo_model), "--compressed", str(smol_a3_cr01),
-                 "--num-prompts", "2", "--input-len", "12", "--output-len", "4", "--repeats", "2", "--out-dir", str(out))
+                 "--num-prompts", "2", "--input-len", "12", "--output-len", "4", "--repeats", "2", "--out-dir", str(out),
+                 "--ppl-data", "wiki:heldout", "--ppl-tokens", "1024", "--ppl-seqlen", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = check_files(out)
     assert report["config"]["order"] == ["dense", "compressed", "compressed", "dense"]
@@ -107,11 +98,16 @@ def test_hf_engine_alternates_and_measures_the_kv_cache(demo_model, smol_a3_cr01
         assert 0 < m["tpot_ms_median"] <= m["tpot_ms_p99"]
     for name in ("dense", "compressed"):
         assert len(report["models"][name]["runs"]) == 2
+    assert d["weight_bytes"] == pytest.approx(hf_param_bytes(demo_model), rel=0.002)  # + rotary buffers
+    assert c["weight_bytes"] == pytest.approx(hf_param_bytes(smol_a3_cr01), rel=0.002)
+    assert 5.0 < d["perplexity"] < c["perplexity"] < 3 * d["perplexity"]  # held-out text, 1024 tokens
     assert "|" in proc.stdout and "wrote png" in proc.stdout
 
 
+@pytest.mark.slow  # two `vllm serve` starts (~2-4 min); the default run covers URL mode in test_vllm_serve.py
 @pytest.mark.skipif(SKIP_VLLM, reason="A3_SERVE_SKIP_VLLM=1")
 def test_server_mode_streams_real_http(demo_model, smol_a3_cr01, tmp_path):
+    """--mode server launches `vllm serve` for each model, streams real HTTP and reads capacity from /metrics."""
     out = tmp_path / "server"
     proc = bench("--mode", "server", "--dense", str(demo_model), "--compressed", str(smol_a3_cr01), "--num-prompts", "3",
                  "--input-len", "16", "--output-len", "6", "--repeats", "1", "--enforce-eager", "--out-dir", str(out))

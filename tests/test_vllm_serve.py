@@ -127,6 +127,24 @@ def test_vllm_serve_compressed_as_typed(smol_a3_cr01, tmp_path):
                                                       "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         msg = chat["choices"][0]["message"]
         assert msg["role"] == "assistant" and msg["content"].strip(), chat
+
+        # the benchmark's URL mode against this running server (both sides: it measures servers it did not start)
+        out = tmp_path / "bench"
+        bench = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"),
+                                "--dense-url", base, "--compressed-url", base, "--tokenizer", str(compressed),
+                                "--num-prompts", "3", "--input-len", "16", "--output-len", "5", "--repeats", "1",
+                                "--out-dir", str(out)], capture_output=True, text=True, timeout=300,
+                               env=dict(_vllm_env(), A3_SERVE_NO_PROGRESS="1"))
+        assert bench.returncode == 0, bench.stderr[-3000:]
+        report = json.loads((out / "throughput.json").read_text())
+        assert report["config"]["mode"] == "server" and report["config"]["urls"]["dense"] == base
+        for side in ("dense", "compressed"):
+            m = report["models"][side]["median"]
+            for lat in ("ttft", "tpot", "itl"):
+                assert 0 < m[f"{lat}_ms_median"] <= m[f"{lat}_ms_p99"], (side, lat, m)
+            block = report["models"][side]["runs"][0]["kv_block_size"]  # capacity from the server's /metrics
+            assert m["kv_cache_tokens"] > 0 and m["max_concurrency"] == pytest.approx(m["kv_cache_tokens"] / block / -(-21 // block))
+            assert m["output_tokens_per_s"] == pytest.approx(3 * 5 / m["elapsed_s"])
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
