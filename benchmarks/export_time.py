@@ -26,7 +26,7 @@ from pathlib import Path
 FORWARD = """
 import json, resource, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from a3_serve.calibration.sources import load_texts, sample_calibration
+from a3_serve.calibration.sources import calibration_windows
 from a3_serve.runtime import resolve_device, resolve_dtype
 model_dir, nsamples, seqlen, seed, bs, calib, device, dtype = sys.argv[1:9]
 nsamples, seqlen, seed, bs = int(nsamples), int(seqlen), int(seed), int(bs)
@@ -35,7 +35,7 @@ dt = resolve_dtype(dtype, dev)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 t0 = time.perf_counter()
 tok = AutoTokenizer.from_pretrained(model_dir)
-tokens = sample_calibration(tok, load_texts(calib), nsamples, seqlen, seed)
+tokens = calibration_windows(tok, calib, None, nsamples, seqlen, seed)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
 t_load = time.perf_counter() - t0
 with torch.no_grad():

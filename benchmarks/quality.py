@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import a3_serve
-from a3_serve.calibration.sources import describe_source, eval_windows, load_texts, sample_calibration, sources_overlap
+from a3_serve.calibration.sources import calibration_windows, describe_source, eval_windows, load_texts, sources_overlap
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.eval.ppl import evaluate_ppl
 from a3_serve.export.allocation import allocate_plan
@@ -94,7 +94,7 @@ def main() -> int:
     arch = inspect_architecture(src_cfg)
     shape = model_shape(arch)
     tok = AutoTokenizer.from_pretrained(args.model)
-    tokens = sample_calibration(tok, load_texts(args.calib), args.nsamples, args.seqlen, args.seed)
+    tokens = calibration_windows(tok, args.calib, None, args.nsamples, args.seqlen, args.seed)
     windows = {}
     for spec in evals:
         windows[spec] = eval_windows(tok, load_texts(spec), args.eval_seqlen, args.eval_tokens)

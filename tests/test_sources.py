@@ -495,3 +495,22 @@ def test_pydoc_missing_is_a_one_line_error(monkeypatch, tmp_path):
     finally:
         for c in caches:
             c.cache_clear()
+
+
+def test_builtin_token_stream_is_cached(smol_tokenizer, tmp_path, monkeypatch):
+    """Built-in corpora are tokenized once and read back from the cache; the windows are those of the uncached path."""
+    from a3_serve.calibration.sources import calibration_windows, corpus_token_stream
+
+    monkeypatch.setenv("A3_SERVE_CACHE", str(tmp_path))
+    fresh = calibration_windows(smol_tokenizer, "wiki", None, 8, 64, 5)
+    cached_files = list((tmp_path / "tokens").glob("*.pt"))
+    assert len(cached_files) == 1
+    assert torch.equal(fresh, sample_calibration(smol_tokenizer, load_texts("wiki"), 8, 64, 5))
+    assert torch.equal(calibration_windows(smol_tokenizer, "wiki:calibration", None, 8, 64, 5), fresh)
+    assert torch.equal(corpus_token_stream(smol_tokenizer, "wiki"), tokenize_corpus(smol_tokenizer, load_texts("wiki")))
+    cached_files[0].write_bytes(b"damaged")  # a damaged entry is rebuilt, not trusted
+    assert torch.equal(calibration_windows(smol_tokenizer, "wiki", None, 8, 64, 5), fresh)
+    text = tmp_path / "mine.txt"  # files are never cached (they may change)
+    text.write_text("\n\n".join(f"Document {i} talks about topic {i * 7} at some length." for i in range(200)))
+    calibration_windows(smol_tokenizer, str(text), None, 2, 16, 0)
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 1

@@ -47,9 +47,11 @@ characters per token in all three). The parts keep their own splits, so ``mix:ca
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +60,8 @@ from typing import Optional, Sequence
 import torch
 
 from a3_serve.errors import CalibrationError, InputError
+
+log = logging.getLogger("a3_serve.calibration")
 
 #: built-in corpora: name -> documents of a split (each has a "calibration" and a "heldout" split)
 BUILTIN_CORPORA = ("wiki", "austen", "pydoc", "mix")
@@ -518,7 +522,13 @@ def sample_calibration(tokenizer, texts: Sequence[str], nsamples: int, seqlen: i
     """
     _check_positive("nsamples", nsamples)
     _check_positive("seqlen", seqlen, 2)
-    stream = tokenize_corpus(tokenizer, texts)
+    return sample_calibration_from_stream(tokenize_corpus(tokenizer, texts), nsamples, seqlen, seed)
+
+
+def sample_calibration_from_stream(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The windows of :func:`sample_calibration` drawn from an already tokenized stream ``[N]``."""
+    _check_positive("nsamples", nsamples)
+    _check_positive("seqlen", seqlen, 2)
     n_tok, need = int(stream.numel()), nsamples * seqlen
     if n_tok < need:
         raise CalibrationError(
@@ -558,3 +568,70 @@ def eval_windows(tokenizer, texts: Sequence[str], seqlen: int, max_tokens: Optio
             f"evaluation text has {n_tok:,} tokens, fewer than one window of --seqlen {seqlen}; give more text or lower --seqlen"
         )
     return stream[: n * seqlen].reshape(n, seqlen).clone()
+
+
+# --------------------------------------------------------------------------------------------- token cache
+def _token_cache_dir() -> Path:
+    from a3_serve.demo import default_cache_root
+
+    return default_cache_root() / "tokens"
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's full definition (fast tokenizers: its JSON; otherwise the vocabulary)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    eos = _eos_id(tokenizer)
+    return hashlib.sha256(f"{text}|eos={eos}".encode()).hexdigest()[:16]
+
+
+def _builtin_code_fingerprint() -> str:
+    """A hash of the code that builds the built-in corpora (a change re-tokenizes them)."""
+    import hashlib
+
+    from a3_serve.calibration import austen, pythondoc
+
+    h = hashlib.sha256()
+    for mod in (sys.modules[__name__], austen, pythondoc):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def corpus_token_stream(tokenizer, spec: str, split: Optional[str] = None) -> torch.Tensor:
+    """:func:`tokenize_corpus` of a source, cached on disk for built-in corpora.
+
+    Tokenizing the built-in ``mix`` (about 12 million characters) takes tens of seconds on a small CPU, so its
+    token stream is kept in ``<cache root>/tokens/`` (``$A3_SERVE_CACHE`` or ``~/.cache/a3-serve``), keyed by
+    the source, the tokenizer's definition and the corpus-building code. Files, folders and hf: sources are
+    read afresh every time (they may change).
+    """
+    import hashlib
+
+    parts = parse_sources(spec, split)
+    if not all(p.kind in BUILTIN_CORPORA for p in parts):
+        return tokenize_corpus(tokenizer, load_texts(spec, split))
+    key = hashlib.sha256("|".join([describe_source(spec, split), _tokenizer_fingerprint(tokenizer),
+                                   _builtin_code_fingerprint()]).encode()).hexdigest()[:24]
+    path = _token_cache_dir() / f"{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True).to(torch.long)
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            log.warning("re-tokenizing %s: the cached tokens in %s are unreadable", spec, path)
+    stream = tokenize_corpus(tokenizer, load_texts(spec, split))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(stream.to(torch.int32), tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache is not the user's problem
+        log.warning("could not cache the tokens of %s in %s (%s)", spec, path, err)
+    return stream
+
+
+def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """:func:`sample_calibration` over a source's token stream (:func:`corpus_token_stream`): LongTensor
+    ``[nsamples, seqlen]``, identical to ``sample_calibration(tokenizer, load_texts(spec, split), ...)``."""
+    return sample_calibration_from_stream(corpus_token_stream(tokenizer, spec, split), nsamples, seqlen, seed)

@@ -67,6 +67,19 @@ def allocate_plan(
 ) -> DimPlan:
     """Per-layer dims for ``cr`` by loss-aware allocation over the loaded dense ``model``'s layers and ``stats``."""
     curves = [layer_curves(layer_tensors(layer), st, arch, methods, eps) for layer, st in zip(model.model.layers, stats)]
+    return plan_from_curves(curves, arch, shape, cr, components, head_multiple, min_head_dim)
+
+
+def plan_from_curves(
+    curves: list[LayerCurves],
+    arch: SourceArch,
+    shape: ModelShape,
+    cr: float,
+    components=("qk", "ov", "mlp"),
+    head_multiple: int = 16,
+    min_head_dim: int = MIN_HEAD_DIM,
+) -> DimPlan:
+    """Per-layer dims for ``cr`` from per-layer loss curves (:func:`layer_curves`, one per layer, in order)."""
     plan = allocate_dims(shape, curves, cr, components=components, head_multiple=head_multiple,
                          min_head_dim=min(min_head_dim, arch.head_dim))
     heads, _, widths = plan.dim_lists(shape.num_layers)

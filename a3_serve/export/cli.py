@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", required=True, metavar="DIR", help="folder to create for the compressed checkpoint (must not exist unless --overwrite)")
     io.add_argument("--cr", required=True, type=float, metavar="RATIO", help="compression ratio in (0, 1): fraction of decoder linear parameters to remove, e.g. 0.1")
     io.add_argument("--overwrite", action="store_true", help="replace --out if it exists (the old folder is removed only after the new one is complete)")
+    io.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                    help="largest safetensors file to write, as save_pretrained's max_shard_size (default: 5GB; e.g. 2GB, 500MB); "
+                         "a larger checkpoint is split into model-0000k-of-0000n.safetensors files with an index")
     io.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the written weights (default: the source checkpoint's dtype)")
 
@@ -83,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="dtype of the calibration forward pass (default: float32 on CPU, bfloat16 on GPU); statistics are always accumulated in float64")
+    run.add_argument("--in-memory", action="store_true",
+                     help="load the whole source model instead of streaming it layer by layer from its safetensors files "
+                          "(same result; streaming keeps peak memory at about one layer and can resume)")
+    run.add_argument("--no-resume", action="store_true",
+                     help="start over instead of resuming an interrupted export with the same arguments (streamed exports keep "
+                          "their finished layers in a hidden folder beside --out until they finish)")
     run.add_argument("--damp", type=float, default=1e-6, help="relative eigenvalue floor for the PSD square roots (default: 1e-6)")
 
     shape = p.add_argument_group("shapes and methods")
@@ -106,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-data", default="wiki:heldout", metavar="SOURCE", help="held-out text for --eval-tokens (default: wiki:heldout; never the calibration text)")
     ev.add_argument("--eval-seqlen", type=int, default=512, help="window length for --eval-tokens (default: 512)")
     ev.add_argument("--no-verify", action="store_true", help="skip loading the written checkpoint (and a forward pass) before it is moved into place")
+    ev.add_argument("--dry-run", action="store_true",
+                    help="check every input, print the planned dims, parameter and KV-cache savings and the estimated time and memory, "
+                         "and stop (nothing is computed or written)")
     ev.add_argument("--json", metavar="FILE", help="also write the export report as JSON to FILE ('-' for stdout)")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; errors only")
     ev.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -141,6 +153,8 @@ def format_summary(report: dict) -> str:
         f" ({report['calibration'].get('statistics', 'original')} statistics)",
         f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write + verify{' + eval' if report.get('quality') else ''} {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",
     ]
+    if report.get("resumed"):
+        lines.append("  resumed     from an interrupted run: calibration and solve times include that run's finished layers")
     q = report.get("quality")
     if q:
         lines.append(f"  perplexity  dense {q['dense_ppl']:.3f} -> compressed {q['compressed_ppl']:.3f} on {q['n_tokens']:,} held-out tokens of {q['data']}")
@@ -163,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
             methods=_methods(args), recipe=args.recipe, damp=args.damp, stats=args.stats,
             overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
-            verify=not args.no_verify,
+            verify=not args.no_verify, max_shard_size=args.max_shard_size, stream=not args.in_memory, resume=not args.no_resume, dry_run=args.dry_run,
         )
         report = run_export(opts, progress=not args.quiet)
-        if not args.quiet:
+        if report.get("dry_run"):
+            print("\n".join(report.pop("lines")))
+        elif not args.quiet:
             print(format_summary(report))
         if args.json:
             text = json.dumps(report, indent=2)
@@ -176,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(text + "\n")
         return 0
 
-    return run_cli(command, interrupted="interrupted; nothing was written to --out")
+    return run_cli(command, interrupted="interrupted; nothing was written to --out (re-run the same command to resume a streamed export)")
 
 
 if __name__ == "__main__":

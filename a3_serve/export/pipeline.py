@@ -25,7 +25,7 @@ from a3_serve.export.card import render_model_card
 from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
 from a3_serve.export.sequential import MODES as STATS_MODES
 from a3_serve.export.solve import ALLOCATIONS, LAYER_TENSORS, MLP_METHODS, OV_METHODS, PROJECTIONS, QK_METHODS, Methods, layer_tensors, solve_layer
-from a3_serve.export.writer import check_destination, write_checkpoint
+from a3_serve.export.writer import check_destination, parse_size, write_checkpoint
 from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
 from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims, plan_per_layer
 
@@ -65,6 +65,10 @@ class ExportOptions:
     stats: str = "original"  # "original" (the paper) or "propagated" (through the compressed earlier layers)
     verify: bool = True  # load the written folder and run a forward pass before it is renamed into place
     allow_zero_cr: bool = False  # Python API only: CR 0 runs the whole pipeline without removing anything
+    stream: bool = True  # layer by layer from the safetensors files (False: load the whole model, the reference path)
+    resume: bool = True  # continue an interrupted streamed export with the same arguments
+    dry_run: bool = False  # validate and print the plan and the estimated cost; compute nothing
+    max_shard_size: str = "5GB"  # safetensors shard limit, as transformers' save_pretrained
 
 
 def validate_options(opts: ExportOptions) -> None:
@@ -96,6 +100,7 @@ def validate_options(opts: ExportOptions) -> None:
         raise InputError(f"--eval-tokens must be >= 0, got {opts.eval_tokens}")
     if opts.stats not in STATS_MODES:
         raise InputError(f"--stats {opts.stats!r} is unknown; use original (the paper) or propagated")
+    parse_size(opts.max_shard_size)
     if opts.damp <= 0:
         raise InputError(f"--damp must be > 0, got {opts.damp:g}; the default 1e-6 is a good start")
 
@@ -279,7 +284,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     """Run the whole export; returns the report (also written as a3_report.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from a3_serve.calibration.sources import describe_source, load_texts, sample_calibration, sources_overlap
+    from a3_serve.calibration.sources import calibration_windows, describe_source, sources_overlap
     from a3_serve.modeling import modeling_source_files
     from a3_serve.progress import progress_bar
 
@@ -308,11 +313,23 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(opts.model))
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is a broken folder for the user
         raise InputError(f"cannot load the tokenizer of {str(opts.model)!r} ({type(err).__name__}); the folder needs tokenizer files") from None
-    texts = load_texts(opts.calib, opts.calib_split)
-    tokens = sample_calibration(tokenizer, texts, opts.nsamples, opts.seqlen, opts.seed)
+    tokens = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
     calib_desc = describe_source(opts.calib, opts.calib_split)
     if opts.eval_tokens and sources_overlap(opts.calib, opts.calib_split, opts.eval_data, None):
         raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as wiki:heldout")
+
+    if opts.dry_run:
+        from a3_serve.export.dryrun import dry_run_report
+
+        return dry_run_report(opts, src_cfg, arch, shape, plan, tokens, calib_desc, device, dtype)
+    save_dtype = _save_dtype(opts, src_cfg)
+    streamed = opts.stream and any(Path(opts.model).glob("*.safetensors"))
+    if opts.stream and not streamed:
+        log.info("the source has no safetensors files: loading the whole model (the streamed export reads safetensors lazily)")
+    calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc, "nsamples": opts.nsamples,
+                   "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel()), "statistics": opts.stats}
+    if streamed:
+        return _run_streamed(opts, src_cfg, arch, shape, plan, tokens, tokenizer, calibration, device, dtype, save_dtype, progress, t_start)
 
     # model
     t0 = time.perf_counter()
@@ -360,16 +377,41 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         t_solve = sum(r["seconds"] for r in layer_reports)
         t_calib = time.perf_counter() - t0 - t_solve + t_alloc
 
-    # save dtype: the source checkpoint's unless asked otherwise
+    new_state = {k: (v.to(save_dtype) if v.is_floating_point() else v).detach().cpu() for k, v in new_state.items()}
+    config, report = _build_report(opts, src_cfg, arch, shape, plan, calibration, save_dtype, device, dtype, layer_reports,
+                                   _count_params(src_state, arch.tie_word_embeddings),
+                                   _count_params(new_state, arch.tie_word_embeddings), streamed=False)
+    eval_windows_ = dense_ppl = None
+    if opts.eval_tokens:
+        eval_windows_ = _heldout_windows(opts, tokenizer)
+        dense_ppl = _ppl(model, eval_windows_, opts.batch_size)
+    del model, src_state, stats
+    report["timings"] = {"load_s": t_load, "calibration_s": t_calib, "solve_s": t_solve,
+                         "calibration_tokens_per_s": tokens.numel() / t_calib if t_calib > 0 else None}
+
+    t0 = time.perf_counter()
+    out = write_checkpoint(
+        Path(opts.out), Path(opts.model), config, new_state, modeling_source_files(), render_model_card(report), report,
+        overwrite=opts.overwrite, max_shard_size=opts.max_shard_size,
+        before_rename=lambda tmp: _verify_and_measure(tmp, opts, report, tokens, dtype, device, eval_windows_, dense_ppl, full=True),
+    )
+    return _finish_report(report, out, t0, t_start, device)
+
+
+def _save_dtype(opts: ExportOptions, src_cfg: dict[str, Any]) -> torch.dtype:
+    """The dtype of the written weights: the source checkpoint's unless asked otherwise."""
     if opts.save_dtype == "auto":
         name = str(src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "float32")
-        save_dtype = DTYPES.get(name, torch.float32)
-    else:
-        save_dtype = DTYPES[opts.save_dtype]
-    new_state = {k: (v.to(save_dtype) if v.is_floating_point() else v).detach().cpu() for k, v in new_state.items()}
+        return DTYPES.get(name, torch.float32)
+    return DTYPES[opts.save_dtype]
 
-    params_before = _count_params(src_state, arch.tie_word_embeddings)
-    params_after = _count_params(new_state, arch.tie_word_embeddings)
+
+def _build_report(
+    opts: ExportOptions, src_cfg: dict[str, Any], arch: SourceArch, shape: ModelShape, plan: DimPlan, calibration: dict[str, Any],
+    save_dtype: torch.dtype, device: torch.device, dtype: torch.dtype, layer_reports: list[dict[str, Any]],
+    params_before: int, params_after: int, streamed: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The compressed config.json and the export report (a3_report.json, the model card's source)."""
     bpe = torch.finfo(save_dtype).bits // 8
     source_name = str(src_cfg.get("_name_or_path") or Path(opts.model).resolve().name)
     methods = opts.methods.as_dict()
@@ -394,8 +436,6 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "notes": list(plan.notes),
         "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
     }
-    calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc, "nsamples": opts.nsamples,
-                   "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel()), "statistics": opts.stats}
     a3_block = {
         "format_version": FORMAT_VERSION,
         "a3_serve_version": a3_serve.__version__,
@@ -424,22 +464,26 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         "calibration": calibration,
         "device": str(device),
         "compute_dtype": dtype_name(dtype),
+        "streamed": streamed,
         "layers": layer_reports,
     }
+    return config, report
 
-    eval_windows_ = dense_ppl = None
-    if opts.eval_tokens:
-        eval_windows_ = _heldout_windows(opts, tokenizer)
-        dense_ppl = _ppl(model, eval_windows_, opts.batch_size)
-    del model, src_state, stats
 
-    report["timings"] = {"load_s": t_load, "calibration_s": t_calib, "solve_s": t_solve,
-                         "calibration_tokens_per_s": tokens.numel() / t_calib if t_calib > 0 else None}
+def _verify_and_measure(
+    tmp: Path, opts: ExportOptions, report: dict[str, Any], tokens: torch.Tensor, dtype: torch.dtype, device: torch.device,
+    eval_windows_: torch.Tensor | None, dense_ppl: float | None, full: bool,
+) -> None:
+    """Check the finished folder as a user would load it; measure quality; refresh card and report.
 
-    def verify_and_measure(tmp: Path) -> None:
-        """Load the finished folder as a user would; measure quality; refresh card and report."""
-        if not opts.verify and eval_windows_ is None:
-            return
+    ``full``: load it through the Auto classes and run a forward pass; otherwise (a streamed export too large to
+    load cheaply) check every tensor's name, shape and finiteness against the model class built from config.json.
+    """
+    from a3_serve.export.lazy import check_checkpoint_structure
+
+    if not opts.verify and eval_windows_ is None:
+        return
+    if full or eval_windows_ is not None:
         from transformers import AutoModelForCausalLM as Auto
 
         try:
@@ -454,15 +498,17 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
         if eval_windows_ is not None:
             report["quality"] = {"data": opts.eval_data, "seqlen": opts.eval_seqlen, "n_tokens": int(eval_windows_.numel()),
                                  "dense_ppl": dense_ppl, "compressed_ppl": _ppl(comp, eval_windows_, opts.batch_size)}
-        (tmp / "README.md").write_text(render_model_card(report))
-        (tmp / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        del comp
+        report["verified"] = "loaded with transformers, forward pass finite"
+    else:
+        check_checkpoint_structure(tmp)
+        report["verified"] = "every tensor's name and shape checked against the model class (too large to load cheaply)"
+    (tmp / "README.md").write_text(render_model_card(report))
+    (tmp / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    t0 = time.perf_counter()
-    out = write_checkpoint(
-        Path(opts.out), Path(opts.model), config, new_state, modeling_source_files(), render_model_card(report), report,
-        overwrite=opts.overwrite, before_rename=verify_and_measure,
-    )
-    report["timings"]["write_s"] = time.perf_counter() - t0
+
+def _finish_report(report: dict[str, Any], out: Path, t_write0: float, t_start: float, device: torch.device) -> dict[str, Any]:
+    report["timings"]["write_s"] = time.perf_counter() - t_write0
     report["timings"]["total_s"] = time.perf_counter() - t_start
     report["peak_rss_mb"] = _rss_mb()
     if device.type == "cuda":
@@ -471,6 +517,75 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     # the final numbers (write time, total, RSS) are known only now: refresh the report file
     (Path(out) / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+#: a streamed export loads its result for the final check only up to this many bytes of weights
+FULL_VERIFY_MAX_BYTES = 4 * 2**30
+
+
+def resume_key(opts: ExportOptions, src_cfg: dict[str, Any], dtype: torch.dtype, device: torch.device) -> str:
+    """What identifies a streamed export's result, hashed (:func:`a3_serve.export.workdir.export_key`)."""
+    from a3_serve.export.workdir import export_key
+
+    fields = {
+        "a3_serve": a3_serve.__version__, "source": str(Path(opts.model).resolve()), "config": src_cfg,
+        "cr": opts.cr, "calib": opts.calib, "calib_split": opts.calib_split, "nsamples": opts.nsamples, "seqlen": opts.seqlen,
+        "seed": opts.seed, "batch_size": opts.batch_size, "dtype": dtype_name(dtype), "device": device.type,
+        "save_dtype": opts.save_dtype, "head_multiple": opts.head_multiple, "components": list(opts.components),
+        "methods": [opts.methods.qk, opts.methods.ov, opts.methods.mlp, opts.methods.allocation], "damp": opts.damp,
+        "layer_dims": opts.layer_dims, "stats": opts.stats,
+    }
+    return export_key(fields)
+
+
+def _run_streamed(
+    opts: ExportOptions, src_cfg: dict[str, Any], arch: SourceArch, shape: ModelShape, plan: DimPlan, tokens: torch.Tensor,
+    tokenizer, calibration: dict[str, Any], device: torch.device, dtype: torch.dtype, save_dtype: torch.dtype, progress: bool, t_start: float,
+) -> dict[str, Any]:
+    """The streamed export (:mod:`a3_serve.export.streamed`) in a resumable working folder beside --out."""
+    import shutil
+
+    from a3_serve.errors import A3Error
+    from a3_serve.export.streamed import export_streamed
+    from a3_serve.export.workdir import WorkDir
+    from a3_serve.export.writer import move_into_place, populate_folder, remove_stale_partials
+    from a3_serve.modeling import modeling_source_files
+
+    remove_stale_partials(Path(opts.out))  # left by killed in-memory exports
+    work = WorkDir(Path(opts.out), resume_key(opts, src_cfg, dtype, device), resume=opts.resume)
+    allocate = None
+    if opts.methods.allocation == "loss" and opts.layer_dims is None:
+        allocate = {"cr": opts.cr, "components": tuple(opts.components), "head_multiple": opts.head_multiple}
+    res = export_streamed(
+        model_dir=Path(opts.model), work=work, arch=arch, shape=shape, plan=plan, allocate=allocate, tokens=tokens,
+        batch_size=opts.batch_size, methods=opts.methods, stats_mode=opts.stats, damp=opts.damp, dtype=dtype,
+        save_dtype=save_dtype, device=device, progress=progress, max_shard_bytes=parse_size(opts.max_shard_size),
+        a3_config_for=lambda p: _compressed_config(src_cfg, arch, p, {}, dtype),
+    )
+    config, report = _build_report(opts, src_cfg, arch, shape, res.plan, calibration, save_dtype, device, dtype, res.reports,
+                                   res.params_before, res.params_after, streamed=True)
+    report["resumed"] = work.resumed
+    report["timings"] = {"load_s": res.t_load, "calibration_s": res.t_calib, "solve_s": res.t_solve,
+                         "calibration_tokens_per_s": tokens.numel() / res.t_calib if res.t_calib > 0 else None}
+    eval_windows_ = dense_ppl = None
+    if opts.eval_tokens:
+        from transformers import AutoModelForCausalLM
+
+        eval_windows_ = _heldout_windows(opts, tokenizer)
+        dense = AutoModelForCausalLM.from_pretrained(str(opts.model), dtype=dtype).to(device).eval()
+        dense_ppl = _ppl(dense, eval_windows_, opts.batch_size)
+        del dense
+    t0 = time.perf_counter()
+    populate_folder(work.path, Path(opts.model), config, modeling_source_files(), render_model_card(report), report)
+    try:
+        _verify_and_measure(work.path, opts, report, tokens, dtype, device, eval_windows_, dense_ppl,
+                            full=res.weight_bytes <= FULL_VERIFY_MAX_BYTES)
+    except (A3Error, RuntimeError):
+        shutil.rmtree(work.path, ignore_errors=True)  # a broken result: nothing to resume
+        raise
+    work.clear_work_files()
+    move_into_place(work.path, Path(opts.out), opts.overwrite)
+    return _finish_report(report, Path(opts.out), t0, t_start, device)
 
 
 def _heldout_windows(opts: ExportOptions, tokenizer) -> torch.Tensor:

@@ -71,18 +71,35 @@ def sequential_calibrate(
     mode: str = "propagated",
     request: StatsRequest = StatsRequest(),
     progress: Callable[[int], None] | None = None,
+    *,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
+    before_layer: Callable[[int], None] | None = None,
+    after_layer: Callable[[int, list[torch.Tensor]], None] | None = None,
 ) -> None:
     """Calibrate and solve layer by layer (module docstring).
 
     ``solve_fn(layer_idx, stats)`` solves one layer and returns the compressed decoder layer as a module
     callable like the dense one (needed for ``mode="propagated"``; may return None in ``"original"`` mode).
     ``progress(1)`` is called after each layer.
+
+    Streaming and resuming (:mod:`a3_serve.export.streamed`): ``before_layer(idx)`` runs before layer ``idx`` is
+    used (load its weights), ``after_layer(idx, hidden)`` after it is solved, with ``hidden`` = the inputs of layer
+    ``idx + 1`` (free the weights, checkpoint the activations). ``start``/``hidden`` resume at layer ``start``
+    from saved inputs ``hidden`` (one ``[B, T, d]`` tensor per batch) instead of the embeddings' output.
     """
     if mode not in MODES:
         raise ValueError(f"unknown statistics mode {mode!r}; use one of {', '.join(MODES)}")
-    hidden, kwargs = capture_first_layer_inputs(model, batches)
+    if (start > 0) != (hidden is not None):
+        raise ValueError("resuming at a later layer needs that layer's saved inputs (and only then)")
+    first, kwargs = capture_first_layer_inputs(model, batches)
+    hidden = first if hidden is None else [h.to(first[0].device, first[0].dtype) for h in hidden]
+    del first
     inv_freq = rope_inv_freq(model) if request.rope_energy else None
-    for idx, layer in enumerate(model.model.layers):
+    for idx in range(start, len(model.model.layers)):
+        if before_layer is not None:
+            before_layer(idx)
+        layer = model.model.layers[idx]
         route = _Router(1, len(batches), num_heads, num_kv_heads, head_dim, request)  # one layer's slot
         handles = _attach(layer, 0, route, request, inv_freq)
         dense_out = []
@@ -101,5 +118,8 @@ def sequential_calibrate(
             del dense_out
         else:
             hidden = dense_out
+        del compressed
+        if after_layer is not None:
+            after_layer(idx, hidden)
         if progress is not None:
             progress(1)

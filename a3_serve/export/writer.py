@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -78,12 +79,25 @@ def remove_stale_partials(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_weights(state: dict[str, torch.Tensor], folder: Path) -> list[str]:
-    """Save tensors as safetensors, sharded above MAX_SHARD_SIZE with the standard index file."""
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000`` (decimal units as in ``save_pretrained``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise InputError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    n = int(float(m.group(1)) * scale)
+    if n < 1:
+        raise InputError(f"--max-shard-size {text!r} must be positive; e.g. 5GB")
+    return n
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str = MAX_SHARD_SIZE) -> list[str]:
+    """Save tensors as safetensors, sharded above ``max_shard_size`` with the standard index file."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD_SIZE)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=parse_size(max_shard_size))
     for filename, names in split.filename_to_tensors.items():
         save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
@@ -91,6 +105,36 @@ def save_weights(state: dict[str, torch.Tensor], folder: Path) -> list[str]:
                  "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sorted(split.filename_to_tensors)
+
+
+def populate_folder(
+    folder: Path, source_dir: Path, config: dict[str, Any], modeling_files: list[Path], model_card: str, report: dict[str, Any],
+) -> None:
+    """Write everything but the weights into ``folder``: config, modeling code, tokenizer files, card, report."""
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for f in modeling_files:
+        shutil.copy2(f, folder / Path(f).name)
+    for name in TOKENIZER_FILES:
+        src = Path(source_dir) / name
+        if src.is_file():
+            shutil.copy2(src, folder / name)
+    (folder / "README.md").write_text(model_card)
+    (folder / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``out_dir`` (an existing one only with ``overwrite``; the old folder
+    is moved aside first and deleted after the rename)."""
+    parent = out_dir.resolve().parent
+    if out_dir.exists():
+        if not overwrite:  # appeared while we were working
+            raise InputError(f"output folder {str(out_dir)!r} appeared during the export; pass --overwrite or choose another --out")
+        old = parent / f".{out_dir.name}.a3-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
 
 
 def write_checkpoint(
@@ -103,6 +147,7 @@ def write_checkpoint(
     report: dict[str, Any],
     overwrite: bool = False,
     before_rename: Callable[[Path], None] | None = None,
+    max_shard_size: str = MAX_SHARD_SIZE,
 ) -> Path:
     """Build the checkpoint in a temporary folder beside ``out_dir`` and rename it into place.
 
@@ -116,27 +161,11 @@ def write_checkpoint(
     tmp = parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_weights(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in modeling_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        for name in TOKENIZER_FILES:
-            src = Path(source_dir) / name
-            if src.is_file():
-                shutil.copy2(src, tmp / name)
-        (tmp / "README.md").write_text(model_card)
-        (tmp / "a3_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        save_weights(state, tmp, max_shard_size)
+        populate_folder(tmp, source_dir, config, modeling_files, model_card, report)
         if before_rename is not None:
             before_rename(tmp)
-        if out_dir.exists():
-            if not overwrite:  # appeared while we were working
-                raise InputError(f"output folder {str(out_dir)!r} appeared during the export; pass --overwrite or choose another --out")
-            old = parent / f".{out_dir.name}.a3-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

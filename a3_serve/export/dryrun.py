@@ -1,0 +1,134 @@
+"""`a3-export --dry-run`: the planned dims, parameter and KV-cache savings, and the estimated memory and time.
+
+Nothing is computed but a short matrix-multiply probe of the machine's speed (about a quarter of a second).
+
+Time model (``N`` calibration tokens, ``P`` decoder linear parameters, ``L`` layers, ``T`` seqlen, ``d`` hidden,
+``d_int`` MLP width; a multiply-add = 2 FLOPs):
+
+* one dense forward pass: ``F = 2·N·P + 4·N·T·h_q·d_h·L/2`` (projections + causal attention scores and values);
+* calibration passes: one for the statistics, one more for the loss-aware allocation, and with propagated
+  statistics the compressed layers run too (about ``(1 - CR)·F``); the statistics hooks cost
+  ``STATS_OVERHEAD`` of a pass (measured on SmolLM2, benchmarks/results/export-time);
+* the MLP refit (recipes with ``a3-refit``): accumulating ``E[h hᵀ]`` costs ``2·N·d_int²`` per layer and each
+  ridge candidate one Cholesky solve ``d_int³/3``;
+
+divided by the probed matmul speed in the compute dtype on the chosen device. Memory (streamed): one layer's
+weights and two copies of the activations in the compute dtype, the embeddings, and one layer's statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from a3_serve.export.architectures import SourceArch
+from a3_serve.runtime import dtype_name
+from a3_serve.solvers.budget import DimPlan, ModelShape
+from a3_serve.solvers.mlp import DEFAULT_RIDGES
+
+#: extra cost of the float64 statistics hooks relative to a plain forward pass (export-time benchmark: 1.27x)
+STATS_OVERHEAD = 0.3
+
+
+def probe_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25) -> float:
+    """Sustained matmul FLOP/s of ``device`` in ``dtype`` (square 1024 products for about ``seconds``)."""
+    n = 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    (a @ b).sum().item()  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        c = a @ b
+        reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            break
+    del c
+    return 2.0 * n**3 * reps / el
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _fmt_s(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def dry_run_report(opts, src_cfg: dict[str, Any], arch: SourceArch, shape: ModelShape, plan: DimPlan, tokens: torch.Tensor,
+                   calib_desc: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The dry-run report (module docstring): plain numbers for ``--json`` and ``lines`` for people."""
+    from a3_serve.export.pipeline import _save_dtype
+
+    L, d, dh, hq, hkv, dint = (arch.num_layers, arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
+                               arch.intermediate_size)
+    N, T = int(tokens.numel()), int(tokens.shape[1])
+    save_dtype = _save_dtype(opts, src_cfg)
+    bpe = torch.finfo(save_dtype).bits // 8
+    cbe = torch.finfo(dtype).bits // 8
+    vocab = int(src_cfg.get("vocab_size", 0))
+    tied = bool(arch.tie_word_embeddings)
+    lin_before = shape.linear_params(dh, dh, dint)
+    lin_after = plan.linear_params(shape)
+    other = vocab * d * (1 if tied else 2) + d * (2 * L + 1)
+    allocate = opts.methods.allocation == "loss" and opts.layer_dims is None
+    req = opts.methods.stats_request()
+
+    F = 2.0 * N * lin_before + 4.0 * N * T * hq * dh * L / 2
+    passes = (1 + STATS_OVERHEAD) * (2 if allocate else 1) + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
+    flops = F * passes
+    if req.mlp_moment:
+        flops += L * (2.0 * N * dint**2 + (len(DEFAULT_RIDGES) + 1) * dint**3 / 3)
+    speed = probe_flops(device, dtype)
+    est_s = flops / speed
+
+    layer_bytes = (lin_before / L) * cbe
+    act_bytes = 2 * N * d * cbe
+    stats_bytes = (3 * dint**2 * 8 if req.mlp_moment else 0) + 8 * (hq + 2 * hkv) * dh * dh * 2
+    mem_stream = layer_bytes + vocab * d * cbe + act_bytes + stats_bytes
+
+    kv_before = shape.kv_bytes_per_token(dh, dh, bpe)
+    kv_after = plan.kv_bytes_per_token(shape, bpe)
+    dims = f"QK head {dh} -> {plan.qk_head_dim}, VO head {dh} -> {plan.v_head_dim}, MLP {dint} -> {plan.intermediate_size}"
+    rep = {
+        "dry_run": True,
+        "source": str(opts.model), "out": str(opts.out),
+        "recipe": opts.recipe, "methods": opts.methods.as_dict(), "allocation": opts.methods.allocation,
+        "target_cr": opts.cr, "achieved_cr": plan.achieved_cr,
+        "dims": {"qk_head_dim": plan.qk_head_dim, "v_head_dim": plan.v_head_dim, "intermediate_size": plan.intermediate_size,
+                 "per_layer_after_calibration": allocate},
+        "linear_params_before": lin_before, "linear_params_after": lin_after,
+        "params_before": lin_before + other, "params_after": lin_after + other,
+        "weight_bytes_after": (lin_after + other) * bpe, "save_dtype": dtype_name(save_dtype),
+        "kv_bytes_per_token_before": kv_before, "kv_bytes_per_token_after": kv_after,
+        "calibration": {"description": calib_desc, "nsamples": opts.nsamples, "seqlen": opts.seqlen, "n_tokens": N,
+                        "statistics": opts.stats},
+        "device": str(device), "compute_dtype": dtype_name(dtype),
+        "estimate": {"flops": flops, "probe_flops_per_s": speed, "seconds": est_s, "calibration_passes": passes,
+                     "streamed_peak_memory_bytes": mem_stream},
+    }
+    rep["lines"] = [
+        f"a3-export dry run: {opts.model} -> {opts.out} (nothing computed, nothing written)",
+        f"  dims        {dims}" + (" (uniform; the loss-aware allocation sets per-layer dims with the same parameter count "
+                                   "after its calibration pass)" if allocate else ""),
+        f"  params      decoder linear {lin_before:,} -> {lin_after:,} (CR {plan.achieved_cr:.4f}); all {lin_before + other:,} -> "
+        f"{lin_after + other:,}; {_fmt_bytes((lin_after + other) * bpe)} as {dtype_name(save_dtype)}",
+        f"  KV cache    {kv_before:,} -> {kv_after:,} bytes/token, x{kv_before / kv_after:.2f} more tokens per GB",
+        f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
+        f"{passes:.1f} forward-pass equivalents",
+        f"  estimate    {_fmt_s(est_s)} on {device} in {dtype_name(dtype)} ({flops / 1e12:.2f} TFLOP at a probed "
+        f"{speed / 1e9:.0f} GFLOP/s); streamed peak memory about {_fmt_bytes(mem_stream)}",
+    ]
+    return rep

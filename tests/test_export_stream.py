@@ -1,0 +1,165 @@
+"""Streamed export (issue 5): identical to the in-memory export, resumable after a kill, and a dry run that plans
+without computing. The 7B-shaped run on disk is in test_export_7b.py (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from a3_serve.errors import InputError
+from a3_serve.export.pipeline import ExportOptions, run_export
+from a3_serve.export.recipes import RECIPES
+from a3_serve.export.workdir import LOCK_FILE, RESUME_MARK, WorkDir
+
+from conftest import RANDOM_ARCHS
+
+#: the arguments of the smol_a3_cr01 fixture (conftest.py), as a3-export flags
+SMOL_FIXTURE_FLAGS = ["--cr", "0.1", "--nsamples", "4", "--seqlen", "128", "--batch-size", "4", "--device", "cpu",
+                      "--dtype", "float32", "--recipe", "best-uniform"]
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Bit-for-bit equal tensors (by name, whatever the sharding) and equal config.json."""
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb), f"tensor names differ: {sorted(set(ta) ^ set(tb))[:5]}"
+    differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+def _export(src: Path, out: Path, **kw) -> dict:
+    opts = ExportOptions(model=src, out=out, cr=kw.pop("cr", 0.2), nsamples=kw.pop("nsamples", 16), seqlen=kw.pop("seqlen", 64),
+                         batch_size=2, device="cpu", dtype="float32", **kw)
+    return run_export(opts, progress=False)
+
+
+@pytest.mark.parametrize("kind", list(RANDOM_ARCHS))
+def test_streamed_equals_in_memory_random(kind, random_models, tmp_path):
+    """The default recipe (allocation pass + refit with a held-out fold) on every architecture family."""
+    src = random_models[kind]
+    rep = _export(src, tmp_path / "streamed")
+    _export(src, tmp_path / "memory", stream=False)
+    assert rep["streamed"] is True and rep["summary"]["layer_dims"] is not None
+    assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
+    assert sorted(p.name for p in (tmp_path / "streamed").glob("*.safetensors")) == ["model.safetensors"]
+    # above --max-shard-size: shards and an index, as save_pretrained writes them
+    _export(src, tmp_path / "sharded", max_shard_size="30MB")  # the 50 MB embedding matrices get shards of their own
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 2 and set(index["weight_map"].values()) == set(shards)
+    per_shard = {s: sum(v == s for v in index["weight_map"].values()) for s in shards}
+    assert all((tmp_path / "sharded" / s).stat().st_size <= 30e6 + 2**16 for s, n in per_shard.items() if n > 1)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _tensors(tmp_path / "sharded").values())
+    assert_same_checkpoint(tmp_path / "sharded", tmp_path / "memory")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "the working folder must be gone"
+
+
+def test_streamed_equals_in_memory_propagated(random_models, tmp_path):
+    src = random_models["llama3-gqa"]
+    _export(src, tmp_path / "streamed", stats="propagated", methods=RECIPES["paper"][0], recipe="paper")
+    _export(src, tmp_path / "memory", stats="propagated", methods=RECIPES["paper"][0], recipe="paper", stream=False)
+    assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
+
+
+def test_streamed_equals_in_memory_smollm2(smol_a3_cr01, demo_model, tmp_path):
+    """The shared SmolLM2 fixture is a streamed export (the default); the in-memory path gives the same bits."""
+    out = tmp_path / "memory"
+    run_export(ExportOptions(model=demo_model, out=out, cr=0.1, nsamples=4, seqlen=128, batch_size=4, device="cpu",
+                             dtype="float32", methods=RECIPES["best-uniform"][0], recipe="best-uniform", stream=False),
+               progress=False)
+    assert json.loads((smol_a3_cr01 / "a3_report.json").read_text())["streamed"] is True
+    assert_same_checkpoint(smol_a3_cr01, out)
+
+
+def test_kill_and_resume_gives_the_same_checkpoint(smol_a3_cr01, demo_model, tmp_path):
+    """SIGKILL a streamed a3-export in the middle of its solve pass; the same command resumes at the next
+    unfinished layer and writes exactly the checkpoint of an uninterrupted run (the fixture, same arguments)."""
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(demo_model), "--out", str(out), *SMOL_FIXTURE_FLAGS]
+    env = dict(os.environ, A3_SERVE_NO_PROGRESS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            for work in tmp_path.glob(f".{out.name}{RESUME_MARK}*"):
+                try:
+                    state = json.loads((work / "state.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                if state.get("pass") == "solve" and state.get("done", 0) >= 3:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = state["done"]
+            if killed_at is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert killed_at is not None and 3 <= killed_at < 30, "the export finished before it could be killed mid-way"
+    assert not out.exists()
+    run = subprocess.run(cmd + ["--verbose"], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "resuming the solve pass at layer" in run.stderr
+    resumed_from = int(run.stderr.split("resuming the solve pass at layer ")[1].split()[0])
+    assert resumed_from >= killed_at  # the kill may land after one more layer was recorded
+    report = json.loads((out / "a3_report.json").read_text())
+    assert report["resumed"] is True and len(report["layers"]) == 30
+    assert_same_checkpoint(smol_a3_cr01, out)
+    assert not list(tmp_path.glob(f".{out.name}*")), "nothing but the checkpoint may remain"
+
+
+def test_dry_run_plans_without_writing(smol_a3_cr01, demo_model, tmp_path, capsys):
+    """--dry-run's parameter and KV numbers are those of the real export with the same arguments; nothing is written."""
+    from a3_serve.export.cli import main
+
+    out = tmp_path / "planned"
+    report_file = tmp_path / "plan.json"
+    code = main(["--model", str(demo_model), "--out", str(out), *SMOL_FIXTURE_FLAGS, "--dry-run", "--json", str(report_file)])
+    printed = capsys.readouterr().out
+    assert code == 0 and not out.exists() and not list(tmp_path.glob(".planned*"))
+    assert "dry run" in printed and "KV cache" in printed and "estimate" in printed
+    plan = json.loads(report_file.read_text())
+    real = json.loads((smol_a3_cr01 / "a3_report.json").read_text())["summary"]
+    assert plan["linear_params_after"] == real["linear_params_after"]
+    assert plan["params_after"] == real["params_after"]
+    assert plan["kv_bytes_per_token_after"] == real["kv_bytes_per_token_after"] == 34560
+    assert plan["dims"]["qk_head_dim"] == real["qk_head_dim"] == 48
+    est = plan["estimate"]
+    assert est["seconds"] > 0 and est["probe_flops_per_s"] > 1e8 and est["streamed_peak_memory_bytes"] > 0
+
+
+def test_workdir_lock_and_no_resume(tmp_path):
+    """A working folder in use by a live process is refused; --no-resume starts over; other keys are discarded."""
+    out = tmp_path / "ckpt"
+    w = WorkDir(out, "k1")
+    (w.path / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    w.finish_layer("solve", 0, [torch.zeros(1, 2, 3)])
+    (w.path / LOCK_FILE).write_text(f"{os.getppid()}\n")  # a live process that is not us
+    with pytest.raises(InputError, match="another a3-export"):
+        WorkDir(out, "k1")
+    (w.path / LOCK_FILE).write_text("999999999\n")  # gone
+    again = WorkDir(out, "k1")
+    assert again.resumed and again.state["done"] == 1
+    fresh = WorkDir(out, "k1", resume=False)
+    assert not fresh.resumed and fresh.state["done"] == 0 and not (fresh.path / "model-00001-of-00002.safetensors").exists()
+    other = WorkDir(out, "k2")  # different arguments: the k1 folder (its process gone) is discarded
+    assert not w.path.exists() and other.path.exists()
