@@ -91,7 +91,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--dtype", default="auto", help="forward / calibration dtype (auto: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--calib", default="wiki", help="calibration source (default: built-in wiki)")
+    p.add_argument("--calib", default="mix", help="calibration source (default: built-in mix, as a3-export)")
     p.add_argument("--recipe", default="best", help="a3-export recipe (default: best)")
     p.add_argument("--keep", default=None, help="keep the last export in this folder (default: a temporary one)")
     p.add_argument("--out-dir", default="benchmarks/results/export-time")

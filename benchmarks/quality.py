@@ -57,8 +57,8 @@ def main() -> int:
     p.add_argument("--model", default=None, help="dense model folder (default: the built-in SmolLM2 demo model)")
     p.add_argument("--crs", default="0.1,0.2,0.3", help="comma-separated compression ratios")
     p.add_argument("--recipes", default=",".join(DEFAULT_GRID), help=f"comma-separated subset of {','.join(RECIPES)}")
-    p.add_argument("--calib", default="wiki", help="calibration source (default: built-in wiki, calibration split; "
-                   "e.g. wiki+austen for a mixed-domain set)")
+    p.add_argument("--calib", default="mix", help="calibration source (default: built-in mix = wiki + austen + pydoc in equal "
+                   "shares, calibration split, as a3-export; e.g. wiki for the paper's setting)")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

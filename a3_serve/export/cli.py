@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the written weights (default: the source checkpoint's dtype)")
 
     cal = p.add_argument_group("calibration data")
-    cal.add_argument("--calib", default="wiki", metavar="SOURCE",
+    cal.add_argument("--calib", default="mix", metavar="SOURCE",
                      help="calibration text: a .txt file (documents separated by blank lines), a .jsonl file (field 'text', or FILE.jsonl:FIELD), "
-                          "a folder of .txt files, 'wiki' (built-in Wikipedia lead paragraphs, calibration split; default), "
+                          "a folder of .txt files, a built-in corpus: 'mix' (default: Wikipedia lead paragraphs, Jane Austen's novels and the "
+                          "Python docs in equal shares, calibration split), 'wiki', 'austen' or 'pydoc'; A+B concatenates sources; "
                           "or hf:NAME[:CONFIG][:SPLIT] (a Hugging Face dataset; needs network and `pip install datasets`)")
     cal.add_argument("--calib-split", default=None, metavar="SPLIT", help="split of the built-in corpus (default: calibration; 'heldout' is reserved for evaluation)")
     cal.add_argument("--nsamples", type=int, default=128, help="number of calibration sequences (default: 128, the paper's)")

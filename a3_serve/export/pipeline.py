@@ -43,7 +43,7 @@ class ExportOptions:
     model: Path
     out: Path
     cr: float
-    calib: str = "wiki"
+    calib: str = "mix"
     calib_split: str | None = None
     nsamples: int = 128
     seqlen: int = 2048

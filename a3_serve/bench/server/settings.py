@@ -90,11 +90,17 @@ def check_model_dir(raw: str, roots: tuple[Path, ...], what: str) -> Path:
     return path
 
 
-BUILTIN_TEXTS = ("wiki", "austen")
+def _builtin_texts() -> tuple[str, ...]:
+    from a3_serve.calibration.sources import BUILTIN_CORPORA
+
+    return BUILTIN_CORPORA
+
+
+BUILTIN_TEXTS = _builtin_texts()  # wiki, austen, pydoc, mix
 
 
 def check_text_source(spec: str, roots: tuple[Path, ...]) -> str:
-    """``ppl_data``: built-in corpora (``wiki``, ``austen[:split]``), ``hf:...`` datasets, or files under the roots;
+    """``ppl_data``: built-in corpora (``wiki``, ``austen``, ``pydoc``, ``mix``, each ``[:split]``), ``hf:...`` datasets, or files under the roots;
     ``+`` joins several. Returns the spec with file parts replaced by resolved absolute paths."""
     parts = []
     for part in spec.split("+"):
