@@ -111,23 +111,56 @@ def empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def fill_module(model: nn.Module, prefix: str, source: SafetensorsSource, dtype: torch.dtype, device: torch.device) -> None:
-    """Load every parameter of the submodule at ``prefix`` (e.g. ``model.layers.3``) from the checkpoint."""
+    """Load every parameter of the submodule at ``prefix`` (e.g. ``model.layers.3``) from the checkpoint, one
+    tensor at a time (only one source tensor is ever held in both dtypes)."""
     from accelerate.utils import set_module_tensor_to_device
 
     module = model.get_submodule(prefix)
-    names = [f"{prefix}.{n}" for n, _ in module.named_parameters()]
-    tensors = source.read(names, dtype=dtype)
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(model.get_parameter(name).shape):
-            raise InputError(f"tensor {name} has shape {tuple(t.shape)} in the checkpoint but {tuple(model.get_parameter(name).shape)} "
+    for local, param in list(module.named_parameters()):
+        name = f"{prefix}.{local}"
+        t = source.read([name], dtype=dtype)[name]
+        if tuple(t.shape) != tuple(param.shape):
+            raise InputError(f"tensor {name} has shape {tuple(t.shape)} in the checkpoint but {tuple(param.shape)} "
                              "by config.json; the weights do not match the config")
         _check_finite(name, t)
         set_module_tensor_to_device(model, name, device, value=t)
+        del t
 
 
 def release_module(model: nn.Module, prefix: str) -> None:
-    """Drop the parameters of the submodule at ``prefix`` back to ``meta`` (frees their memory)."""
+    """Drop the parameters of the submodule at ``prefix`` back to ``meta`` and return the freed memory to the OS."""
     model.get_submodule(prefix).to("meta")
+    return_free_memory()
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def keep_heap_small(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes and more from their own memory maps (glibc ``mallopt``), so a freed
+    layer goes straight back to the OS. glibc otherwise raises this threshold after the first large free, and the
+    next layers' tensors then fragment the heap: measured on a Llama-2-7B shape, resident memory grew by about
+    70 MB per layer. No effect outside glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+
+
+def return_free_memory() -> None:
+    """``malloc_trim(0)``: give free heap pages back to the OS (glibc only)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def skeleton_with_embeddings(model_dir: Path, source: SafetensorsSource, dtype: torch.dtype, device: torch.device) -> nn.Module:

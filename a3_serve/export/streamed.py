@@ -38,7 +38,7 @@ import torch
 from a3_serve.calibration.stats import StatsRequest
 from a3_serve.export.allocation import layer_curves, plan_from_curves
 from a3_serve.export.architectures import SourceArch
-from a3_serve.export.lazy import SafetensorsSource, fill_module, release_module, skeleton_with_embeddings
+from a3_serve.export.lazy import SafetensorsSource, fill_module, keep_heap_small, release_module, skeleton_with_embeddings
 from a3_serve.export.sequential import sequential_calibrate
 from a3_serve.export.shardwriter import PreallocatedShards, checkpoint_specs
 from a3_serve.export.solve import Methods, layer_tensors
@@ -108,6 +108,7 @@ def export_streamed(
     from a3_serve.progress import progress_bar
 
     t0 = time.perf_counter()
+    keep_heap_small()
     source = SafetensorsSource(model_dir)
     model = skeleton_with_embeddings(model_dir, source, dtype, device)
     L = arch.num_layers
@@ -183,7 +184,10 @@ def export_streamed(
         for norm in NORMS:
             layer_state[f"model.layers.{i}.{norm}"] = dense.get_parameter(norm).detach()
         compressed = _a3_layer(model, a3_config, i, layer_state) if stats_mode == "propagated" else None
-        shards.write({k: (v.to(save_dtype) if v.is_floating_point() else v) for k, v in layer_state.items()})
+        for k in list(layer_state):  # one tensor at a time in the save dtype
+            v = layer_state.pop(k)
+            shards.write({k: v.to(save_dtype) if v.is_floating_point() else v})
+            del v
         return compressed
 
     def after_solve(i: int, nxt: list[torch.Tensor]) -> None:
@@ -200,8 +204,11 @@ def export_streamed(
     t_calib = float(timings.get("solve_pass_s", 0.0)) - t_solve + t_alloc
 
     # -- embeddings, final norm, LM head; index -----------------------------------------------------------------
-    rest_names = [spec.name for spec in specs if not spec.name.startswith("model.layers.")]
-    shards.write({k: (v.to(save_dtype) if v.is_floating_point() else v) for k, v in source.read(rest_names, dtype=dtype).items()})
+    release_module(model, "model")  # calibration is over: drop the embeddings before copying them
+    for name in [spec.name for spec in specs if not spec.name.startswith("model.layers.")]:
+        v = source.read([name], dtype=dtype)[name]  # through the compute dtype, as the in-memory path
+        shards.write({name: v.to(save_dtype) if v.is_floating_point() else v})
+        del v
     shards.write_index()
     params_after = sum(int(torch.Size(spec.shape).numel()) for spec in specs if not spec.name.endswith("rope_freq_index"))
     return StreamedResult(plan=plan, reports=reports, params_before=params_before, params_after=params_after,
