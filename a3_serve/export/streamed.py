@@ -18,8 +18,9 @@ Data flow (``L`` decoder layers, ``d`` hidden size, calibration tokens split int
 
 Peak memory: one layer's weights in the compute dtype, the embeddings, the activations ``X_l`` and ``X_{l+1}``
 (``2·nsamples·seqlen·d`` floats) and one layer's statistics (the MLP refit's ``d_int x d_int`` moments when the
-recipe uses them). After every layer the activations and the state are checkpointed in the working folder
-(:mod:`a3_serve.export.workdir`), so a killed export resumes at the next unfinished layer with the same result.
+recipe uses them). After a layer, the activations and the state are checkpointed in the working folder
+(:mod:`a3_serve.export.workdir`): after every layer while the activations are small, otherwise every couple of
+minutes; a killed export resumes after the last checkpointed layer with the same result.
 
 The result is the same checkpoint as the in-memory pipeline's (tested tensor by tensor): the same layer
 inputs, hooks, solvers and casts, only the weights come from disk one layer at a time.
@@ -49,6 +50,27 @@ from a3_serve.solvers.budget import DimPlan, ModelShape
 log = logging.getLogger("a3_serve.export")
 
 NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+#: the activations after a layer are checkpointed when they are this small, or when this long has passed since the
+#: last checkpoint (at 128 x 2048 calibration tokens of a 4096-wide model they are 4 GB: not worth writing per layer)
+CHEAP_CHECKPOINT_BYTES = 64 * 2**20
+CHECKPOINT_EVERY_S = 120.0
+
+
+class _Checkpointer:
+    """Decides after which layers the resumable state is written (see the constants above)."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.last = time.monotonic()
+
+    def due(self, idx: int, hidden: list[torch.Tensor]) -> bool:
+        if idx == self.num_layers - 1:  # the pass is over; its result is saved right after
+            return False
+        nbytes = sum(h.numel() * h.element_size() for h in hidden)
+        if nbytes <= CHEAP_CHECKPOINT_BYTES or time.monotonic() - self.last >= CHECKPOINT_EVERY_S:
+            self.last = time.monotonic()
+            return True
+        return False
 
 
 @dataclass
@@ -142,11 +164,14 @@ def export_streamed(
             curves_obj.append({"qk": c.qk, "ov": c.ov, "mlp": c.mlp})
             return None
 
+        ckpt = _Checkpointer(L)
+
         def after_alloc(i: int, nxt: list[torch.Tensor]) -> None:
             release_module(model, f"model.layers.{i}")
-            work.save_tensors(CURVES_FILE, curves_obj)
-            timings["alloc_s"] = t_alloc + time.perf_counter() - ta
-            work.finish_layer("alloc", i, nxt)
+            if ckpt.due(i, nxt):
+                work.save_tensors(CURVES_FILE, curves_obj)
+                timings["alloc_s"] = t_alloc + time.perf_counter() - ta
+                work.finish_layer("alloc", i, nxt)
 
         with progress_bar(total=L, initial=start, desc="allocation pass", unit="layer", force=None if progress else False) as bar:
             sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, curve_fn, mode="original",
@@ -190,10 +215,13 @@ def export_streamed(
             del v
         return compressed
 
+    ckpt = _Checkpointer(L)
+
     def after_solve(i: int, nxt: list[torch.Tensor]) -> None:
         release_module(model, f"model.layers.{i}")
         timings["solve_pass_s"] = solve_before + time.perf_counter() - tc
-        work.finish_layer("solve", i, nxt, {"reports": reports})
+        if ckpt.due(i, nxt):  # the layer's tensors are already in the files (fsynced)
+            work.finish_layer("solve", i, nxt, {"reports": reports})
 
     desc = f"calibrating + solving ({stats_mode} statistics)"
     with progress_bar(total=L, initial=start, desc=desc, unit="layer", force=None if progress else False) as bar:
