@@ -519,6 +519,9 @@ def _finish_report(report: dict[str, Any], out: Path, t_write0: float, t_start: 
     return report
 
 
+#: the layout of a streamed export's working folder (part of the resume key: a folder written by another layout,
+#: e.g. one shard per layer in the first version, is never resumed into this one)
+WORKDIR_FORMAT = 2
 #: a streamed export loads its result for the final check only up to this many bytes of weights
 FULL_VERIFY_MAX_BYTES = 4 * 2**30
 
@@ -528,7 +531,7 @@ def resume_key(opts: ExportOptions, src_cfg: dict[str, Any], dtype: torch.dtype,
     from a3_serve.export.workdir import export_key
 
     fields = {
-        "a3_serve": a3_serve.__version__, "source": str(Path(opts.model).resolve()), "config": src_cfg,
+        "a3_serve": a3_serve.__version__, "workdir_format": WORKDIR_FORMAT, "source": str(Path(opts.model).resolve()), "config": src_cfg,
         "cr": opts.cr, "calib": opts.calib, "calib_split": opts.calib_split, "nsamples": opts.nsamples, "seqlen": opts.seqlen,
         "seed": opts.seed, "batch_size": opts.batch_size, "dtype": dtype_name(dtype), "device": device.type,
         "save_dtype": opts.save_dtype, "head_multiple": opts.head_multiple, "components": list(opts.components),
