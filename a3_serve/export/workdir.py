@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from a3_serve.errors import InputError
+from a3_serve.export.writer import _pid_alive
 
 log = logging.getLogger("a3_serve.export")
 
@@ -41,16 +42,6 @@ CURVES_FILE = "curves.pt"
 LOCK_FILE = "lock"
 #: files of the working folder that are not part of the checkpoint
 WORK_FILES = (STATE_FILE, HIDDEN_FILE, CURVES_FILE, LOCK_FILE)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def export_key(fields: dict[str, Any]) -> str:
