@@ -20,11 +20,7 @@ from a3_serve.export.pipeline import ExportOptions, run_export
 from a3_serve.export.recipes import RECIPES
 from a3_serve.export.workdir import LOCK_FILE, RESUME_MARK, WorkDir
 
-from conftest import RANDOM_ARCHS
-
-#: the arguments of the smol_a3_cr01 fixture (conftest.py), as a3-export flags
-SMOL_FIXTURE_FLAGS = ["--cr", "0.1", "--nsamples", "4", "--seqlen", "128", "--batch-size", "4", "--device", "cpu",
-                      "--dtype", "float32", "--recipe", "best-uniform"]
+from conftest import RANDOM_ARCHS, SMOL_FIXTURE_FLAGS
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -82,7 +78,8 @@ def test_streamed_equals_in_memory_smollm2(smol_a3_cr01, demo_model, tmp_path):
     """The shared SmolLM2 fixture is a streamed export (the default); the in-memory path gives the same bits."""
     out = tmp_path / "memory"
     run_export(ExportOptions(model=demo_model, out=out, cr=0.1, nsamples=4, seqlen=128, batch_size=4, device="cpu",
-                             dtype="float32", methods=RECIPES["best-uniform"][0], recipe="best-uniform", stream=False),
+                             dtype="float32", methods=RECIPES["best-uniform"][0], recipe="best-uniform", calib="wiki",
+                             stream=False),
                progress=False)
     assert json.loads((smol_a3_cr01 / "a3_report.json").read_text())["streamed"] is True
     assert_same_checkpoint(smol_a3_cr01, out)
