@@ -104,6 +104,21 @@ def test_psd_sqrt_damps_rank_deficient_and_zero():
     assert torch.isfinite(Z).all() and torch.isfinite(Z_inv).all()
 
 
+def test_all_finite_fast_path_is_exact():
+    """A finite sum proves finiteness; a non-finite sum must fall back to the elementwise check, so huge but finite
+    values whose sum overflows (float32 and float64) are still finite, and any NaN / ±Inf is caught."""
+    for dtype in (torch.float32, torch.float64):
+        big = torch.full((4, 4), torch.finfo(dtype).max / 2, dtype=dtype)
+        assert not torch.isfinite(big.sum()) and linalg.all_finite(big)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = torch.randn(50, 50, dtype=dtype)
+            t[17, 3] = bad
+            assert not linalg.all_finite(t)
+            assert not linalg.all_finite(torch.cat([big.reshape(-1), t.reshape(-1)]))
+        assert linalg.all_finite(torch.randn(50, 50, dtype=dtype))
+    assert linalg.all_finite(torch.arange(5))  # integers are always finite
+
+
 def test_check_finite_and_bad_inputs():
     linalg.check_finite("ok", torch.ones(3), None, torch.arange(3))
     bad = torch.ones(2, 3, 3, dtype=F64)

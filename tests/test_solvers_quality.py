@@ -268,6 +268,9 @@ def test_mlp_objective_matches_samples():
     three = torch.trace(Wd @ H @ Wd.T) - 2 * torch.trace(Wn @ H[keep] @ Wd.T) + torch.trace(Wn @ H[keep][:, keep] @ Wn.T)
     assert abs(mlp.mlp_objective(H, Wd, keep, Wn) - float(three)) < 1e-10 * float(ref)
     assert mlp.mlp_objective(H, Wd, torch.arange(12), Wd) == pytest.approx(0.0, abs=1e-25)
+    # plain selection (only the dropped columns of the difference are non-zero: the restricted product)
+    plain = (h @ Wd.T - h[:, keep] @ Wd[:, keep].T).square().sum(1).mean()
+    assert abs(mlp.mlp_objective(H, Wd, keep, Wd[:, keep]) - float(plain)) < 1e-12 * float(plain)
     with pytest.raises(ValueError):
         mlp.mlp_objective(H, Wd, torch.tensor([0, 0, 1, 2, 3]), Wn)
 

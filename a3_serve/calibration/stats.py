@@ -45,6 +45,7 @@ from torch import nn
 
 from a3_serve.errors import NumericalError
 from a3_serve.solvers import qk as qk_solver
+from a3_serve.solvers.linalg import all_finite
 
 log = logging.getLogger("a3_serve.calibration")
 
@@ -128,7 +129,7 @@ class _Accumulator:
             raise RuntimeError(f"layer {layer_idx}: no calibration tokens reached this layer")
         means = {k: v / self.n_tokens for k, v in self.sums.items()}
         for name, t in means.items():
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise NumericalError(
                     f"calibration statistic {name} of layer {layer_idx} contains NaN or Inf; the model overflows on the "
                     "calibration text: use --dtype float32, check the source weights, or use different calibration text"

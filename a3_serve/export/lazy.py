@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from a3_serve.errors import InputError, NumericalError
+from a3_serve.solvers.linalg import all_finite
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -95,7 +96,7 @@ class SafetensorsSource:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if not all_finite(t):
         raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or re-convert it")
 
 

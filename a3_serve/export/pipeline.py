@@ -28,6 +28,7 @@ from a3_serve.export.solve import ALLOCATIONS, LAYER_TENSORS, MLP_METHODS, OV_ME
 from a3_serve.export.writer import check_destination, parse_size, write_checkpoint
 from a3_serve.runtime import DTYPES, dtype_name, read_config, resolve_device, resolve_dtype
 from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims, plan_per_layer
+from a3_serve.solvers.linalg import all_finite
 
 log = logging.getLogger("a3_serve.export")
 
@@ -118,7 +119,7 @@ def model_shape(arch: SourceArch) -> ModelShape:
 
 def _check_weights_finite(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise NumericalError(
                 f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or re-convert it"
             )
@@ -176,7 +177,7 @@ def _solve_layer_into(
         t = new[key]
         if t is None:
             continue
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
         base, kind = key.split("_")
         new_state[prefix + PROJECTIONS[base] + (".weight" if kind == "w" else ".bias")] = t

@@ -92,8 +92,9 @@ class PreallocatedShards:
                 f.write(head)
                 f.truncate(self.sizes[fname])
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Write tensors at their offsets (names, shapes and dtypes must be the planned ones), then fsync."""
+    def write(self, tensors: dict[str, torch.Tensor], sync: bool = True) -> None:
+        """Write tensors at their offsets (names, shapes and dtypes must be the planned ones), then fsync the files
+        they went to (``sync=False``: leave that to one :meth:`sync` after a batch of writes)."""
         touched: dict[str, int] = {}
         try:
             for name, t in tensors.items():
@@ -108,7 +109,17 @@ class PreallocatedShards:
                 os.pwrite(touched[fname], data, offset)
         finally:
             for fd in touched.values():
+                if sync:
+                    os.fsync(fd)
+                os.close(fd)
+
+    def sync(self) -> None:
+        """fsync every file of the checkpoint: what was written before is on disk (one call per finished layer)."""
+        for fname in self.sizes:
+            fd = os.open(self.folder / fname, os.O_RDONLY)
+            try:
                 os.fsync(fd)
+            finally:
                 os.close(fd)
 
     def write_index(self) -> None:

@@ -211,8 +211,9 @@ def export_streamed(
         compressed = _a3_layer(model, a3_config, i, layer_state) if stats_mode == "propagated" else None
         for k in list(layer_state):  # one tensor at a time in the save dtype
             v = layer_state.pop(k)
-            shards.write({k: v.to(save_dtype) if v.is_floating_point() else v})
+            shards.write({k: v.to(save_dtype) if v.is_floating_point() else v}, sync=False)
             del v
+        shards.sync()  # the layer is on disk before the working folder may record it as done
         return compressed
 
     ckpt = _Checkpointer(L)
@@ -235,8 +236,9 @@ def export_streamed(
     release_module(model, "model")  # calibration is over: drop the embeddings before copying them
     for name in [spec.name for spec in specs if not spec.name.startswith("model.layers.")]:
         v = source.read([name], dtype=dtype)[name]  # through the compute dtype, as the in-memory path
-        shards.write({name: v.to(save_dtype) if v.is_floating_point() else v})
+        shards.write({name: v.to(save_dtype) if v.is_floating_point() else v}, sync=False)
         del v
+    shards.sync()
     shards.write_index()
     params_after = sum(int(torch.Size(spec.shape).numel()) for spec in specs if not spec.name.endswith("rope_freq_index"))
     return StreamedResult(plan=plan, reports=reports, params_before=params_before, params_after=params_after,

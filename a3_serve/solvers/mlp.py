@@ -189,6 +189,10 @@ def mlp_objective(H: torch.Tensor, Wd: torch.Tensor, keep: torch.Tensor, Wd_new:
     check_finite("the refit down_proj weights", Wd_new)
     D = Wd.clone()
     D[:, keep] -= Wd_new
+    # only the columns where D is non-zero contribute (plain selection: just the dropped neurons, a small block)
+    nz = D.ne(0).any(dim=0).nonzero().squeeze(1)
+    if nz.numel() < d_int:
+        D, H = D[:, nz], H[nz][:, nz]
     return float(((D @ H) * D).sum())
 
 
