@@ -92,12 +92,12 @@ def _misshape_index(tensors):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01) -> dict[str, Path]:
+def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01, smol_a3_cr0) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm_ckpts")
     c = {
         "smol-cr0.1": smol_a3_cr01,
         "smol-cr0.2": _export(demo_model, root / "smol-cr0.2", 0.2),
-        "smol-cr0": _export(demo_model, root / "smol-cr0", 0.0),
+        "smol-cr0": smol_a3_cr0,
         "mha": _export(random_models["llama2-mha"], root / "mha", 0.2),
         "gqa": _export(random_models["llama3-gqa"], root / "gqa", 0.2),  # GQA + llama3 rope scaling
         "bias": _export(random_models["qwen2-bias"], root / "bias", 0.2),  # q/k/v bias

