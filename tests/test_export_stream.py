@@ -67,6 +67,83 @@ def test_streamed_equals_in_memory_random(kind, random_models, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "the working folder must be gone"
 
 
+def test_one_pass_allocation_equals_two_passes(random_models, tmp_path, monkeypatch):
+    """The default recipe's single calibration pass (every layer's statistics kept until the allocation is known) gives
+    the checkpoint of the light allocation pass + solve pass it replaces, streamed and in memory; with the cache
+    limit at 0 both paths take the two-pass route."""
+    from a3_serve.export import allocation
+
+    src = random_models["llama3-gqa"]
+    rep = _export(src, tmp_path / "one-pass")
+    monkeypatch.setattr(allocation, "CACHED_STATS_MAX_BYTES", 0)
+    _export(src, tmp_path / "two-pass")
+    _export(src, tmp_path / "two-pass-memory", stream=False)
+    assert rep["summary"]["layer_dims"] is not None
+    assert_same_checkpoint(tmp_path / "one-pass", tmp_path / "two-pass")
+    assert_same_checkpoint(tmp_path / "two-pass", tmp_path / "two-pass-memory")
+
+
+def test_compact_stats_round_trip_bit_for_bit():
+    """What the one-pass export stores per layer rebuilds the same statistics, with and without a held-out fold."""
+    from a3_serve.calibration.stats import CompactStatsList, StatsRequest, _Router, stats_nbytes
+
+    torch.manual_seed(0)
+    for heldout in (0, 2):
+        req = StatsRequest(mlp_moment=True, heldout_every=heldout)
+        route = _Router(1, 4, 4, 2, 8, req)
+        for b in range(4):
+            route.start_batch(b)
+            acc = route(0)
+            acc.n_tokens += 10
+            for name, n in (("Gq", 4), ("Gk", 2), ("Gv", 2), ("Go", 4)):
+                acc.add_head_moment(name, torch.randn(10, n * 8), n)
+            acc.add_square("x2", torch.randn(10, 32))
+            acc.add_square("h2", torch.randn(10, 48))
+            acc.add_outer("H", torch.randn(10, 48))
+        st = route.finish(0)
+        kept = CompactStatsList()
+        kept.append(st)
+        back = kept[0]
+        for obj_a, obj_b in [(st, back)] + ([(st.fit, back.fit), (st.val, back.val)] if heldout else []):
+            assert obj_a.n_tokens == obj_b.n_tokens
+            for k in ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H"):
+                assert torch.equal(getattr(obj_a, k), getattr(obj_b, k)), k
+        assert (back.fit is None) == (heldout == 0)
+        stored = sum(t.numel() * t.element_size() for fold in kept.items[0].values() for k, t in fold.items() if k != "n_tokens")
+        assert stored == stats_nbytes(4, 2, 8, 32, 48, req, 4) - 8 * 2 * len(kept.items[0])  # no inv_ms moments here
+
+
+def test_interrupted_solve_from_cached_statistics_resumes(random_models, tmp_path, monkeypatch):
+    """An export that fails while solving from the one-pass statistics keeps them in its working folder; the same
+    call resumes at the failed layer (no calibration pass again) and writes the uninterrupted checkpoint."""
+    from a3_serve.export import pipeline, streamed
+
+    src = random_models["llama2-mha"]
+    _export(src, tmp_path / "reference")
+    out = tmp_path / "resumed"
+    real = pipeline._solve_layer_into
+
+    def failing(state, layer, i, *args, **kw):
+        if i == 1:
+            raise RuntimeError("injected failure")
+        return real(state, layer, i, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "_solve_layer_into", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        _export(src, out)
+    (work,) = tmp_path.glob(f".{out.name}{RESUME_MARK}*")
+    state = json.loads((work / "state.json").read_text())
+    assert state["cached_stats"] is True and state["pass"] == "solve" and state["done"] == 1
+    assert sorted(p.name for p in work.glob("stats-*.pt")) == ["stats-00001.pt"]  # layer 0 solved, layer 1 not
+    monkeypatch.setattr(pipeline, "_solve_layer_into", real)
+    calls = []
+    monkeypatch.setattr(streamed, "sequential_calibrate", lambda *a, **k: calls.append(a))
+    rep = _export(src, out)
+    assert rep["resumed"] is True and not calls
+    assert_same_checkpoint(tmp_path / "reference", out)
+    assert not list(tmp_path.glob(f".{out.name}*")), "nothing but the checkpoint may remain"
+
+
 def test_streamed_equals_in_memory_propagated(random_models, tmp_path):
     src = random_models["llama3-gqa"]
     _export(src, tmp_path / "streamed", stats="propagated", methods=RECIPES["paper"][0], recipe="paper")

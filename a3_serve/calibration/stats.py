@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Iterable, Optional
 
 import torch
@@ -93,6 +94,67 @@ class LayerStats:
             ta, tb = getattr(a, k), getattr(b, k)
             vals[k] = None if ta is None else (ta * a.n_tokens + tb * b.n_tokens) / n
         return LayerStats(n_tokens=n, **vals)
+
+
+def stats_to_tensors(st: LayerStats) -> dict[str, dict[str, torch.Tensor]]:
+    """A compact, ``torch.save``-able form of one layer's statistics: ``{"fit": moments, "val": moments}`` when a
+    held-out fold was collected (the all-batches moments are NOT stored: :func:`stats_from_tensors` recomputes them
+    with :meth:`LayerStats.merge`, exactly as :meth:`_Router.finish` made them), else ``{"all": moments}``.
+    ``moments`` maps the names of ``LayerStats.MOMENTS`` that are present (and ``n_tokens``, a 0-dim int64) to
+    tensors. With the MLP moment ``H`` this is ``2·d_int²`` float64 per layer instead of ``3·d_int²``."""
+
+    def moments(s: LayerStats) -> dict[str, torch.Tensor]:
+        d = {k: getattr(s, k) for k in LayerStats.MOMENTS if getattr(s, k) is not None}
+        d["n_tokens"] = torch.tensor(s.n_tokens, dtype=torch.int64)
+        return d
+
+    if st.fit is not None and st.val is not None:
+        return {"fit": moments(st.fit), "val": moments(st.val)}
+    return {"all": moments(st)}
+
+
+def stats_from_tensors(d: dict[str, dict[str, torch.Tensor]]) -> LayerStats:
+    """Inverse of :func:`stats_to_tensors`: the same LayerStats, bit for bit (``.fit``/``.val`` attached)."""
+
+    def build(m: dict[str, torch.Tensor]) -> LayerStats:
+        m = dict(m)
+        return LayerStats(n_tokens=int(m.pop("n_tokens")), **m)
+
+    if "all" in d:
+        return build(d["all"])
+    fit, val = build(d["fit"]), build(d["val"])
+    merged = LayerStats.merge(fit, val)
+    merged.fit, merged.val = fit, val
+    return merged
+
+
+class CompactStatsList(Sequence):
+    """Layers' statistics kept in :func:`stats_to_tensors` form; item ``i`` is rebuilt on access (only the layer
+    being used holds the all-batches moments)."""
+
+    def __init__(self, items: list[dict[str, dict[str, torch.Tensor]]] | None = None):
+        self.items = [] if items is None else items
+
+    def append(self, st: LayerStats) -> None:
+        self.items.append(stats_to_tensors(st))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):  # noqa: ANN001 - int index only
+        return stats_from_tensors(self.items[i])
+
+
+def stats_nbytes(num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int, intermediate_size: int,
+                 request: StatsRequest, n_batches: int) -> int:
+    """Bytes of one layer's :func:`stats_to_tensors` form (float64; one fold, or two with a held-out fold)."""
+    n = num_heads * head_dim**2 * 2 + num_kv_heads * head_dim**2 * 2 + hidden_size + intermediate_size + 2
+    if request.mlp_moment:
+        n += intermediate_size**2
+    if request.rope_energy:
+        n += num_kv_heads * head_dim  # two [h_kv, d_h/2] energies
+    folds = 2 if request.heldout_every and n_batches >= request.heldout_every else 1
+    return 8 * n * folds
 
 
 @dataclass

@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from a3_serve.calibration.stats import LayerStats
+from a3_serve.calibration.stats import LayerStats, StatsRequest, stats_nbytes
 from a3_serve.export.architectures import SourceArch
 from a3_serve.export.solve import Methods, layer_tensors, qk_pair_scores, wo_per_group
 from a3_serve.solvers import mlp as mlp_solver
@@ -35,6 +35,27 @@ log = logging.getLogger("a3_serve.export")
 #: the smallest per-layer head size the allocation picks: vLLM's CPU attention runs multiples of 16 from 32 up
 #: (docs/VLLM.md); a 16-dim head in one layer makes the whole checkpoint unservable there
 MIN_HEAD_DIM = 32
+
+
+#: The allocation needs every layer's loss curves before any layer can be solved. With original-model statistics
+#: one calibration pass can gather everything: each layer's full statistics are kept (compact,
+#: :func:`a3_serve.calibration.stats.stats_to_tensors`; in the streamed export's working folder, or in memory) until
+#: the plan is known, then every layer is solved from them. When they would exceed this many bytes (the MLP refit's
+#: d_int x d_int moments of large models: 62 GB at Llama-2-7B's shape) the export makes two passes instead: a light
+#: allocation pass, then the solve pass, which recomputes the statistics one layer at a time.
+CACHED_STATS_MAX_BYTES = 4 * 2**30
+
+
+def cached_stats_bytes(arch: SourceArch, request: StatsRequest, n_batches: int) -> int:
+    """Bytes of every layer's compact statistics for ``request`` (``n_batches`` calibration batches)."""
+    return arch.num_layers * stats_nbytes(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size,
+                                          arch.intermediate_size, request, n_batches)
+
+
+def one_pass_allocation(arch: SourceArch, request: StatsRequest, n_batches: int, stats_mode: str) -> bool:
+    """Whether the loss-aware allocation and the solve share one calibration pass (see CACHED_STATS_MAX_BYTES):
+    only with original-model statistics (propagated ones depend on the plan) and when the statistics fit."""
+    return stats_mode == "original" and cached_stats_bytes(arch, request, n_batches) <= CACHED_STATS_MAX_BYTES
 
 
 def layer_curves(w: dict, st: LayerStats, arch: SourceArch, methods: Methods, eps: float = 1e-6) -> LayerCurves:

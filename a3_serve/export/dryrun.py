@@ -6,7 +6,8 @@ Time model (``N`` calibration tokens, ``P`` decoder linear parameters, ``L`` lay
 ``d_int`` MLP width; a multiply-add = 2 FLOPs):
 
 * one dense forward pass: ``F = 2·N·P + 4·N·T·h_q·d_h·L/2`` (projections + causal attention scores and values);
-* calibration passes: one for the statistics, one more for the loss-aware allocation, and with propagated
+* calibration passes: one for the statistics, one more for the loss-aware allocation unless one pass can keep
+  every layer's statistics (:func:`a3_serve.export.allocation.one_pass_allocation`), and with propagated
   statistics the compressed layers run too (about ``(1 - CR)·F``); the statistics hooks cost
   ``STATS_OVERHEAD`` of a pass (measured on SmolLM2, benchmarks/results/export-time);
 * the MLP refit (recipes with ``a3-refit``): accumulating ``E[h hᵀ]`` costs ``2·N·d_int²`` per layer and each
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from a3_serve.export.allocation import one_pass_allocation
 from a3_serve.export.architectures import SourceArch
 from a3_serve.runtime import dtype_name
 from a3_serve.solvers.budget import DimPlan, ModelShape
@@ -87,7 +89,8 @@ def dry_run_report(opts, src_cfg: dict[str, Any], arch: SourceArch, shape: Model
     req = opts.methods.stats_request()
 
     F = 2.0 * N * lin_before + 4.0 * N * T * hq * dh * L / 2
-    passes = (1 + STATS_OVERHEAD) * (2 if allocate else 1) + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
+    two_pass = allocate and not one_pass_allocation(arch, req, -(-int(tokens.shape[0]) // opts.batch_size), opts.stats)
+    passes = (1 + STATS_OVERHEAD) * (2 if two_pass else 1) + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
     flops = F * passes
     if req.mlp_moment:
         flops += L * (2.0 * N * dint**2 + (len(DEFAULT_RIDGES) + 1) * dint**3 / 3)

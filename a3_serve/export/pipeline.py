@@ -17,8 +17,9 @@ from typing import Any, Sequence
 import torch
 
 import a3_serve
-from a3_serve.calibration.stats import StatsRequest, collect_stats
-from a3_serve.export.allocation import allocate_plan
+from a3_serve.calibration.stats import CompactStatsList, StatsRequest, collect_stats
+from a3_serve.export.allocation import allocate_plan, one_pass_allocation
+from a3_serve.export.sequential import sequential_calibrate
 from a3_serve.errors import InputError, NumericalError
 from a3_serve.export.architectures import SourceArch, inspect_architecture
 from a3_serve.export.card import render_model_card
@@ -231,7 +232,6 @@ def compress_model(
     carried over unchanged; a tied lm_head is left out). The dense model is not modified, so several
     recipes can be solved from one set of statistics.
     """
-    from a3_serve.export.sequential import sequential_calibrate
     from a3_serve.progress import progress_bar
 
     new_state: dict[str, torch.Tensor] = {}
@@ -345,12 +345,24 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     batches = list(tokens.split(opts.batch_size))
     src_state = model.state_dict()
     stats = None
-    whole_model = opts.stats == "original" and not opts.methods.stats_request().mlp_moment
+    request = opts.methods.stats_request()
+    whole_model = opts.stats == "original" and not request.mlp_moment
     allocate = opts.methods.allocation == "loss" and opts.layer_dims is None
+    # the MLP moment with the allocation: every layer's statistics from one layer-by-layer pass (as the streamed
+    # export does), kept compact until the plan is known, when they fit (allocation.one_pass_allocation)
+    cached = allocate and request.mlp_moment and one_pass_allocation(arch, request, len(batches), opts.stats)
     t_alloc = 0.0
-    if whole_model or allocate:
+    if cached:
+        t0 = time.perf_counter()
+        kept = CompactStatsList()
+        with progress_bar(total=arch.num_layers, desc="calibrating (all statistics)", unit="layer",
+                          force=None if progress else False) as bar:
+            sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                 lambda _i, st: kept.append(st), mode="original", request=request, progress=bar.update)
+        stats = kept
+        t_alloc = time.perf_counter() - t0
+    elif whole_model or allocate:
         # original-model statistics of every layer in one pass: for solving (whole_model) and/or for the allocation
-        request = opts.methods.stats_request()
         if not whole_model:  # the allocation reads only the light moments; the solve pass gathers the rest
             request = StatsRequest(rope_energy=request.rope_energy)
         t0 = time.perf_counter()
@@ -362,7 +374,7 @@ def run_export(opts: ExportOptions, progress: bool = True) -> dict[str, Any]:
     if allocate:
         plan = allocate_plan(model, stats, arch, shape, opts.cr, opts.methods, tuple(opts.components), opts.head_multiple, opts.damp)
     dims = plan.dim_lists(arch.num_layers)
-    if whole_model:
+    if whole_model or cached:
         t_calib = t_alloc
         t0 = time.perf_counter()
         new_state, layer_reports = compress_model(model, stats, arch, *dims, opts.methods, opts.damp, progress=progress)
@@ -522,7 +534,7 @@ def _finish_report(report: dict[str, Any], out: Path, t_write0: float, t_start: 
 
 #: the layout of a streamed export's working folder (part of the resume key: a folder written by another layout,
 #: e.g. one shard per layer in the first version, is never resumed into this one)
-WORKDIR_FORMAT = 2
+WORKDIR_FORMAT = 3  # 3: the allocation pass may cache every layer's statistics (one pass)
 #: a streamed export loads its result for the final check only up to this many bytes of weights
 FULL_VERIFY_MAX_BYTES = 4 * 2**30
 

@@ -6,10 +6,14 @@ Data flow (``L`` decoder layers, ``d`` hidden size, calibration tokens split int
    real (:mod:`a3_serve.export.lazy`); the first layer's inputs ``X_0`` ``[B, T, d]`` per batch come from the
    model's own embedding code (:func:`a3_serve.export.sequential.capture_first_layer_inputs`);
 2. allocation pass (loss-aware allocation only): for ``l = 0..L-1``, load layer ``l``'s weights, run it on
-   ``X_l`` with the light statistics hooks, keep its loss curves (:func:`a3_serve.export.allocation.layer_curves`),
+   ``X_l`` with the statistics hooks, keep its loss curves (:func:`a3_serve.export.allocation.layer_curves`),
    ``X_{l+1}`` = its output, free the weights; then the per-layer dims for the CR
-   (:func:`a3_serve.export.allocation.plan_from_curves`);
-3. solve pass: the same loop with the recipe's statistics; each layer is solved
+   (:func:`a3_serve.export.allocation.plan_from_curves`). With original-model statistics that fit the cache limit
+   (:func:`a3_serve.export.allocation.one_pass_allocation`) this pass gathers the recipe's full statistics and keeps
+   each layer's in the working folder: step 3 then solves every layer from them without a second forward pass.
+   Otherwise it gathers only the light moments the curves need;
+3. solve pass: the same loop with the recipe's statistics (or, after a one-pass allocation, each layer's weights
+   and cached statistics read back); each layer is solved
    (:func:`a3_serve.export.solve.solve_layer`) and its compressed tensors and norms are written at once into the
    checkpoint's safetensors files, laid out in advance (:mod:`a3_serve.export.shardwriter`); ``X_{l+1}`` = the dense layer's output (original statistics, the paper)
    or the compressed layer's (propagated statistics);
@@ -18,7 +22,8 @@ Data flow (``L`` decoder layers, ``d`` hidden size, calibration tokens split int
 
 Peak memory: one layer's weights in the compute dtype, the embeddings, the activations ``X_l`` and ``X_{l+1}``
 (``2·nsamples·seqlen·d`` floats) and one layer's statistics (the MLP refit's ``d_int x d_int`` moments when the
-recipe uses them). After a layer, the activations and the state are checkpointed in the working folder
+recipe uses them); a one-pass allocation adds every layer's statistics on disk (at most
+``allocation.CACHED_STATS_MAX_BYTES``), not in memory. After a layer, the activations and the state are checkpointed in the working folder
 (:mod:`a3_serve.export.workdir`): after every layer while the activations are small, otherwise every couple of
 minutes; a killed export resumes after the last checkpointed layer with the same result.
 
@@ -36,14 +41,14 @@ from typing import Any, Callable
 
 import torch
 
-from a3_serve.calibration.stats import StatsRequest
-from a3_serve.export.allocation import layer_curves, plan_from_curves
+from a3_serve.calibration.stats import StatsRequest, stats_from_tensors, stats_to_tensors
+from a3_serve.export.allocation import layer_curves, one_pass_allocation, plan_from_curves
 from a3_serve.export.architectures import SourceArch
 from a3_serve.export.lazy import SafetensorsSource, fill_module, keep_heap_small, release_module, skeleton_with_embeddings
 from a3_serve.export.sequential import sequential_calibrate
 from a3_serve.export.shardwriter import PreallocatedShards, checkpoint_specs
 from a3_serve.export.solve import Methods, layer_tensors
-from a3_serve.export.workdir import CURVES_FILE, HIDDEN_FILE, WorkDir
+from a3_serve.export.workdir import CURVES_FILE, HIDDEN_FILE, WorkDir, stats_file
 from a3_serve.solvers.allocate import LayerCurves
 from a3_serve.solvers.budget import DimPlan, ModelShape
 
@@ -156,12 +161,17 @@ def export_streamed(
     if allocate is not None and st.get("plan") is None:
         start, hidden = resume_point("alloc")
         curves_obj = work.load_tensors(CURVES_FILE) if start else []
-        request = StatsRequest(rope_energy=methods.stats_request().rope_energy)
+        full_request = methods.stats_request()
+        # one pass: this pass gathers the solve's statistics too and keeps them in the working folder
+        cached = one_pass_allocation(arch, full_request, len(batches), stats_mode)
+        request = full_request if cached else StatsRequest(rope_energy=full_request.rope_energy)
         ta = time.perf_counter()
 
         def curve_fn(i: int, layer_stats) -> None:
             c = layer_curves(layer_tensors(model.model.layers[i]), layer_stats, arch, methods, damp)
             curves_obj.append({"qk": c.qk, "ov": c.ov, "mlp": c.mlp})
+            if cached:
+                work.save_tensors(stats_file(i), stats_to_tensors(layer_stats))
             return None
 
         ckpt = _Checkpointer(L)
@@ -171,16 +181,17 @@ def export_streamed(
             if ckpt.due(i, nxt):
                 work.save_tensors(CURVES_FILE, curves_obj)
                 timings["alloc_s"] = t_alloc + time.perf_counter() - ta
-                work.finish_layer("alloc", i, nxt)
+                work.finish_layer("alloc", i, nxt, {"cached_stats": cached})
 
-        with progress_bar(total=L, initial=start, desc="allocation pass", unit="layer", force=None if progress else False) as bar:
+        desc = "calibrating (all statistics)" if cached else "allocation pass"
+        with progress_bar(total=L, initial=start, desc=desc, unit="layer", force=None if progress else False) as bar:
             sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, curve_fn, mode="original",
                                  request=request, progress=bar.update, start=start, hidden=hidden,
                                  before_layer=load, after_layer=after_alloc)
         curves = [LayerCurves(qk=c["qk"], ov=c["ov"], mlp=c["mlp"]) for c in curves_obj]
         plan = plan_from_curves(curves, arch, shape, allocate["cr"], allocate["components"], allocate["head_multiple"])
         t_alloc = timings["alloc_s"] = t_alloc + time.perf_counter() - ta
-        st.update(plan=_plan_to_json(plan), **{"pass": "solve", "done": 0, "reports": []})
+        st.update(plan=_plan_to_json(plan), cached_stats=cached, **{"pass": "solve", "done": 0, "reports": []})
         (work.path / HIDDEN_FILE).unlink(missing_ok=True)
         (work.path / CURVES_FILE).unlink(missing_ok=True)
         work.save_state()
@@ -196,7 +207,10 @@ def export_streamed(
     specs = checkpoint_specs(a3_config, save_dtype, layer_order=L)
     shards = PreallocatedShards(work.path, specs, max_shard_bytes)
     shards.create()
-    start, hidden = resume_point("solve")
+    if st.get("cached_stats"):
+        start, hidden = (st["done"] if st.get("pass") == "solve" else 0), None
+    else:
+        start, hidden = resume_point("solve")
     reports: list[dict[str, Any]] = list(st.get("reports", [])) if start else []
     tc = time.perf_counter()
     solve_before = float(timings.get("solve_pass_s", 0.0)) if start else 0.0
@@ -216,19 +230,38 @@ def export_streamed(
         shards.sync()  # the layer is on disk before the working folder may record it as done
         return compressed
 
-    ckpt = _Checkpointer(L)
+    if st.get("cached_stats"):
+        # the allocation pass kept every layer's statistics: solve each layer from them, no second forward pass
+        def after_cached(i: int) -> None:
+            release_module(model, f"model.layers.{i}")
+            timings["solve_pass_s"] = solve_before + time.perf_counter() - tc
+            work.state.update({"pass": "solve", "done": i + 1, "reports": reports})
+            work.save_state()  # the layer's tensors are already in the files (fsynced)
+            (work.path / stats_file(i)).unlink(missing_ok=True)
 
-    def after_solve(i: int, nxt: list[torch.Tensor]) -> None:
-        release_module(model, f"model.layers.{i}")
-        timings["solve_pass_s"] = solve_before + time.perf_counter() - tc
-        if ckpt.due(i, nxt):  # the layer's tensors are already in the files (fsynced)
-            work.finish_layer("solve", i, nxt, {"reports": reports})
+        if start:
+            log.info("resuming the solve pass at layer %d of %d (%s)", start, L, work.path)
+        with progress_bar(total=L, initial=start, desc="solving (statistics of the calibration pass)", unit="layer",
+                          force=None if progress else False) as bar:
+            for i in range(start, L):
+                load(i)
+                solve_fn(i, stats_from_tensors(work.load_tensors(stats_file(i))))
+                after_cached(i)
+                bar.update(1)
+    else:
+        ckpt = _Checkpointer(L)
 
-    desc = f"calibrating + solving ({stats_mode} statistics)"
-    with progress_bar(total=L, initial=start, desc=desc, unit="layer", force=None if progress else False) as bar:
-        sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, solve_fn, mode=stats_mode,
-                             request=methods.stats_request(), progress=bar.update, start=start, hidden=hidden,
-                             before_layer=load, after_layer=after_solve)
+        def after_solve(i: int, nxt: list[torch.Tensor]) -> None:
+            release_module(model, f"model.layers.{i}")
+            timings["solve_pass_s"] = solve_before + time.perf_counter() - tc
+            if ckpt.due(i, nxt):  # the layer's tensors are already in the files (fsynced)
+                work.finish_layer("solve", i, nxt, {"reports": reports})
+
+        desc = f"calibrating + solving ({stats_mode} statistics)"
+        with progress_bar(total=L, initial=start, desc=desc, unit="layer", force=None if progress else False) as bar:
+            sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, solve_fn, mode=stats_mode,
+                                 request=methods.stats_request(), progress=bar.update, start=start, hidden=hidden,
+                                 before_layer=load, after_layer=after_solve)
     t_solve = sum(r["seconds"] for r in reports)
     t_calib = float(timings.get("solve_pass_s", 0.0)) - t_solve + t_alloc
 

@@ -5,11 +5,15 @@ A streamed export builds its checkpoint in a hidden folder beside ``--out``, nam
 its config, CR, recipe and methods, calibration source and size, seed, dtypes, damping, a3-serve version).
 Besides the finished layers' shards it holds:
 
-* ``state.json``: which pass is running (``alloc``: the light allocation pass, ``solve``), how many layers of it
-  are finished, the per-layer reports and timings, and the allocated per-layer dims once known;
+* ``state.json``: which pass is running (``alloc``: the allocation pass, ``solve``), how many layers of it are
+  finished, whether the solve reads cached statistics (``cached_stats``), the per-layer reports and timings, and
+  the allocated per-layer dims once known;
 * ``hidden.pt``: the calibration activations entering the next unfinished layer (one ``[B, T, d]`` tensor per
   batch), so a resumed run continues exactly where the killed one stopped;
 * ``curves.pt``: the allocation pass's per-layer loss curves so far;
+* ``stats-<layer>.pt``: when the allocation pass also gathers the solve's statistics (one calibration pass,
+  :func:`a3_serve.export.allocation.one_pass_allocation`), each layer's statistics in compact form
+  (:func:`a3_serve.calibration.stats.stats_to_tensors`) until that layer is solved;
 * ``lock``: the pid of the export using the folder (a second export to the same ``--out`` is refused).
 
 Every file is replaced atomically (write to ``*.tmp``, then ``os.replace``), so a kill at any instant leaves
@@ -40,8 +44,14 @@ STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.pt"
 CURVES_FILE = "curves.pt"
 LOCK_FILE = "lock"
-#: files of the working folder that are not part of the checkpoint
+STATS_PREFIX = "stats-"
+#: files of the working folder that are not part of the checkpoint (besides the per-layer statistics)
 WORK_FILES = (STATE_FILE, HIDDEN_FILE, CURVES_FILE, LOCK_FILE)
+
+
+def stats_file(layer: int) -> str:
+    """The working folder's file name for decoder layer ``layer``'s cached statistics."""
+    return f"{STATS_PREFIX}{layer:05d}.pt"
 
 
 def export_key(fields: dict[str, Any]) -> str:
@@ -127,3 +137,5 @@ class WorkDir:
         for name in WORK_FILES:
             (self.path / name).unlink(missing_ok=True)
             (self.path / (name + ".tmp")).unlink(missing_ok=True)
+        for p in self.path.glob(f"{STATS_PREFIX}*.pt*"):
+            p.unlink(missing_ok=True)
