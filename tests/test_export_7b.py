@@ -1,6 +1,7 @@
 """Issue 5 acceptance on this CPU machine: a Llama-2-7B-shaped bf16 checkpoint (random weights, about 13 GB on
 disk, built here and never committed) exports layer by layer with peak RSS under 4 GiB, and the result loads and
-generates. Slow (about half an hour on 2 cores) and needs ~27 GB of free disk: `pytest -m slow tests/test_export_7b.py`.
+generates. Slow (19 minutes on 2 cores, building the source included; docs/RESULTS.md) and needs ~27 GB of free
+disk: `pytest -m slow tests/test_export_7b.py`.
 
 The recipe is `paper`: the default `best` recipe's MLP refit solves d_int x d_int systems (d_int = 11008) for
 several ridge values per layer, about an hour on this CPU and seconds on a GPU; its memory is covered in the
