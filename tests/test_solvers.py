@@ -119,6 +119,21 @@ def test_all_finite_fast_path_is_exact():
     assert linalg.all_finite(torch.arange(5))  # integers are always finite
 
 
+def test_gram_upper_blocks_equals_the_full_product():
+    """The block-triangular Gram matrix (the MLP moment's accumulation) is aᵀa to float64 rounding, for column counts
+    that do and do not divide into the blocks, and mirrors its off-diagonal blocks exactly."""
+    torch.manual_seed(0)
+    for n, blocks in ((1536, 4), (1001, 3), (257, 4), (100, 4)):
+        a = torch.randn(700, n, dtype=F64) * torch.logspace(-3, 3, n, dtype=F64)  # columns of very different scale
+        g, ref = linalg.gram(a, blocks), a.T @ a
+        assert g.shape == (n, n)
+        scale = torch.sqrt(torch.diagonal(ref)[:, None] * torch.diagonal(ref)[None, :])  # Cauchy-Schwarz bound
+        assert ((g - ref).abs() / scale).max() < 1e-13
+        if n >= 256:  # smaller ones take the plain product
+            lo = n // blocks
+            assert torch.equal(g[lo:, :lo], g[:lo, lo:].T)
+
+
 def test_check_finite_and_bad_inputs():
     linalg.check_finite("ok", torch.ones(3), None, torch.arange(3))
     bad = torch.ones(2, 3, 3, dtype=F64)

@@ -202,6 +202,16 @@ def rope_pair_energy(u: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Te
     each of n KV groups; MHA: g = 1); ``v`` complex [B, n, T, P] (post-RoPE keys). Returns float64 [n, P]
     (summed over the B sequences), on ``u``'s device.
     """
+    return rope_pair_energies(u, v)[1 if causal else 0]
+
+
+def rope_pair_energies(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both :func:`rope_pair_energy` results, ``(all pairs, causal pairs)``, from one set of intermediates.
+
+    The group's query heads enter both closed forms only through ``Σ_i |u_{i,m}|²`` and ``Σ_i u_{i,m}²``, so those
+    sums are taken first (``[B, n, T, P]``, ``g`` times smaller) and shared by the two energies;
+    ``|z|² = Re(z)² + Im(z)²`` avoids the square root of ``abs``. Same shapes and checks as :func:`rope_pair_energy`.
+    """
     u, v = torch.as_tensor(u), torch.as_tensor(v)
     if not (u.is_complex() and v.is_complex()):
         raise ValueError("rope_pair_energy needs complex u and v (use rope_complex on the q/k activations)")
@@ -212,17 +222,13 @@ def rope_pair_energy(u: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Te
             f"got {tuple(u.shape)} and {tuple(v.shape)}"
         )
     check_finite("the post-RoPE q/k coordinates passed to rope_pair_energy", u, v)
-    u_abs2, u_sq = u.abs().square(), u.square()  # [B, n, g, T, P]
-    v_abs2, v_sq = v.abs().square(), v.square()  # [B, n, T, P]
-    if not causal:
-        su_abs2, su_sq = u_abs2.sum(dim=(2, 3)), u_sq.sum(dim=(2, 3))  # [B, n, P]
-        sv_abs2, sv_sq = v_abs2.sum(2), v_sq.sum(2)
-        e = 0.5 * (su_abs2 * sv_abs2 + (su_sq.conj() * sv_sq).real)  # [B, n, P]
-        return e.sum(0)
-    C1 = v_abs2.cumsum(2).unsqueeze(2)  # [B, n, 1, T, P]
-    C2 = v_sq.cumsum(2).unsqueeze(2)
-    e = 0.5 * (u_abs2 * C1 + (u_sq * C2.conj()).real)  # [B, n, g, T, P]
-    return e.sum(dim=(0, 2, 3))
+    u_abs2 = torch.view_as_real(u).square().sum(-1).sum(2)  # Σ_i |u_i|²  [B, n, T, P]
+    u_sq = u.square().sum(2)  # Σ_i u_i²  [B, n, T, P]
+    v_abs2, v_sq = torch.view_as_real(v).square().sum(-1), v.square()  # [B, n, T, P]
+    e_all = 0.5 * (u_abs2.sum(2) * v_abs2.sum(2) + (u_sq.sum(2).conj() * v_sq.sum(2)).real)  # [B, n, P]
+    C1, C2 = v_abs2.cumsum(2), v_sq.cumsum(2)
+    e_causal = 0.5 * (u_abs2 * C1 + (u_sq * C2.conj()).real)  # [B, n, T, P]
+    return e_all.sum(0), e_causal.sum(dim=(0, 2))
 
 
 def pair_columns(keep: torch.Tensor, d_h: int) -> torch.Tensor:
