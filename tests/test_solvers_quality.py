@@ -407,3 +407,7 @@ def test_mlp_choose_ridge_prefers_larger_ridge_when_overfitting():
     _, r_plain, _ = mlp.mlp_choose_ridge(H_fit, H_val, keep, Wd, ridges=(1e-4, float("inf")))
     assert r_plain == float("inf")  # 25 fitting tokens for 30 coefficients: the unregularised refit overfits
     assert mlp.mlp_objective(H_val, Wd, keep, W_out) == pytest.approx(min(losses_out), rel=1e-12)
+    # the shared-work search gives every candidate's held-out loss as mlp_objective does, to float64 rounding
+    for x, loss in zip(mlp.DEFAULT_RIDGES, losses_out):
+        W = Wd[:, keep] if x == float("inf") else mlp.mlp_refit(H_fit, keep, Wd, x)
+        assert loss == pytest.approx(mlp.mlp_objective(H_val, Wd, keep, W), rel=1e-10)

@@ -217,11 +217,39 @@ def mlp_refit(H: torch.Tensor, keep: torch.Tensor, Wd: torch.Tensor, ridge: floa
     Wd = _check_Wd(Wd, d_int, dev)
     keep = _check_keep(keep, d_int, dev)
     ridge = _check_ridge(ridge)
-    H_SS = H[keep][:, keep]
+    return _refit_solve(H[keep][:, keep], H[keep] @ Wd.T, Wd[:, keep], ridge)
+
+
+def _refit_solve(H_SS: torch.Tensor, rhs0: torch.Tensor, W_S: torch.Tensor, ridge: float) -> torch.Tensor:
+    """:func:`mlp_refit`'s closed form from its ridge-independent parts ``H_SS`` [r, r], ``rhs0 = H_{S,:} Wdᵀ``
+    [r, d] and ``W_S = Wd[:, S]`` [d, r] (shared by every ridge of :func:`mlp_choose_ridge`)."""
     delta = _ridge_delta(torch.diagonal(H_SS).mean(), ridge)
-    A = H_SS + delta * torch.eye(keep.numel(), dtype=torch.float64, device=dev)
-    rhs = H[keep] @ Wd.T + delta * Wd[:, keep].T  # [r, d]
+    A = H_SS + delta * torch.eye(H_SS.shape[0], dtype=torch.float64, device=H_SS.device)
+    rhs = rhs0 + delta * W_S.T  # [r, d]
     return _spd_solve(A, rhs, delta).T.contiguous()
+
+
+def _objective_on_kept(H: torch.Tensor, Wd: torch.Tensor, keep: torch.Tensor):
+    """``W -> mlp_objective(H, Wd, keep, W)`` for many refits ``W`` [d, r] of the same kept set ``S``.
+
+    With ``D`` the dropped neurons, ``Δ_S = Wd[:, S] − W`` and ``Δ_D = Wd[:, D]`` (the same for every ``W``):
+    ``tr(Δ H Δᵀ) = tr(Δ_S H_SS Δ_Sᵀ) + 2·tr(Δ_S H_SD Δ_Dᵀ) + tr(Δ_D H_DD Δ_Dᵀ)``; the last term and
+    ``Q = H_SD Δ_Dᵀ`` [r, d] are computed once, so each ``W`` costs ``d·r²`` multiply-adds instead of ``d·d_int²``.
+    Every term is a part of the same quadratic form (no subtraction of the output's total energy).
+    """
+    mask = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
+    mask[keep] = False
+    drop = mask.nonzero().squeeze(1)
+    H_S = H[keep]
+    H_SS, Wd_S, Wd_D = H_S[:, keep], Wd[:, keep], Wd[:, drop]
+    Q = H_S[:, drop] @ Wd_D.T  # [r, d]
+    c_DD = ((Wd_D @ H[drop][:, drop]) * Wd_D).sum()
+
+    def objective(W: torch.Tensor) -> float:
+        delta_S = Wd_S - W
+        return float(((delta_S @ H_SS) * delta_S).sum() + 2.0 * (delta_S * Q.T).sum() + c_DD)
+
+    return objective
 
 
 def _drop_neuron(P: torch.Tensor, B: torch.Tensor, c: int) -> None:
@@ -332,9 +360,17 @@ def mlp_choose_ridge(
     ridges = [float(x) if float(x) == float("inf") else _check_ridge(x) for x in ridges]
     if not ridges:
         raise ValueError("mlp_choose_ridge needs at least one ridge value")
-    plain = as_f64(Wd)[:, torch.as_tensor(keep).long()].to(as_f64(H_fit).device)
-    fits = [plain.clone() if x == float("inf") else mlp_refit(H_fit, keep, Wd, x) for x in ridges]
-    H_val = as_f64(H_val).to(fits[0].device)
-    losses = [mlp_objective(H_val, Wd, keep, W) for W in fits]
+    H_fit = _check_H(H_fit)
+    dev = H_fit.device
+    Wd = _check_Wd(Wd, H_fit.shape[0], dev)
+    keep = _check_keep(keep, H_fit.shape[0], dev)
+    plain = Wd[:, keep]
+    # the ridge-independent parts of every refit and of every held-out objective, computed once
+    H_S = H_fit[keep]
+    H_SS, rhs0 = H_S[:, keep], H_S @ Wd.T
+    fits = [plain.clone() if x == float("inf") else _refit_solve(H_SS, rhs0, plain, x) for x in ridges]
+    H_val = _check_H(as_f64(H_val).to(dev))
+    objective = _objective_on_kept(H_val, Wd, keep)
+    losses = [objective(W) for W in fits]
     best = min(range(len(ridges)), key=lambda i: (losses[i], i))
     return fits[best], ridges[best], losses
