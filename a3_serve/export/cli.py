@@ -36,10 +36,12 @@ examples:
   a3-export --model ./m --cr 0.2 --out ./m-wanda --recipe wanda        # a baseline
   a3-export --model ./m --cr 0.2 --out ./m-x --recipe paper --mlp-method greedy-refit   # override one component
 
-cost: calibration is one forward pass over nsamples x seqlen tokens plus small head-space solves.
-The paper's default 128 x 2048 (262k tokens) takes about 11 minutes for a 135M model on a 2-core
-CPU in float32, and hours for a 7B model on CPU; use --device cuda, or fewer tokens (64 x 512 is a
-good quick setting for small models). bfloat16 is very slow on most CPUs: keep float32 there.
+cost: calibration is one forward pass over nsamples x seqlen tokens with float64 statistics, plus
+head-space solves: --recipe paper takes 1.5x one plain forward pass, the default 3.3x (its MLP refit's
+d_int x d_int statistics and ridge search); measured with 32 x 512 tokens on the 135M demo model on 2 CPU
+cores: 110 s and 247 s. Time grows with the tokens: the paper's 128 x 2048 takes tens of minutes for a
+135M model on CPU and hours for a 7B model; use --device cuda, or fewer tokens (64 x 512 is a good quick
+setting for small models). bfloat16 is very slow on most CPUs: keep float32 there.
 """
 
 
