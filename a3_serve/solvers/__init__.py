@@ -2,7 +2,7 @@
 
 No file I/O, no models, no transformers: float64 torch tensors in, float64 torch tensors out, on the
 input's device, batched over heads / KV groups. See docs/DESIGN.md ("Module contracts") and
-A3_METHOD.md sections 3-7 for the math.
+docs/METHOD.md (§1-§7) for the math.
 """
 
 from a3_serve.solvers.budget import COMPONENTS, DimPlan, ModelShape, plan_dims

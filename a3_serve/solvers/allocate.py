@@ -1,4 +1,5 @@
-"""Loss-aware allocation of the parameter budget across components and layers (docs/DESIGN.md, 'Loss-aware allocation').
+"""Loss-aware allocation of the parameter budget across components and layers (docs/METHOD.md §6;
+docs/DESIGN.md, 'Loss-aware allocation').
 
 The uniform plan (:func:`a3_serve.solvers.budget.plan_dims`) cuts every layer and component by the same ratio.
 Here each compressible *item* (one layer's attention heads, one layer's MLP) has a list of *options*, each a

@@ -1,4 +1,4 @@
-"""Compression ratio -> reduced dimensions (A3_METHOD.md section 7).
+"""Compression ratio -> reduced dimensions (docs/METHOD.md §5).
 
 The compression ratio (CR) is defined on the decoder's linear-layer parameters (q, k, v, o, gate, up,
 down; biases, norms and embeddings excluded): ``CR = 1 − params(compressed) / params(original)``.
@@ -135,7 +135,7 @@ def plan_dims(
 ) -> DimPlan:
     """Map a target compression ratio to reduced ``(r_qk, r_vo, r_int)``.
 
-    Rules (A3_METHOD.md section 7):
+    Rules (docs/METHOD.md §5.2-§5.4):
 
     * ``0 <= cr < 1``; ``cr == 0`` returns the original dims exactly.
     * Attention (``qk`` and/or ``ov``): ``r = floor((1−cr)·d_h / m)·m`` with ``m = head_multiple`` (even);

@@ -1,4 +1,4 @@
-"""PSD linear algebra shared by the A3 solvers (float64, batched, device-agnostic).
+"""PSD linear algebra shared by the A3 solvers (float64, batched, device-agnostic; docs/METHOD.md §7).
 
 Everything here works on torch tensors of any float dtype, computes in float64 on the input's device,
 and batches over leading dimensions (heads, groups) with single ``torch.linalg`` calls.
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from a3_serve.errors import InputError, NumericalError
+from a3_serve.errors import BudgetError, InputError, NumericalError
 
 __all__ = ["as_f64", "check_finite", "psd_sqrt", "psd_floor"]
 
 # Absolute eigenvalue floor used when a whole matrix is zero (mean eigenvalue 0) or when eps == 0: it keeps
 # the inverse square root finite (1/sqrt(1e-30) = 1e15) without touching any realistic statistic.
-_ABS_FLOOR = 1e-30
+ABS_FLOOR = 1e-30
 
 
 def as_f64(t: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def psd_floor(lam: torch.Tensor, eps: float) -> torch.Tensor:
     """
     mean = lam.mean(-1, keepdim=True)
     floor = eps * mean
-    return torch.where(mean > 0, floor, torch.full_like(floor, _ABS_FLOOR)).clamp_min(
+    return torch.where(mean > 0, floor, torch.full_like(floor, ABS_FLOOR)).clamp_min(
         torch.finfo(torch.float64).tiny
     )
 
@@ -118,3 +118,16 @@ def psd_sqrt(G: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Te
     S = (Q * s.unsqueeze(-2)) @ Q.mT
     S_inv = (Q * s.reciprocal().unsqueeze(-2)) @ Q.mT
     return S, S_inv
+
+
+def top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row (ties -> lower index), sorted ascending. [..., m] -> [..., k]."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
+
+
+def check_rank(r: int, full: int, what: str) -> int:
+    """``r`` as an int in ``[1, full]``, else :class:`BudgetError` naming the ``what`` being reduced."""
+    if isinstance(r, bool) or int(r) != r or not 1 <= int(r) <= full:
+        raise BudgetError(f"cannot reduce a {full}-dim {what} to {r} dims; the reduced dim must be between 1 and {full}")
+    return int(r)

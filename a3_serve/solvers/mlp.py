@@ -1,13 +1,13 @@
-"""A3-MLP: neuron (intermediate channel) selection (A3_METHOD.md section 6).
+"""A3-MLP: neuron (intermediate channel) selection (docs/METHOD.md §4).
 
 Keeping neuron ``i`` keeps row ``i`` of gate_proj/up_proj and column ``i`` of down_proj; the kept
 activations are unchanged because the non-linearity is element-wise. Pure float64 math on the input's
 device.
 
 Besides the paper's score rule, this module has the least-squares refit of down_proj on the kept set
-(A3_METHOD.md 6.3), greedy selection on the refit objective and a held-out choice of the refit ridge. Their
-statistics: ``H = E[h hᵀ]`` [d_int, d_int], the full second moment (mean over tokens) of the down_proj input
-``h``; ``Wd = down_proj.weight`` [d, d_int] (PyTorch layout, output ``h Wdᵀ``).
+(docs/METHOD.md §4.4), greedy selection on the refit objective (§4.5) and a held-out choice of the refit
+ridge (§4.6). Their statistics: ``H = E[h hᵀ]`` [d_int, d_int], the full second moment (mean over tokens)
+of the down_proj input ``h``; ``Wd = down_proj.weight`` [d, d_int] (PyTorch layout, output ``h Wdᵀ``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from a3_serve.errors import BudgetError
-from a3_serve.solvers.linalg import _ABS_FLOOR, as_f64, check_finite
-from a3_serve.solvers.qk import _top_sorted
+from a3_serve.solvers.linalg import ABS_FLOOR, as_f64, check_finite, top_sorted
 
 __all__ = [
     "MLP_SCORE_METHODS",
@@ -44,8 +43,8 @@ def mlp_scores(
 ) -> torch.Tensor:
     """Per-neuron importance scores for MLP width reduction (higher = keep).
 
-    Objective (A3, section 6.1): choose a 0/1 selector ``U`` minimising ``E‖h (U − I) W_downᵀ‖²``
-    (``h`` = down_proj input). Methods and closed forms:
+    Objective (A3, docs/METHOD.md §4.1; scores §4.2-§4.3): choose a 0/1 selector ``U`` minimising
+    ``E‖h (U − I) W_downᵀ‖²`` (``h`` = down_proj input). Methods and closed forms:
 
     * ``"a3"`` (paper 'rxx-w'): ``λ_i = E[h_i²]·‖W_down[:, i]‖²`` — equal to the paper's
       ``‖col_i(R^{1/2})‖²·‖w_i‖²`` because ``(R^{1/2}R^{1/2})_ii = R_ii``;
@@ -96,7 +95,7 @@ def select_neurons(scores: torch.Tensor, r: int) -> torch.Tensor:
         raise BudgetError(
             f"cannot keep {r} of {d_int} MLP neurons; the reduced intermediate size must be between 1 and {d_int}"
         )
-    return _top_sorted(scores, int(r))
+    return top_sorted(scores, int(r))
 
 
 def dropped_fraction(scores: torch.Tensor, keep: torch.Tensor) -> float:
@@ -146,7 +145,7 @@ def _check_ridge(ridge: float) -> float:
 
 def _ridge_delta(diag_mean: torch.Tensor, ridge: float) -> torch.Tensor:
     """Absolute ridge ``δ = max(ridge, 1e-12)·diag_mean`` (at least 1e-30 so that an all-zero H stays solvable)."""
-    return (max(ridge, _MIN_RIDGE) * diag_mean).clamp_min(_ABS_FLOOR)
+    return (max(ridge, _MIN_RIDGE) * diag_mean).clamp_min(ABS_FLOOR)
 
 
 def _spd_solve(A: torch.Tensor, rhs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -197,7 +196,7 @@ def mlp_objective(H: torch.Tensor, Wd: torch.Tensor, keep: torch.Tensor, Wd_new:
 
 
 def mlp_refit(H: torch.Tensor, keep: torch.Tensor, Wd: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Least-squares refit of down_proj on the kept neurons (A3_METHOD.md 6.3).
+    """Least-squares refit of down_proj on the kept neurons (docs/METHOD.md §4.4).
 
     Objective: ``min_W E‖h Wdᵀ − h_S Wᵀ‖² + δ‖W − W_S‖_F²`` over ``W`` [d, r] (``S = keep``), where
     ``W_S = Wd[:, keep]`` is the plain selection: the ridge shrinks the refit TOWARD the paper's solution
@@ -272,7 +271,7 @@ def _drop_neuron(P: torch.Tensor, B: torch.Tensor, c: int) -> None:
 def mlp_greedy_select(
     H: torch.Tensor, Wd: torch.Tensor, r: int, ridge: float, direction: str = "auto"
 ) -> torch.Tensor:
-    """Greedy neuron selection on the refit objective (A3_METHOD.md 6.3, "greedy").
+    """Greedy neuron selection on the refit objective (docs/METHOD.md §4.5).
 
     Objective: choose ``S``, ``|S| = r``, to minimise the refit error ``min_W E‖h Wdᵀ − h_S Wᵀ‖² + δ‖W‖²``
     ``= tr(Wd H Wdᵀ) − tr(M_Sᵀ A_SS^{-1} M_S)`` with ``M = H Wdᵀ`` [d_int, d], ``A = H + δI`` and the fixed
@@ -346,7 +345,7 @@ def mlp_choose_ridge(
     Wd: torch.Tensor,
     ridges: tuple[float, ...] | list[float] = DEFAULT_RIDGES,
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """Choose the down_proj refit ridge on held-out data.
+    """Choose the down_proj refit ridge on held-out data (docs/METHOD.md §4.6).
 
     Objective: for each ``ridge`` in ``ridges``, ``W_ρ = mlp_refit(H_fit, keep, Wd, ρ)`` and its held-out error
     ``L_ρ = mlp_objective(H_val, Wd, keep, W_ρ)``; return the ``W_ρ`` with the smallest ``L_ρ`` (ties -> the

@@ -1,8 +1,8 @@
-"""A3-OV: shrink the value/output head dim (A3_METHOD.md section 5).
+"""A3-OV: shrink the value/output head dim (docs/METHOD.md §3).
 
 Per value head ``j`` (shared by the ``g`` query heads of its GQA group; MHA: ``g = 1``):
 
-* closed form (sections 5.2/5.3): whitened SVD in head space, giving a value map ``T`` [d_h, r]
+* closed form (METHOD.md §3.2/§3.3): whitened SVD in head space, giving a value map ``T`` [d_h, r]
   (new value head ``v T``) and new o_proj row-blocks ``Wo_new`` [g, r, d], one per query head;
 * selection baselines: keep the top-r value dims by a score.
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from a3_serve.solvers.linalg import as_f64, check_finite, psd_sqrt
-from a3_serve.solvers.qk import _check_rank, _top_sorted, group_sum, selection_matrix
+from a3_serve.solvers.linalg import as_f64, check_finite, check_rank, psd_sqrt, top_sorted
+from a3_serve.solvers.qk import group_sum, selection_matrix
 
 __all__ = [
     "OVFactors",
@@ -65,7 +65,7 @@ def _check_wo(Wo: torch.Tensor, d_h: int | None = None) -> torch.Tensor:
 
 
 def ov_closed_form(G: torch.Tensor, Wo: torch.Tensor, r: int, eps: float = 1e-6) -> OVFactors:
-    """A3-OV head-space, inverse-free closed form (A3_METHOD.md 5.2 MHA 'axkv', 5.3 GQA joint SVD).
+    """A3-OV head-space, inverse-free closed form (docs/METHOD.md §3.2: MHA 'axkv', GQA joint SVD).
 
     Objective: for each value head, minimise ``Σ_i E‖o_i (W_o,i − T W̃_o,i)‖²`` over ``T`` [d_h, r] and
     ``W̃_o,i`` [r, d] with one shared ``T`` per group, where ``E[o oᵀ] = G``; equivalently
@@ -76,8 +76,8 @@ def ov_closed_form(G: torch.Tensor, Wo: torch.Tensor, r: int, eps: float = 1e-6)
     blocks [r, d]. At ``r = d_h``, ``T @ Wo_new == Wo`` up to float64 rounding.
 
     ``G`` choices: MHA A3 ``G_o,i = E[o_i o_iᵀ]`` (o_proj input); GQA / 'xkv' ``G_v = E[v vᵀ]``; improved GQA
-    variant (5.3) "head-averaged GQA OV": ``group_mean(G_o, n)`` = ``G_o.reshape(n, g, d_h, d_h).mean(1)``;
-    shrunk moments :func:`shrink_moment` (5.5, β chosen by :func:`ov_choose_shrinkage`); plain SVD
+    variant (§3.4) "head-averaged GQA OV": ``group_mean(G_o, n)`` = ``G_o.reshape(n, g, d_h, d_h).mean(1)``;
+    shrunk moments :func:`shrink_moment` (§3.5, β chosen by :func:`ov_choose_shrinkage`, §3.6); plain SVD
     baseline ``W_v W_vᵀ``; any PSD matrix.
 
     Shapes: ``G`` [n, d_h, d_h]; ``Wo`` [n, g, d_h, d]; ``1 <= r <= min(d_h, g·d)``. Returns
@@ -92,7 +92,7 @@ def ov_closed_form(G: torch.Tensor, Wo: torch.Tensor, r: int, eps: float = 1e-6)
     if Wo.shape[0] != n:
         raise ValueError(f"G has {n} value heads but Wo has {Wo.shape[0]}")
     g, d = Wo.shape[1], Wo.shape[3]
-    r = _check_rank(r, min(d_h, g * d), "value head")
+    r = check_rank(r, min(d_h, g * d), "value head")
     W_cat = Wo.transpose(1, 2).reshape(n, d_h, g * d)  # [n, d_h, g·d] = [W_o,1 … W_o,g]
     S, _ = psd_sqrt(G, eps)
     _, s, Vh = torch.linalg.svd(S @ W_cat, full_matrices=False)  # s [n, k], Vh [n, k, g·d]
@@ -124,8 +124,8 @@ def ov_select(scores: torch.Tensor, Wo: torch.Tensor, r: int) -> OVFactors:
     n, d_h = scores.shape
     Wo = _check_wo(Wo, d_h).to(scores.device)
     g, d = Wo.shape[1], Wo.shape[3]
-    r = _check_rank(r, d_h, "value head")
-    keep = _top_sorted(scores, r)  # [n, r]
+    r = check_rank(r, d_h, "value head")
+    keep = top_sorted(scores, r)  # [n, r]
     T = selection_matrix(keep, d_h)
     idx = keep[:, None, :, None].expand(n, g, r, d)
     Wo_new = torch.gather(Wo, 2, idx)
@@ -163,7 +163,7 @@ def ov_wanda_scores(gv_diag: torch.Tensor, Wo: torch.Tensor) -> torch.Tensor:
 def group_mean(G: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Average per-query-head moments over GQA groups: ``out[j] = (1/g) Σ_{i: i // g == j} G[i]``.
 
-    This is the moment of the improved GQA OV variant (A3_METHOD.md 5.3): the head-averaged
+    This is the moment of the improved GQA OV variant (docs/METHOD.md §3.4): the head-averaged
     attention-weighted moment ``mean_{i∈group} E[o_i o_iᵀ]`` of the o_proj input, used as
     ``ov_closed_form(group_mean(G_o, n), Wo, r)`` (equivalently ``G_o.reshape(n, g, d_h, d_h).mean(1)``).
 
@@ -174,7 +174,7 @@ def group_mean(G: torch.Tensor, n_groups: int) -> torch.Tensor:
 
 
 def shrink_moment(G_p: torch.Tensor, G_x: torch.Tensor, beta: float) -> torch.Tensor:
-    """Shrink an attention-weighted moment toward the (trace-matched) plain value moment (A3_METHOD.md 5.5).
+    """Shrink an attention-weighted moment toward the (trace-matched) plain value moment (docs/METHOD.md §3.5).
 
     Closed form: ``(1 − β)·G_p + β·(tr G_p / tr G_x)·G_x`` per matrix; a matrix with ``tr G_x == 0`` is
     returned as ``G_p``. The trace of the result equals ``tr G_p`` for every β. β = 0: A3-OV ``R_P``;
@@ -208,7 +208,7 @@ def ov_output_loss(T: torch.Tensor, Wo_new: torch.Tensor, Wo: torch.Tensor, G_ou
     is ``õ_i = o_i T`` and head i contributes ``o_i T W̃_o,i`` instead of ``o_i W_o,i``. The loss per value
     head is ``Σ_i E‖o_i (W_o,i − T W̃_o,i)‖² = Σ_i tr(ΔW_iᵀ G_out[:, i] ΔW_i)`` with
     ``ΔW_i = Wo[:, i] − T @ Wo_new[:, i]`` and ``G_out[:, i] = E[o_i o_iᵀ]`` (mean over tokens). This is the
-    sum of per-head errors (A3_METHOD.md 5.1), not the error of their sum.
+    sum of per-head errors (docs/METHOD.md §3.1, §3.6), not the error of their sum.
 
     Shapes: ``T`` [n, d_h, r]; ``Wo_new`` [n, g, r, d]; ``Wo`` [n, g, d_h, d]; ``G_out`` [n, g, d_h, d_h]
     (query head i of group j at ``[j, i]``; reshape a [h_q, d_h, d_h] moment with ``.reshape(n, g, d_h, d_h)``).
@@ -239,7 +239,7 @@ def ov_choose_shrinkage(
     betas: tuple[float, ...] | list[float] = DEFAULT_BETAS,
     eps: float = 1e-6,
 ) -> tuple[OVFactors, torch.Tensor, torch.Tensor]:
-    """Choose the OV moment shrinkage β per value head on held-out data (A3_METHOD.md 5.5).
+    """Choose the OV moment shrinkage β per value head on held-out data (docs/METHOD.md §3.6).
 
     Objective: for each β in ``betas``, fit ``F_β = ov_closed_form(shrink_moment(G_p, G_x, β), Wo, r, eps)``
     on the calibration moments, and score it by the held-out exact output error
@@ -249,7 +249,7 @@ def ov_choose_shrinkage(
 
     Typical inputs: ``G_p = group_mean(G_o_fit, n)`` (head-averaged attention-weighted moment; MHA: ``G_o``
     itself), ``G_x = G_v`` (``E[v vᵀ]``), ``G_val_out = G_o_val.reshape(n, g, d_h, d_h)``. β = 0 with
-    ``G_p = group_mean(G_o, n)`` is the "head-averaged GQA OV" variant of A3_METHOD.md 5.3
+    ``G_p = group_mean(G_o, n)`` is the "head-averaged GQA OV" variant of docs/METHOD.md §3.4
     (``ov_closed_form(G_o.reshape(n, g, d_h, d_h).mean(1), Wo, r)``); β = 1 is the paper's xkv mode.
 
     Shapes: ``G_p``, ``G_x`` [n, d_h, d_h]; ``Wo`` [n, g, d_h, d]; ``G_val_out`` [n, g, d_h, d_h]; ``betas``

@@ -1,11 +1,12 @@
-"""A3-QK: shrink the query/key head dim (A3_METHOD.md section 4).
+"""A3-QK: shrink the query/key head dim (docs/METHOD.md §2).
 
 Two solvers:
 
 * RoPE models (Llama family): whole RoPE frequency pairs are kept or dropped (CUR selection,
-  section 4.4). In the HF ``rotate_half`` layout dim ``p`` pairs with dim ``p + d_h/2``; a reduced head
-  stores the kept "first" dims then their partners, and RoPE runs on it with the gathered ``inv_freq``.
-* NoPE models: the head-space closed form (sections 4.2/4.3), an oblique rank-r projector ``A Bᵀ``
+  METHOD.md §2.4; exact post-RoPE pair energy §2.5). In the HF ``rotate_half`` layout dim ``p`` pairs with
+  dim ``p + d_h/2``; a reduced head stores the kept "first" dims then their partners, and RoPE runs on it
+  with the gathered ``inv_freq``.
+* NoPE models: the head-space closed form (METHOD.md §2.2/§2.3), an oblique rank-r projector ``A Bᵀ``
   inserted between q and k.
 
 All functions are pure math on float64 torch tensors (inputs of any float dtype are converted; results
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from a3_serve.errors import BudgetError
-from a3_serve.solvers.linalg import as_f64, check_finite, psd_sqrt
+from a3_serve.solvers.linalg import as_f64, check_finite, check_rank, psd_sqrt, top_sorted
 
 __all__ = [
     "PairSelection",
@@ -109,12 +110,6 @@ def rope_pair_scores(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
     return eq[..., :half] * ek[..., :half] + eq[..., half:] * ek[..., half:]
 
 
-def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries per row (ties -> lower index), sorted ascending. [..., m] -> [..., k]."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return order[..., :k].sort(dim=-1).values
-
-
 def select_pairs_by_score(scores: torch.Tensor, n_keep: int) -> PairSelection:
     """Keep the ``n_keep`` highest-scoring RoPE frequency pairs of every head / KV group, given the scores.
 
@@ -136,7 +131,7 @@ def select_pairs_by_score(scores: torch.Tensor, n_keep: int) -> PairSelection:
             f"cannot keep {n_keep} RoPE pairs of a {2 * half}-dim head (1..{half} pairs); "
             "choose an even reduced head dim between 2 and the original head dim"
         )
-    keep = _top_sorted(scores, int(n_keep))
+    keep = top_sorted(scores, int(n_keep))
     total = scores.sum(-1)
     loss = total - torch.gather(scores, -1, keep).sum(-1)
     return PairSelection(keep=keep, scores=scores, loss=loss.clamp_min(0.0), total=total)
@@ -184,7 +179,7 @@ def rope_complex(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tenso
 
 
 def rope_pair_energy(u: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Exact energy of each RoPE pair's contribution to the attention scores (A3_METHOD.md 4.4, "better scores").
+    """Exact energy of each RoPE pair's contribution to the attention scores (docs/METHOD.md §2.5).
 
     Objective: with ``s_p(m, t) = Re(u_m,p · conj(v_t,p))`` the pair-p part of the pre-softmax score
     ``q_rot,m · k_rot,t``, return ``E[p] = Σ_{b, query head} Σ_{(m, t)} s_p(m, t)²`` over all token pairs
@@ -258,12 +253,6 @@ def selection_matrix(cols: torch.Tensor, d_h: int) -> torch.Tensor:
     return E
 
 
-def _check_rank(r: int, full: int, what: str) -> int:
-    if isinstance(r, bool) or int(r) != r or not 1 <= int(r) <= full:
-        raise BudgetError(f"cannot reduce a {full}-dim {what} to {r} dims; the reduced dim must be between 1 and {full}")
-    return int(r)
-
-
 def _inv_sqrt_sv(s: torch.Tensor, s_all: torch.Tensor) -> torch.Tensor:
     """``s^{-1/2}`` with tiny singular values clamped to ``σ_max·eps_machine`` (or 1e-300 if all are zero)."""
     floor = (s_all[..., :1] * torch.finfo(torch.float64).eps).clamp_min(1e-300)
@@ -271,7 +260,7 @@ def _inv_sqrt_sv(s: torch.Tensor, s_all: torch.Tensor) -> torch.Tensor:
 
 
 def qk_closed_form(Gq: torch.Tensor, Gk: torch.Tensor, r: int, eps: float = 1e-6) -> QKFactors:
-    """A3-QK head-space, balanced, inverse-free closed form (A3_METHOD.md 4.2; GQA 4.3).
+    """A3-QK head-space, balanced, inverse-free closed form (docs/METHOD.md §2.2; GQA §2.3).
 
     Objective: for each head (or KV group), over all calibration token pairs, minimise
     ``E‖q (I − A Bᵀ) kᵀ‖² = ‖G_q^{1/2} (I − A Bᵀ) G_k^{1/2}‖_F²`` over rank-r ``A Bᵀ``; this equals the paper's
@@ -290,7 +279,7 @@ def qk_closed_form(Gq: torch.Tensor, Gk: torch.Tensor, r: int, eps: float = 1e-6
         raise ValueError(f"Gq and Gk must have the same shape [n, d_h, d_h], got {tuple(Gq.shape)} and {tuple(Gk.shape)}")
     check_finite("the query second moments Gq", Gq)
     check_finite("the key second moments Gk", Gk)
-    r = _check_rank(r, Gq.shape[-1], "query/key head")
+    r = check_rank(r, Gq.shape[-1], "query/key head")
     Gk = Gk.to(Gq.device)
     Sq, _ = psd_sqrt(Gq, eps)
     Sk, _ = psd_sqrt(Gk, eps)
