@@ -625,7 +625,7 @@ def test_misshaped_rope_freq_index_fails(tmp_path, ignore_mismatched_sizes):
     [
         (lambda x: x.fill_(16), r"outside \[0, head_dim/2 = 16\)"),
         (lambda x: x.fill_(-1), "outside"),
-        (lambda x: x.fill_(3), "repeats a frequency"),
+        (lambda x: x.fill_(3), "not strictly ascending"),
     ],
     ids=["too-large", "negative", "repeated"],
 )

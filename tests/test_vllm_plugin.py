@@ -33,7 +33,7 @@ assert importlib.util.find_spec("vllm") is not None, (
 
 import a3_serve  # noqa: E402,F401  (registers a3_llama with the Auto classes)
 from a3_serve.export.pipeline import ExportOptions, run_export  # noqa: E402
-from a3_serve.export.recipes import RECIPES  # noqa: E402
+from a3_serve.export.methods import RECIPES  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -78,8 +78,25 @@ def _edit_tensors(src: Path, dst: Path, fn) -> Path:
     return dst
 
 
-def _rotate_index(tensors):  # every pair takes its neighbour's frequency: valid index, wrong RoPE
+def _rotate_index(tensors):  # every pair takes its neighbour's frequency: a reordered row, refused at load
     return {k: (v.roll(1, dims=-1) if k.endswith("rope_freq_index") else v) for k, v in tensors.items()}
+
+
+def _prefix_index(tensors):  # every KV head keeps frequencies 0..r/2-1: a valid index, but the wrong RoPE
+    return {k: (torch.arange(v.shape[1], dtype=v.dtype).expand_as(v).contiguous() if k.endswith("rope_freq_index") else v)
+            for k, v in tensors.items()}
+
+
+def _swap_rows(tensors):  # two KV heads exchange their (valid) rows: only the export's rope_digest tells
+    name = next(k for k, v in tensors.items() if k.endswith("rope_freq_index") and not torch.equal(v[0], v[1]))
+    return {k: (v[[1, 0, 2]].contiguous() if k == name else v) for k, v in tensors.items()}
+
+
+def _without_digest(folder: Path) -> Path:  # as an export from before the digest existed
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["a3"]["rope_digest"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
 
 
 def _drop_index(tensors):
@@ -105,6 +122,9 @@ def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01, smol_a3_cr0
         "dense": demo_model,
     }
     c["rotated-index"] = _edit_tensors(c["smol-cr0.1"], root / "rotated-index", _rotate_index)
+    c["wrong-index"] = _without_digest(_edit_tensors(c["smol-cr0.1"], root / "wrong-index", _prefix_index))
+    c["swapped-rows"] = _edit_tensors(c["smol-cr0.1"], root / "swapped-rows", _swap_rows)
+    c["edited-head-dim"] = _edit_config(c["smol-cr0.1"], root / "edited-head-dim", head_dim=80)
     c["missing-index"] = _edit_tensors(c["smol-cr0.1"], root / "missing-index", _drop_index)
     c["misshaped-index"] = _edit_tensors(c["smol-cr0.1"], root / "misshaped-index", _misshape_index)
     c["head-40"] = _edit_config(c["smol-cr0.1"], root / "head-40", qk_head_dim=40, v_head_dim=40)
@@ -192,9 +212,9 @@ def test_parity_with_transformers_reference(name, ckpts, vllm_results, prompt_id
 
 
 def test_parity_check_catches_a_wrong_rope_frequency(ckpts, vllm_results, prompt_ids):
-    """The rotated-index checkpoint loads fine (a valid index) but uses the wrong frequency for every pair:
-    compared with the reference of the CORRECT checkpoint, the parity check must fail."""
-    res = vllm_results["rotated-index"]
+    """The wrong-index checkpoint loads (a valid index, and no recorded digest, as an older export) but uses the
+    wrong frequencies: compared with the reference of the CORRECT checkpoint, the parity check must fail."""
+    res = vllm_results["wrong-index"]
     assert "error" not in res, res.get("error")
     problems = parity_problems(res, reference(ckpts["smol-cr0.1"], prompt_ids))
     assert problems, "a rotated rope_freq_index went unnoticed: the parity tolerance is too loose"
@@ -240,6 +260,9 @@ def test_kv_cache_capacity_with_per_layer_head_sizes(ckpts, vllm_results):
     ("misshaped-index", ["model.layers.0.self_attn.rope_freq_index", "has shape [3, 23], expected [3, 24]", "Re-export"]),
     ("head-40", ["head size 40", "CPU attention", "--head-multiple 16"]),
     ("diff-kv", ["K head size 48 but V head size 32", "equal K and V", "Re-export"]),
+    ("rotated-index", ["model.layers.0.self_attn.rope_freq_index", "not strictly ascending", "Re-export"]),
+    ("swapped-rows", ["a3.rope_digest does not match", "re-export"]),
+    ("edited-head-dim", ["head_dim (80)", "a3.rope_digest does not match", "re-export"]),
 ])
 def test_bad_checkpoints_fail_at_load_with_the_fix(name, needles, vllm_results):
     err = vllm_results[name].get("error")

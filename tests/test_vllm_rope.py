@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a3_serve.modeling.modeling_a3_llama import gather_rope
+from a3_serve.modeling.modeling_a3_llama import gather_rope, rope_digest, rope_index_problem
 from a3_serve.vllm_plugin.rope import (
     apply_rope_gathered,
-    check_rope_freq_index,
     extended_table,
     kv_shard_rows,
     q_head_kv_rows,
@@ -105,13 +104,28 @@ def test_sharding_refuses_indivisible_heads():
 
 
 def test_rope_index_validation_messages():
-    good = _random_index(3, 48, 64)
-    assert check_rope_freq_index("x", good, (3, 24), 64) is None
-    assert "has shape [3, 23], expected [3, 24]" in check_rope_freq_index("x", good[:, :-1], (3, 24), 64)
-    assert "dtype" in check_rope_freq_index("x", good.float(), (3, 24), 64)
+    """The contract's validation (owned by the modeling file, used by transformers and the vLLM plugin)."""
+    good = _random_index(3, 48, 64)  # each row ascending, as the exporter writes it
+    assert rope_index_problem(good, (3, 24), 64) is None
+    assert "has shape [3, 23], expected [3, 24]" in rope_index_problem(good[:, :-1], (3, 24), 64)
+    assert "dtype" in rope_index_problem(good.float(), (3, 24), 64)
     bad = good.clone()
-    bad[0, 0] = 32
-    assert "outside [0, head_dim/2 = 32)" in check_rope_freq_index("x", bad, (3, 24), 64)
+    bad[0, -1] = 32
+    assert "outside [0, head_dim/2 = 32)" in rope_index_problem(bad, (3, 24), 64)
     bad = good.clone()
     bad[1, 1] = bad[1, 0]
-    assert "repeats" in check_rope_freq_index("x", bad, (3, 24), 64)
+    assert "not strictly ascending" in rope_index_problem(bad, (3, 24), 64)
+    bad = good.clone()
+    bad[2, [0, 1]] = bad[2, [1, 0]]  # a reordered row
+    assert "not strictly ascending" in rope_index_problem(bad, (3, 24), 64)
+
+
+def test_rope_digest_covers_head_dim_and_every_row():
+    idx = [_random_index(3, 48, 64, seed=s) for s in range(2)]
+    ref = rope_digest(64, idx)
+    assert rope_digest(64, [t.clone() for t in idx]) == ref
+    assert rope_digest(64, [t.to(torch.int64) for t in idx]) == ref  # dtype-independent
+    assert rope_digest(80, idx) != ref  # an edited head_dim
+    swapped = [idx[0][[1, 0, 2]], idx[1]]  # two KV heads' rows exchanged: each row still valid
+    assert rope_index_problem(swapped[0], (3, 24), 64) is None and rope_digest(64, swapped) != ref
+    assert rope_digest(64, idx[::-1]) != ref  # layers exchanged

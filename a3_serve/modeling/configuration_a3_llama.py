@@ -110,17 +110,38 @@ class A3LlamaConfig(LlamaConfig):
         )
 
     def layer_dims(self, layer_idx: int) -> tuple[int, int, int]:
-        """Return ``(r_qk, r_vo, r_int)`` of layer ``layer_idx``."""
-        if not 0 <= layer_idx < self.num_hidden_layers:
-            raise IndexError(f"layer {layer_idx} out of range for {self.num_hidden_layers} layers")
-        r_qk = self.layer_qk_head_dims[layer_idx] if self.layer_qk_head_dims is not None else self.qk_head_dim
-        r_vo = self.layer_v_head_dims[layer_idx] if self.layer_v_head_dims is not None else self.v_head_dim
-        r_int = (
-            self.layer_intermediate_sizes[layer_idx]
-            if self.layer_intermediate_sizes is not None
-            else self.intermediate_size
-        )
-        return int(r_qk), int(r_vo), int(r_int)
+        """Return ``(r_qk, r_vo, r_int)`` of layer ``layer_idx`` (:func:`layer_dims`)."""
+        return layer_dims(self, layer_idx)
 
 
-__all__ = ["A3LlamaConfig"]
+#: the per-layer lists of a compressed config, in ``(r_qk, r_vo, r_int)`` order, and their uniform fallbacks
+LAYER_DIM_FIELDS = (
+    ("layer_qk_head_dims", "qk_head_dim"),
+    ("layer_v_head_dims", "v_head_dim"),
+    ("layer_intermediate_sizes", "intermediate_size"),
+)
+
+
+def original_head_dim(config) -> int:
+    """The ORIGINAL head size d_h (RoPE table, softmax scale): ``head_dim``, else ``hidden_size // heads``."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def layer_dims(config, layer_idx: int) -> tuple[int, int, int]:
+    """``(r_qk, r_vo, r_int)`` of layer ``layer_idx`` of any config object carrying the A3 fields (an
+    :class:`A3LlamaConfig` or the config vLLM builds from config.json): the per-layer lists when present, else
+    the uniform ``qk_head_dim`` / ``v_head_dim`` / ``intermediate_size`` (head sizes default to ``head_dim``)."""
+    if not 0 <= layer_idx < config.num_hidden_layers:
+        raise IndexError(f"layer {layer_idx} out of range for {config.num_hidden_layers} layers")
+    dims = []
+    for list_name, scalar in LAYER_DIM_FIELDS:
+        values = getattr(config, list_name, None)
+        if values is not None:
+            dims.append(int(values[layer_idx]))
+        else:
+            value = getattr(config, scalar, None)
+            dims.append(int(value if value is not None else original_head_dim(config)))
+    return dims[0], dims[1], dims[2]
+
+
+__all__ = ["A3LlamaConfig", "LAYER_DIM_FIELDS", "layer_dims", "original_head_dim"]

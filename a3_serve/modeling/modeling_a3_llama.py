@@ -4,7 +4,7 @@ This file is copied verbatim into every exported checkpoint and loaded by transf
 machinery (``trust_remote_code=True``) where a3-serve is not installed: it imports only torch, transformers
 and ``configuration_a3_llama`` beside it.
 
-Differences from ``LlamaForCausalLM`` (see A3_METHOD.md sections 4.4, 4.5 and 8):
+Differences from ``LlamaForCausalLM`` (a3-serve's docs/METHOD.md §2.7 and §9):
 - per layer i, q/k heads have ``r_qk`` dims, v/o heads ``r_vo`` dims and the MLP ``r_int`` neurons
   (``config.layer_dims(i)``);
 - each attention module holds ``rope_freq_index`` (int32 ``[h_kv, r_qk // 2]``): the ORIGINAL RoPE frequency
@@ -13,6 +13,10 @@ Differences from ``LlamaForCausalLM`` (see A3_METHOD.md sections 4.4, 4.5 and 8)
   "first" dims and ``[r/2, r)`` their partners); query head ``i`` uses row ``i // g``;
 - the softmax scale stays ``head_dim ** -0.5`` of the ORIGINAL head size;
 - separate ``qkv_bias`` / ``o_bias``.
+
+It also owns the checkpoint contract that the exporter and the vLLM plugin import: the index tensor's name
+(:data:`ROPE_INDEX_NAME`), its default, its validation (:func:`rope_index_problem`) and the digest that ties it
+and ``head_dim`` to the export (:func:`rope_digest`); per-layer sizes come from ``A3LlamaConfig.layer_dims``.
 """
 
 from collections.abc import Callable
@@ -41,12 +45,60 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_a3_llama import A3LlamaConfig
 
+# --- the checkpoint contract (this file is its owner: the exporter and the vLLM plugin import these) ----------
+#: name of each attention module's kept-frequency index, ``model.layers.N.self_attn.rope_freq_index``
 ROPE_INDEX_NAME = "rope_freq_index"
+#: key of ``config.a3`` holding :func:`rope_digest` of the checkpoint as written
+ROPE_DIGEST_KEY = "rope_digest"
 
 
 def default_rope_freq_index(num_key_value_heads: int, qk_head_dim: int) -> torch.Tensor:
     """The identity/prefix index: every KV head keeps frequencies ``0 .. r_qk/2 - 1``. int32 ``[h_kv, r_qk/2]``."""
     return torch.arange(qk_head_dim // 2, dtype=torch.int32).unsqueeze(0).repeat(num_key_value_heads, 1)
+
+
+def rope_index_problem(index: torch.Tensor, expected_shape: tuple[int, int], head_dim: int) -> str | None:
+    """What is wrong with one layer's ``rope_freq_index`` (None if valid): shape ``[h_kv, r_qk/2]``, an integer
+    dtype, values in ``[0, head_dim/2)``, strictly ascending within each KV head (as the exporter writes it)."""
+    if tuple(index.shape) != tuple(expected_shape):
+        return f"has shape {list(index.shape)}, expected {list(expected_shape)} ([num_key_value_heads, qk_head_dim // 2])"
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        return f"has dtype {index.dtype}, expected an integer dtype (int32)"
+    if index.device.type != "meta" and index.numel():
+        if int(index.min()) < 0 or int(index.max()) >= head_dim // 2:
+            return f"has values outside [0, head_dim/2 = {head_dim // 2})"
+        if bool((index.diff(dim=-1) <= 0).any()):
+            return "is not strictly ascending within a KV head (a repeated or reordered frequency)"
+    return None
+
+
+def rope_digest(head_dim: int, indexes: list[torch.Tensor]) -> str:
+    """SHA-256 of the original head size and every layer's ``rope_freq_index`` (in layer order).
+
+    The exporter records it as ``config.a3.rope_digest``; loaders recompute it, so a config whose ``head_dim``
+    (the RoPE table and softmax scale) or an index whose rows were changed after the export is refused instead
+    of serving a different model."""
+    import hashlib
+
+    h = hashlib.sha256(f"a3-rope-v1:head_dim={int(head_dim)}".encode())
+    for idx in indexes:
+        t = idx.detach().to("cpu", torch.int64).contiguous()
+        h.update(f";{list(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def rope_digest_problem(config, indexes: list[torch.Tensor]) -> str | None:
+    """Why the checkpoint's RoPE contract does not match ``config.a3.rope_digest`` (None: matches, or an older
+    checkpoint without a recorded digest)."""
+    a3 = getattr(config, "a3", None)
+    recorded = a3.get(ROPE_DIGEST_KEY) if isinstance(a3, dict) else None
+    if not recorded:
+        return None
+    if rope_digest(config.head_dim, indexes) != recorded:
+        return (f"config.json's head_dim ({config.head_dim}) or a layer's {ROPE_INDEX_NAME} differs from what a3-export "
+                "wrote (a3.rope_digest does not match); the folder was edited or mixed with another export: re-export it")
+    return None
 
 
 def gather_rope(
@@ -240,27 +292,23 @@ class A3LlamaPreTrainedModel(PreTrainedModel):
         return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
 
     def check_rope_freq_index(self) -> None:
-        """Raise ``ValueError`` if any layer's ``rope_freq_index`` has the wrong shape, dtype or values."""
-        d_half = self.config.head_dim // 2
+        """Raise ``ValueError`` if any layer's ``rope_freq_index`` breaks the contract (:func:`rope_index_problem`)
+        or the set of them and ``head_dim`` differ from the export's record (:func:`rope_digest_problem`)."""
+        indexes = []
         for name, module in self.named_modules():
             if not isinstance(module, A3LlamaAttention):
                 continue
             idx = module.rope_freq_index
-            expected = (module.num_key_value_heads, module.qk_head_dim // 2)
-            problem = None
-            if tuple(idx.shape) != expected:
-                problem = f"has shape {list(idx.shape)}, expected {list(expected)}"
-            elif idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-                problem = f"has dtype {idx.dtype}, expected an integer dtype (int32)"
-            elif idx.device.type != "meta":
-                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d_half):
-                    problem = f"has values outside [0, head_dim/2 = {d_half})"
-                elif idx.numel() and bool((idx.sort(dim=-1).values.diff(dim=-1) == 0).any()):
-                    problem = "repeats a frequency within a KV head"
+            problem = rope_index_problem(idx, (module.num_key_value_heads, module.qk_head_dim // 2), self.config.head_dim)
             if problem is not None:
                 raise ValueError(
                     f"A3 checkpoint tensor `{name}.{ROPE_INDEX_NAME}` {problem}. Re-export the checkpoint."
                 )
+            indexes.append(idx)
+        if indexes and indexes[0].device.type != "meta":
+            problem = rope_digest_problem(self.config, indexes)
+            if problem is not None:
+                raise ValueError(f"A3 checkpoint: {problem}.")
 
 
 def _raise_on_bad_rope_index_keys(missing_keys, mismatched_keys) -> None:

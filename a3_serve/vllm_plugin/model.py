@@ -30,44 +30,22 @@ from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionType
 
 from a3_serve.errors import A3Error
-
-from .rope import (
-    apply_rope_gathered,
-    check_rope_freq_index,
-    extended_table,
-    kv_shard_rows,
-    q_head_kv_rows,
-    rope_gather_index,
+from a3_serve.modeling.configuration_a3_llama import layer_dims, original_head_dim
+from a3_serve.modeling.modeling_a3_llama import (
+    ROPE_INDEX_NAME,
+    default_rope_freq_index,
+    rope_digest_problem,
+    rope_index_problem,
 )
 
-ROPE_INDEX_NAME = "rope_freq_index"
+from .rope import apply_rope_gathered, extended_table, kv_shard_rows, q_head_kv_rows, rope_gather_index
+
 # Head sizes vLLM's CPU attention kernel runs (PLATFORM.md: multiples of 16 from 32 to 256; 40/56 crash).
 CPU_HEAD_SIZES = tuple(range(32, 257, 16)) + (512,)
 
 
 class A3CheckpointError(A3Error, ValueError):
     """The checkpoint cannot be served as it is (bad ``rope_freq_index``, head size the backend cannot run)."""
-
-
-def layer_dims(config, layer_idx: int) -> tuple[int, int, int]:
-    """``(r_qk, r_vo, r_int)`` of one layer from the A3 config (per-layer lists or uniform scalars)."""
-    if hasattr(config, "layer_dims"):
-        return tuple(int(v) for v in config.layer_dims(layer_idx))
-
-    def pick(list_name: str, scalar: str, default):
-        values = getattr(config, list_name, None)
-        if values is not None:
-            return int(values[layer_idx])
-        value = getattr(config, scalar, None)
-        return int(value if value is not None else default)
-
-    head_dim = original_head_dim(config)
-    return (pick("layer_qk_head_dims", "qk_head_dim", head_dim), pick("layer_v_head_dims", "v_head_dim", head_dim),
-            pick("layer_intermediate_sizes", "intermediate_size", None))
-
-
-def original_head_dim(config) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def check_backend_head_sizes(r_qk: int, r_vo: int, layer_idx: int, platform=None) -> None:
@@ -190,8 +168,7 @@ class A3LlamaAttention(nn.Module):
             is_neox_style=True,
         )
         # This rank's rows of the checkpoint's rope_freq_index (loaded by vLLM's loader through weight_loader).
-        default = torch.arange(r_qk // 2, dtype=torch.int32).unsqueeze(0).repeat(self.num_kv_heads, 1)
-        self.register_buffer(ROPE_INDEX_NAME, default, persistent=True)
+        self.register_buffer(ROPE_INDEX_NAME, default_rope_freq_index(self.num_kv_heads, r_qk), persistent=True)
         self.rope_freq_index.weight_loader = self._load_rope_freq_index
         self.rope_index_loaded = False
         self.rope_table = _RopeTable.for_rotary(self.rotary_emb)
@@ -218,9 +195,7 @@ class A3LlamaAttention(nn.Module):
 
     def _load_rope_freq_index(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         name = f"{self.prefix}.{ROPE_INDEX_NAME}"
-        problem = check_rope_freq_index(
-            name, loaded, (self.total_num_kv_heads, self.qk_head_dim // 2), self.head_dim
-        )
+        problem = rope_index_problem(loaded, (self.total_num_kv_heads, self.qk_head_dim // 2), self.head_dim)
         if problem is not None:
             raise A3CheckpointError(
                 f"A3 checkpoint tensor `{name}` {problem}; it must match config.json (qk_head_dim="
@@ -231,6 +206,7 @@ class A3LlamaAttention(nn.Module):
         param.data.copy_(rows.to(param.device))
         self._build_rope_gather()
         self.rope_index_loaded = True
+        self.rope_index_full = loaded.detach().to("cpu", torch.int32).clone()  # all KV heads, for the digest check
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -275,4 +251,10 @@ class A3LlamaForCausalLM(LlamaForCausalLM):
                 f"every layer needs an int tensor `model.layers.N.self_attn.{ROPE_INDEX_NAME}` of shape "
                 "[num_key_value_heads, qk_head_dim // 2]. Re-export the checkpoint with a3-export."
             )
+        attns = [m for m in self.modules() if isinstance(m, A3LlamaAttention)]
+        problem = rope_digest_problem(self.config, [m.rope_index_full for m in attns])
+        for m in attns:
+            del m.rope_index_full
+        if problem is not None:
+            raise A3CheckpointError(f"A3 checkpoint: {problem}.")
         return loaded

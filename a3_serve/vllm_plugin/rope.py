@@ -83,15 +83,3 @@ def apply_rope_gathered(x: torch.Tensor, table_rows: torch.Tensor, gather: torch
     return torch.addcmul(x * g[:, 0], swapped, g[:, 1])
 
 
-def check_rope_freq_index(name: str, index: torch.Tensor, expected_shape: tuple[int, int], head_dim: int) -> str | None:
-    """Return what is wrong with a checkpoint's ``rope_freq_index`` tensor (None if it is valid)."""
-    if tuple(index.shape) != tuple(expected_shape):
-        return f"has shape {list(index.shape)}, expected {list(expected_shape)} ([num_key_value_heads, qk_head_dim // 2])"
-    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        return f"has dtype {index.dtype}, expected an integer dtype (int32)"
-    if index.numel():
-        if int(index.min()) < 0 or int(index.max()) >= head_dim // 2:
-            return f"has values outside [0, head_dim/2 = {head_dim // 2})"
-        if bool((index.sort(dim=-1).values.diff(dim=-1) == 0).any()):
-            return "repeats a frequency within a KV head"
-    return None
