@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from a3_serve.errors import InputError, NumericalError
-from a3_serve.runtime import OneLineArgumentParser, run_cli
+from a3_serve.folders import swap_into_place
+from a3_serve.runtime import OneLineArgumentParser, default_cache_root, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json",
 
 
 # --------------------------------------------------------------------------------------------- paths
-def default_cache_root() -> Path:
-    """``$A3_SERVE_CACHE`` or ``~/.cache/a3-serve``."""
-    env = os.environ.get("A3_SERVE_CACHE")
-    return Path(env).expanduser() if env else Path("~/.cache/a3-serve").expanduser()
-
-
 def demo_model_dir(cache_dir: Optional[str | os.PathLike] = None) -> Path:
     """Where the demo model lives: ``<cache root>/models/SmolLM2-135M-Instruct``.
 
@@ -264,13 +259,8 @@ def build_demo_model(cache_dir: Optional[str | os.PathLike] = None, force: bool 
             _write_folder(tmp, model, tokenizer)
             del model
             _write_marker(tmp, gguf_path, time.perf_counter() - t0)
-            if dest.exists():  # forced rebuild, or an incomplete folder someone put there: move aside first
-                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(dest, old)
-                os.rename(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dest)
+            # a forced rebuild, or an incomplete folder someone put there, is replaced (the cache is ours)
+            swap_into_place(tmp, dest, overwrite=True, flag="the demo model cache", may_replace=lambda _p: True)
             log.info("demo model ready in %.1f s: %s", time.perf_counter() - t0, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

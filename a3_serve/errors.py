@@ -37,3 +37,10 @@ class EngineError(A3Error):
     """An inference engine failed or timed out while measuring (exit status 1: not the user's input)."""
 
     exit_code = 1
+
+
+class SystemFailure(A3Error):
+    """The operating system refused an operation on a path (disk full, permission denied, read-only, ...);
+    the message names the path and the fix (exit status 1)."""
+
+    exit_code = 1

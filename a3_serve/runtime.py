@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Union
 
 import torch
 
-from a3_serve.errors import A3Error, InputError
+from a3_serve.errors import A3Error, InputError, SystemFailure
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
+
+
+def default_cache_root() -> Path:
+    """a3-serve's cache (demo model, corpora, token streams): ``$A3_SERVE_CACHE`` or ``~/.cache/a3-serve``."""
+    env = os.environ.get("A3_SERVE_CACHE")
+    return Path(env).expanduser() if env else Path("~/.cache/a3-serve").expanduser()
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -83,6 +91,45 @@ def read_config(model_dir: Union[str, Path]) -> dict[str, Any]:
     return cfg
 
 
+def check_context_length(cfg: dict[str, Any], seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``): positions the model never
+    saw would shape the statistics or the score without a word."""
+    max_pos = cfg.get("max_position_embeddings")
+    if isinstance(max_pos, bool) or not isinstance(max_pos, int) or max_pos < 1:
+        return
+    if seqlen > max_pos:
+        raise InputError(f"{flag} {seqlen} exceeds the model's context (max_position_embeddings={max_pos}); "
+                         f"use {flag} {max_pos} or less")
+
+
+#: errno -> what the user can do about it
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free space on that disk or write to another one",
+    errno.EDQUOT: "free space within your quota or write to another disk",
+    errno.EACCES: "check the permissions, or choose a folder you can write to",
+    errno.EPERM: "check the permissions, or choose a folder you can write to",
+    errno.EROFS: "the filesystem is read-only: choose a writable location",
+    errno.ENOENT: "check that the path exists",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EISDIR: "the path is a folder where a file was expected: fix the path",
+    errno.EBUSY: "the path is in use (a mount point or the current folder?): choose another path",
+    errno.EMFILE: "too many open files: raise `ulimit -n`",
+    errno.EFBIG: "a file size limit was hit (`ulimit -f`, or the filesystem's largest file): raise it, or write smaller "
+                 "shards with --max-shard-size",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.EXDEV: "the destination is on another filesystem than its working folder: choose a path on one filesystem",
+}
+
+
+def describe_os_error(err: OSError, note: str | None = None) -> A3Error:
+    """One line for an ``OSError``: what failed, on which path, and the fix (and ``note``, e.g. where the
+    unfinished work is kept)."""
+    what = err.strerror or type(err).__name__
+    path = f" on {err.filename!r}" if err.filename else ""
+    fix = OS_ERROR_FIXES.get(err.errno, "check the path and the disk")
+    return SystemFailure(f"{what}{path}: {fix}" + (f"; {note}" if note else ""))
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (``error: ...; see `prog --help```) and exits 2."""
 
@@ -92,12 +139,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(command: Callable[[], int], interrupted: str = "interrupted") -> int:
-    """Run a CLI body: an A3Error becomes one ``error:`` line and its exit code (2); Ctrl-C exits 130."""
+    """Run a CLI body: an A3Error becomes one ``error:`` line and its exit code (2), an OSError one line naming
+    the path and the fix (exit 1); Ctrl-C exits 130."""
     try:
         return command()
     except A3Error as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        err2 = describe_os_error(err)
+        print(f"error: {err2}", file=sys.stderr)
+        return err2.exit_code
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
         return 130

@@ -2,7 +2,7 @@
 """Where an export's time goes, per decoder layer: the plain layer forward vs the statistics hooks vs the solve.
 
 Runs the first ``--layers`` decoder layers of the dense model one at a time over the calibration tokens (the
-streamed export's loop, :mod:`a3_serve.export.sequential`) and times, for each layer, over all batches:
+streamed export's loop, :mod:`a3_serve.calibration.sequential`) and times, for each layer, over all batches:
 
 * ``forward``: the layer alone (no hooks);
 * ``stats_light``: with the hooks the recipe needs except the MLP moment ``E[h hᵀ]``;
@@ -42,12 +42,11 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from a3_serve.calibration.sources import calibration_windows
-    from a3_serve.calibration.stats import _attach, _Router, rope_inv_freq
+    from a3_serve.calibration.sequential import capture_first_layer_inputs, layer_output
+    from a3_serve.calibration.stats import StatsCollector, rope_inv_freq
     from a3_serve.export.architectures import inspect_architecture
-    from a3_serve.export.pipeline import model_shape
-    from a3_serve.export.recipes import RECIPES
-    from a3_serve.export.sequential import _layer_output, capture_first_layer_inputs
-    from a3_serve.export.solve import layer_tensors, solve_mlp, solve_ov, solve_qk
+    from a3_serve.export.methods import RECIPES
+    from a3_serve.export.compress_layer import layer_tensors, solve_mlp, solve_ov, solve_qk
     from a3_serve.runtime import read_config
     from a3_serve.solvers.budget import plan_dims
 
@@ -58,7 +57,7 @@ def main() -> int:
     tokens = calibration_windows(AutoTokenizer.from_pretrained(args.model), args.calib, None, args.nsamples, args.seqlen, 0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     arch = inspect_architecture(read_config(args.model))
-    plan = plan_dims(model_shape(arch), args.cr)
+    plan = plan_dims(arch, args.cr)
     methods = RECIPES[args.recipe][0]
     full = methods.stats_request()
     light = replace(full, mlp_moment=False)
@@ -70,14 +69,14 @@ def main() -> int:
 
     def run(layer, hidden, kwargs, request):
         t0 = time.perf_counter()
-        route = _Router(1, len(batches), arch.num_heads, arch.num_kv_heads, arch.head_dim, request) if request else None
-        handles = _attach(layer, 0, route, request, inv_freq) if request else []
+        route = StatsCollector(1, len(batches), arch.num_heads, arch.num_kv_heads, arch.head_dim, request) if request else None
+        handles = route.attach(layer, 0, inv_freq) if route is not None else []
         out = []
         try:
             for b, (x, kw) in enumerate(zip(hidden, kwargs)):
                 if route is not None:
                     route.start_batch(b)
-                out.append(_layer_output(layer(x, **kw)))
+                out.append(layer_output(layer(x, **kw)))
         finally:
             for h in handles:
                 h.remove()

@@ -28,13 +28,13 @@ import a3_serve
 from a3_serve.calibration.sources import calibration_windows, describe_source, eval_windows, load_texts, sources_overlap
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.eval.ppl import evaluate_ppl
-from a3_serve.export.allocation import allocate_plan
+from a3_serve.export.loss_curves import allocate_plan
 from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.card import dim_span
-from a3_serve.export.pipeline import _compressed_config, build_a3_model, compress_model, model_shape
-from a3_serve.export.recipes import RECIPES as NAMED_RECIPES
-from a3_serve.export.recipes import union_request
-from a3_serve.export.solve import Methods
+from a3_serve.export.inmemory import build_a3_model, compress_model
+from a3_serve.export.report import compressed_config
+from a3_serve.export.methods import RECIPES as NAMED_RECIPES
+from a3_serve.export.methods import Methods, union_request
 from a3_serve.progress import progress_bar
 from a3_serve.runtime import read_config
 from a3_serve.solvers.budget import plan_dims
@@ -92,7 +92,7 @@ def main() -> int:
 
     src_cfg = read_config(args.model)
     arch = inspect_architecture(src_cfg)
-    shape = model_shape(arch)
+    shape = arch
     tok = AutoTokenizer.from_pretrained(args.model)
     tokens = calibration_windows(tok, args.calib, None, args.nsamples, args.seqlen, args.seed)
     windows = {}
@@ -140,10 +140,10 @@ def main() -> int:
         components, methods, _ = RECIPES[base]
         t0 = time.perf_counter()
         if methods.allocation == "loss":
-            plan = allocate_plan(model, stats, arch, shape, cr, methods, components, args.head_multiple)
+            plan = allocate_plan(model, stats, arch, cr, methods, components, args.head_multiple)
         else:
             plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
-        cfg = _compressed_config(src_cfg, arch, plan, {}, torch.float32)
+        cfg = compressed_config(src_cfg, arch, plan, {}, torch.float32)
         dims = plan.dim_lists(arch.num_layers)
         if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
             state, _ = compress_model(model, None, arch, *dims, methods, batches=batches, stats_mode=stats_mode, a3_config=cfg)

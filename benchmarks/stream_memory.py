@@ -45,7 +45,7 @@ def main() -> int:
     import a3_serve.export.streamed as streamed
     from a3_serve.demo import build_demo_model
     from a3_serve.export.pipeline import ExportOptions, run_export
-    from a3_serve.export.recipes import RECIPES
+    from a3_serve.export.methods import RECIPES
     from a3_serve.random_model import write_random_llama
 
     tmp = Path(tempfile.mkdtemp(prefix="a3-stream-mem-"))

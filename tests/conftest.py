@@ -92,7 +92,7 @@ def smol_a3_cr01(tmp_path_factory, demo_model) -> Path:
     ``mix`` (one or two 128-token windows per domain); with them the model stops answering "Paris" to "The capital
     of France is", while the real default export (64 x 512 tokens of ``mix``) still does."""
     from a3_serve.export.pipeline import ExportOptions, run_export
-    from a3_serve.export.recipes import RECIPES
+    from a3_serve.export.methods import RECIPES
 
     out = tmp_path_factory.mktemp("smol_a3") / "compressed"
     run_export(ExportOptions(model=demo_model, out=out, cr=0.1, nsamples=4, seqlen=128, batch_size=4, device="cpu",

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 import a3_serve  # noqa: F401
 from a3_serve.errors import BudgetError
 from a3_serve.export.architectures import inspect_architecture
-from a3_serve.export.pipeline import ExportOptions, model_shape, run_export
-from a3_serve.export.recipes import RECIPES
+from a3_serve.export.pipeline import ExportOptions, run_export
+from a3_serve.export.methods import RECIPES
 from a3_serve.runtime import read_config
 from a3_serve.solvers.allocate import (
     LayerCurves,
@@ -150,12 +150,12 @@ def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random
     """End to end on a random GQA model: the exporter's loss-aware plan has a smaller total predicted loss than the
     uniform plan at the same CR, meets the budget within 1%, and the checkpoint records and serves its per-layer dims."""
     from a3_serve.calibration.stats import collect_stats
-    from a3_serve.export.allocation import allocate_plan, layer_curves
-    from a3_serve.export.solve import layer_tensors
+    from a3_serve.export.loss_curves import allocate_plan, layer_curves
+    from a3_serve.export.compress_layer import layer_tensors
 
     src = random_models["llama3-gqa"]
     arch = inspect_architecture(read_config(src))
-    shape = model_shape(arch)
+    shape = arch
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     batches = list(torch.randint(3, 5000, (8, 32), generator=gen(1)).split(2))
     stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
@@ -170,7 +170,7 @@ def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random
 
     for cr in (0.2, 0.3):
         uniform = plan_dims(shape, cr, head_multiple=16)
-        alloc = allocate_plan(model, stats, arch, shape, cr, methods, head_multiple=16)
+        alloc = allocate_plan(model, stats, arch, cr, methods, head_multiple=16)
         assert cr <= alloc.achieved_cr <= cr + 0.01
         assert predicted(alloc) <= predicted(uniform) * (1 + 1e-9)
         assert all(c.qk[-1] == 0 and c.ov[-1] == 0 and c.mlp[-1] == 0 for c in curves)

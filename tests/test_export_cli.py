@@ -92,9 +92,14 @@ def test_existing_output_folder(capsys, tmp_path, random_models):
     code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, *QUICK)
     assert_one_line_error(code, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "user data"
+    # --overwrite replaces only what a3-serve wrote (tests/test_hardening.py has the rules)
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--overwrite", *QUICK)
+    assert_one_line_error(code, err, "not an a3-serve output")
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
     code, stdout, _ = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--overwrite", "--nsamples", "2", "--seqlen", "64", "--device", "cpu")
     assert code == 0 and "A3 export done" in stdout
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file()
 
 
 def test_calibration_text_too_short(capsys, tmp_path, random_models):
@@ -152,5 +157,5 @@ def test_out_must_not_be_the_source(capsys, tmp_path, random_models):
     before = sorted(p.name for p in src.iterdir())
     for out in (src, src / "inside"):
         code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--overwrite", *QUICK)
-        assert_one_line_error(code, err, "source model folder")
+        assert_one_line_error(code, err, "source folder")
     assert sorted(p.name for p in src.iterdir()) == before

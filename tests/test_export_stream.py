@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from a3_serve.errors import InputError
 from a3_serve.export.pipeline import ExportOptions, run_export
-from a3_serve.export.recipes import RECIPES
+from a3_serve.export.methods import RECIPES
 from a3_serve.export.workdir import LOCK_FILE, RESUME_MARK, WorkDir
 
 from conftest import RANDOM_ARCHS, SMOL_FIXTURE_FLAGS
@@ -71,11 +71,11 @@ def test_one_pass_allocation_equals_two_passes(random_models, tmp_path, monkeypa
     """The default recipe's single calibration pass (every layer's statistics kept until the allocation is known) gives
     the checkpoint of the light allocation pass + solve pass it replaces, streamed and in memory; with the cache
     limit at 0 both paths take the two-pass route."""
-    from a3_serve.export import allocation
+    from a3_serve.export import passes
 
     src = random_models["llama3-gqa"]
     rep = _export(src, tmp_path / "one-pass")
-    monkeypatch.setattr(allocation, "CACHED_STATS_MAX_BYTES", 0)
+    monkeypatch.setattr(passes, "CACHED_STATS_MAX_BYTES", 0)
     _export(src, tmp_path / "two-pass")
     _export(src, tmp_path / "two-pass-memory", stream=False)
     assert rep["summary"]["layer_dims"] is not None
@@ -85,12 +85,12 @@ def test_one_pass_allocation_equals_two_passes(random_models, tmp_path, monkeypa
 
 def test_compact_stats_round_trip_bit_for_bit():
     """What the one-pass export stores per layer rebuilds the same statistics, with and without a held-out fold."""
-    from a3_serve.calibration.stats import CompactStatsList, StatsRequest, _Router, stats_nbytes
+    from a3_serve.calibration.stats import CompactStatsList, StatsCollector, StatsRequest, stats_nbytes
 
     torch.manual_seed(0)
     for heldout in (0, 2):
         req = StatsRequest(mlp_moment=True, heldout_every=heldout)
-        route = _Router(1, 4, 4, 2, 8, req)
+        route = StatsCollector(1, 4, 4, 2, 8, req)
         for b in range(4):
             route.start_batch(b)
             acc = route(0)
@@ -116,26 +116,26 @@ def test_compact_stats_round_trip_bit_for_bit():
 def test_interrupted_solve_from_cached_statistics_resumes(random_models, tmp_path, monkeypatch):
     """An export that fails while solving from the one-pass statistics keeps them in its working folder; the same
     call resumes at the failed layer (no calibration pass again) and writes the uninterrupted checkpoint."""
-    from a3_serve.export import pipeline, streamed
+    from a3_serve.export import streamed
 
     src = random_models["llama2-mha"]
     _export(src, tmp_path / "reference")
     out = tmp_path / "resumed"
-    real = pipeline._solve_layer_into
+    real = streamed.compress_layer_into
 
     def failing(state, layer, i, *args, **kw):
         if i == 1:
             raise RuntimeError("injected failure")
         return real(state, layer, i, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "_solve_layer_into", failing)
+    monkeypatch.setattr(streamed, "compress_layer_into", failing)
     with pytest.raises(RuntimeError, match="injected"):
         _export(src, out)
     (work,) = tmp_path.glob(f".{out.name}{RESUME_MARK}*")
     state = json.loads((work / "state.json").read_text())
     assert state["cached_stats"] is True and state["pass"] == "solve" and state["done"] == 1
     assert sorted(p.name for p in work.glob("stats-*.pt")) == ["stats-00001.pt"]  # layer 0 solved, layer 1 not
-    monkeypatch.setattr(pipeline, "_solve_layer_into", real)
+    monkeypatch.setattr(streamed, "compress_layer_into", real)
     calls = []
     monkeypatch.setattr(streamed, "sequential_calibrate", lambda *a, **k: calls.append(a))
     rep = _export(src, out)
@@ -222,18 +222,24 @@ def test_dry_run_plans_without_writing(smol_a3_cr01, demo_model, tmp_path, capsy
 
 
 def test_workdir_lock_and_no_resume(tmp_path):
-    """A working folder in use by a live process is refused; --no-resume starts over; other keys are discarded."""
+    """A working folder in use by a live export is refused; a lock nobody holds (whatever PID it names) is not an
+    owner; --no-resume starts over; other keys are discarded once their export is gone."""
     out = tmp_path / "ckpt"
     w = WorkDir(out, "k1")
     (w.path / "model-00001-of-00002.safetensors").write_bytes(b"x")
     w.finish_layer("solve", 0, [torch.zeros(1, 2, 3)])
-    (w.path / LOCK_FILE).write_text(f"{os.getppid()}\n")  # a live process that is not us
-    with pytest.raises(InputError, match="another a3-export"):
+    with pytest.raises(InputError, match="another a3-export"):  # w holds its flock
         WorkDir(out, "k1")
-    (w.path / LOCK_FILE).write_text("999999999\n")  # gone
+    w.release()
+    (w.path / LOCK_FILE).write_text(f"{os.getppid()}\n")  # a live process's PID, but it holds no lock
     again = WorkDir(out, "k1")
     assert again.resumed and again.state["done"] == 1
+    again.release()
     fresh = WorkDir(out, "k1", resume=False)
     assert not fresh.resumed and fresh.state["done"] == 0 and not (fresh.path / "model-00001-of-00002.safetensors").exists()
-    other = WorkDir(out, "k2")  # different arguments: the k1 folder (its process gone) is discarded
-    assert not w.path.exists() and other.path.exists()
+    other = WorkDir(out, "k2")  # different arguments, k1 still in use by `fresh`: kept
+    assert fresh.path.exists() and other.path.exists()
+    fresh.release()
+    other.release()
+    WorkDir(out, "k2")  # k1's export is gone now: its folder is discarded
+    assert not fresh.path.exists()

@@ -18,9 +18,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import a3_serve  # noqa: F401
 from a3_serve.calibration.stats import StatsRequest, collect_stats
 from a3_serve.export.architectures import inspect_architecture
-from a3_serve.export.pipeline import ExportOptions, _compressed_config, build_a3_model, compress_model, model_shape, run_export
-from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
-from a3_serve.export.sequential import capture_first_layer_inputs, sequential_calibrate
+from a3_serve.export.compress_layer import compressed_layer
+from a3_serve.export.inmemory import build_a3_model, compress_model
+from a3_serve.export.pipeline import ExportOptions, run_export
+from a3_serve.export.report import compressed_config
+from a3_serve.export.methods import DEFAULT_RECIPE, RECIPES
+from a3_serve.calibration.sequential import capture_first_layer_inputs, sequential_calibrate
 from a3_serve.runtime import read_config
 from a3_serve.solvers.budget import plan_dims
 
@@ -112,11 +115,9 @@ def test_sequential_original_statistics_equal_the_whole_model_pass(random_models
 def test_propagated_statistics_follow_the_compressed_layers(random_models):
     """Layer 0 is solved identically in both modes; layer 1's statistics are those of the dense layer 1 fed
     by the COMPRESSED layer 0 (checked on E[v vᵀ] against an explicit computation)."""
-    from a3_serve.export.pipeline import _a3_layer
-
     model, arch = _load(random_models["llama3-gqa"])
-    plan = plan_dims(model_shape(arch), 0.3)
-    cfg = _compressed_config(read_config(random_models["llama3-gqa"]), arch, plan, {}, torch.float32)
+    plan = plan_dims(arch, 0.3)
+    cfg = compressed_config(read_config(random_models["llama3-gqa"]), arch, plan, {}, torch.float32)
     batches = _batches()
     dims = (plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size)
     methods = RECIPES["paper"][0]
@@ -128,7 +129,7 @@ def test_propagated_statistics_follow_the_compressed_layers(random_models):
     assert any((prop[k] - orig[k]).abs().max() > 1e-4 for k in l1)
 
     hkv, dh = arch.num_kv_heads, arch.head_dim
-    comp0, dense1 = _a3_layer(model, cfg, 0, prop), model.model.layers[1]
+    comp0, dense1 = compressed_layer(model.model.layers[0], cfg, 0, prop), model.model.layers[1]
     hidden, kwargs = capture_first_layer_inputs(model, batches)
     with torch.no_grad():
         V = torch.cat([dense1.self_attn.v_proj(dense1.input_layernorm(comp0(x, **kw))).double().reshape(-1, hkv, dh)
@@ -136,7 +137,7 @@ def test_propagated_statistics_follow_the_compressed_layers(random_models):
     Gv_ref = torch.einsum("njc,njd->jcd", V, V) / V.shape[0]
     seen, dense_seen = {}, {}
     sequential_calibrate(model, batches, arch.num_heads, hkv, dh,
-                         lambda i, st: (seen.__setitem__(i, st), _a3_layer(model, cfg, i, prop))[1], mode="propagated")
+                         lambda i, st: (seen.__setitem__(i, st), compressed_layer(model.model.layers[i], cfg, i, prop))[1], mode="propagated")
     sequential_calibrate(model, batches, arch.num_heads, hkv, dh, lambda i, st: dense_seen.__setitem__(i, st), mode="original")
     torch.testing.assert_close(seen[1].Gv, Gv_ref, rtol=1e-6, atol=1e-9)
     assert (seen[1].Gv - dense_seen[1].Gv).abs().max() > 1e-4
@@ -169,7 +170,7 @@ def test_refit_lowers_the_real_mlp_output_error(demo_model):
     """On SmolLM2's real activations, the least-squares refit of down_proj lowers the MLP output error on
     calibration batches it was NOT fitted on (the ridge is chosen on a held-out fold)."""
     from a3_serve.calibration.sources import load_texts, sample_calibration
-    from a3_serve.export.solve import layer_tensors, solve_mlp
+    from a3_serve.export.compress_layer import layer_tensors, solve_mlp
     from a3_serve.solvers.mlp import mlp_objective, mlp_scores, select_neurons
     from transformers import AutoTokenizer
 
@@ -232,7 +233,7 @@ def test_per_layer_dims_export_and_load(random_models, tmp_path):
     cfg = json.loads((tmp_path / "mixed" / "config.json").read_text())
     assert cfg["layer_qk_head_dims"] == [64, 32] and cfg["layer_v_head_dims"] == [64, 32]
     assert cfg["layer_intermediate_sizes"] == [300, 512] and rep["summary"]["layer_dims"] == [list(t) for t in mixed]
-    shape = model_shape(inspect_architecture(read_config(src)))
+    shape = inspect_architecture(read_config(src))
     assert rep["summary"]["linear_params_after"] == sum(shape.layer_linear_params(*t) for t in mixed)
     assert rep["summary"]["kv_bytes_per_token_after"] == shape.num_kv_heads * (128 + 64) * 4  # float32 checkpoint
     t = load_file(str(tmp_path / "mixed" / "model.safetensors"))

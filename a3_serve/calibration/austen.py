@@ -16,13 +16,13 @@ held-out text shares no sentence with calibration:
 
 from __future__ import annotations
 
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
 
 from a3_serve.calibration.rdata import read_lazyload_index, read_lazyload_object
 from a3_serve.errors import CalibrationError
+from a3_serve.runtime import default_cache_root
 
 DEBIAN_PACKAGE = "r-cran-janeaustenr"
 SYSTEM_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
@@ -37,9 +37,7 @@ _HEADING = re.compile(r"^(chapter|volume)\s+[0-9ivxlc]+\.?\s*$", re.IGNORECASE)
 
 def cache_dir() -> Path:
     """Where scripts/setup.sh puts the package's data files: ``$A3_SERVE_CACHE/texts/janeaustenr``."""
-    root = os.environ.get("A3_SERVE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "a3-serve"
-    return base / "texts" / "janeaustenr"
+    return default_cache_root() / "texts" / "janeaustenr"
 
 
 def data_dir() -> Path:

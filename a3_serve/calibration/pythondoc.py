@@ -32,13 +32,13 @@ are dropped from ``heldout``, so the two splits share no document.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 from a3_serve.errors import CalibrationError
+from a3_serve.runtime import default_cache_root
 
 DEBIAN_PACKAGE = "python3.11-doc"
 SYSTEM_DIR = Path("/usr/share/doc/python3.11/html/_sources")
@@ -89,9 +89,7 @@ _PAREN_ROLES = {"func", "meth", "py:func", "py:meth", "c:func", "c:macro"}
 
 def cache_dir() -> Path:
     """Where scripts/setup.sh puts the package's Sphinx sources: ``$A3_SERVE_CACHE/texts/python3.11-doc``."""
-    root = os.environ.get("A3_SERVE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "a3-serve"
-    return base / "texts" / "python3.11-doc"
+    return default_cache_root() / "texts" / "python3.11-doc"
 
 
 def sources_dir() -> Path:

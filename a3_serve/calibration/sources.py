@@ -60,6 +60,7 @@ from typing import Optional, Sequence
 import torch
 
 from a3_serve.errors import CalibrationError, InputError
+from a3_serve.runtime import default_cache_root
 
 log = logging.getLogger("a3_serve.calibration")
 
@@ -572,8 +573,6 @@ def eval_windows(tokenizer, texts: Sequence[str], seqlen: int, max_tokens: Optio
 
 # --------------------------------------------------------------------------------------------- token cache
 def _token_cache_dir() -> Path:
-    from a3_serve.demo import default_cache_root
-
     return default_cache_root() / "tokens"
 
 

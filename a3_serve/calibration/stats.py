@@ -1,7 +1,7 @@
 """Per-layer calibration statistics in head space, accumulated in float64 with forward hooks.
 
 Every A3 closed form depends on the data only through ``d_h x d_h`` second moments of head
-activations (A3_METHOD.md section 3), so we never form ``d x d`` autocorrelations:
+activations (docs/METHOD.md §1.3-§1.4), so we never form ``d x d`` autocorrelations:
 
 ================  ======================  ====================================================================================
 name              shape                   definition (mean over calibration tokens)
@@ -21,7 +21,7 @@ name              shape                   definition (mean over calibration toke
 ``inv_ms_mlp``    ``[]``                  the same after the MLP block (the decoder layer's output)
 ================  ======================  ====================================================================================
 
-The RoPE energies (A3_METHOD.md 4.4, "exact all-pairs energy") are, per KV group ``j`` and frequency pair
+The RoPE energies (docs/METHOD.md §2.5, "exact all-pairs energy") are, per KV group ``j`` and frequency pair
 ``p``, the mean per token of ``Σ_seq Σ_{i∈group j} Σ_{m,t} Re(u_{i,m,p}·conj(v_{t,p}))²`` with ``u``/``v`` the
 post-RoPE complex coordinates of q/k (:func:`a3_serve.solvers.qk.rope_complex`; positions ``0..T-1``:
 calibration windows carry no padding).
@@ -37,8 +37,8 @@ result is checked for NaN/Inf.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
@@ -99,7 +99,7 @@ class LayerStats:
 def stats_to_tensors(st: LayerStats) -> dict[str, dict[str, torch.Tensor]]:
     """A compact, ``torch.save``-able form of one layer's statistics: ``{"fit": moments, "val": moments}`` when a
     held-out fold was collected (the all-batches moments are NOT stored: :func:`stats_from_tensors` recomputes them
-    with :meth:`LayerStats.merge`, exactly as :meth:`_Router.finish` made them), else ``{"all": moments}``.
+    with :meth:`LayerStats.merge`, exactly as :meth:`StatsCollector.finish` made them), else ``{"all": moments}``.
     ``moments`` maps the names of ``LayerStats.MOMENTS`` that are present (and ``n_tokens``, a 0-dim int64) to
     tensors. With the MLP moment ``H`` this is ``2·d_int²`` float64 per layer instead of ``3·d_int²``."""
 
@@ -199,27 +199,36 @@ class _Accumulator:
         return LayerStats(n_tokens=self.n_tokens, **means)
 
 
-class _Router:
-    """Per-layer fit accumulators and, with a held-out fold, the held-out ones; routes each batch's statistics.
+class StatsCollector:
+    """Forward hooks that accumulate :class:`LayerStats` for ``n_layers`` accumulator slots over ``n_batches``
+    calibration batches, with the held-out fold of ``request`` (module docstring).
+
+    Use: :meth:`attach` the hooks of a decoder layer to a slot, call :meth:`start_batch` before each batch's
+    forward pass, remove the returned hook handles, then :meth:`finish` each slot. The whole-model pass
+    (:func:`collect_stats`) gives every layer its own slot; the layer-by-layer pass
+    (:func:`a3_serve.calibration.sequential.sequential_calibrate`) uses one slot per layer in turn.
 
     The fold rule: with ``request.heldout_every = k`` and at least ``k`` batches, batch ``b`` is held out when
     ``b % k == k − 1``.
     """
 
     def __init__(self, n_layers: int, n_batches: int, num_heads: int, num_kv_heads: int, head_dim: int, request: StatsRequest):
+        self.request = request
         self.k = request.heldout_every if request.heldout_every and n_batches >= request.heldout_every else 0
         self.fit = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)]
         self.val = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)] if self.k else None
         self.held_out = False
 
     def start_batch(self, b: int) -> None:
+        """Route the next statistics to the fit or the held-out accumulators of batch ``b``."""
         self.held_out = bool(self.k) and b % self.k == self.k - 1
 
-    def __call__(self, layer_idx: int) -> _Accumulator:
-        return (self.val if self.held_out and self.val is not None else self.fit)[layer_idx]
+    def __call__(self, idx: int) -> _Accumulator:
+        """The accumulator of slot ``idx`` that receives the current batch."""
+        return (self.val if self.held_out and self.val is not None else self.fit)[idx]
 
     def finish(self, idx: int, layer_idx: int | None = None) -> LayerStats:
-        """The statistics of accumulator slot ``idx`` (all batches; ``.fit``/``.val`` attached with a fold).
+        """The statistics of slot ``idx`` (all batches; ``.fit``/``.val`` attached with a fold).
         ``layer_idx`` names the decoder layer in error messages (default: ``idx``)."""
         name = idx if layer_idx is None else layer_idx
         if self.val is None:
@@ -229,51 +238,53 @@ class _Router:
         merged.fit, merged.val = f, v
         return merged
 
+    def attach(self, layer: nn.Module, idx: int, inv_freq: torch.Tensor | None = None) -> list:
+        """Register the hooks of an HF Llama-style decoder ``layer`` feeding slot ``idx``; returns the handles.
+        ``inv_freq`` [d_h/2] (:func:`rope_inv_freq`) is needed when the request asks for RoPE energies."""
+        route, req = self, self.request
+        attn, mlp = layer.self_attn, layer.mlp
+        acc0 = self.fit[idx]
+        hq, hkv, dh = acc0.num_heads, acc0.num_kv_heads, acc0.head_dim
+        pending: dict[str, torch.Tensor] = {}
 
-def _attach(layer: nn.Module, idx: int, route: _Router, req: StatsRequest, inv_freq: torch.Tensor | None) -> list:
-    attn, mlp = layer.self_attn, layer.mlp
-    acc0 = route.fit[idx]
-    hq, hkv, dh = acc0.num_heads, acc0.num_kv_heads, acc0.head_dim
-    pending: dict[str, torch.Tensor] = {}
+        def on_q_in(_mod, args):
+            x, acc = args[0], route(idx)
+            acc.n_tokens += x.shape[:-1].numel()
+            acc.add_square("x2", x)
 
-    def on_q_in(_mod, args):
-        x, acc = args[0], route(idx)
-        acc.n_tokens += x.shape[:-1].numel()
-        acc.add_square("x2", x)
+        def on_q_out(_m, _a, out):
+            route(idx).add_head_moment("Gq", out, hq)
+            if req.rope_energy:
+                B, T = out.shape[0], out.shape[1]
+                q = out.reshape(B, T, hkv, hq // hkv, dh).to(torch.float64).permute(0, 2, 3, 1, 4)  # [B, h_kv, g, T, d_h]
+                pending["u"] = qk_solver.rope_complex(q, inv_freq, torch.arange(T, device=out.device))
 
-    def on_q_out(_m, _a, out):
-        route(idx).add_head_moment("Gq", out, hq)
-        if req.rope_energy:
-            B, T = out.shape[0], out.shape[1]
-            q = out.reshape(B, T, hkv, hq // hkv, dh).to(torch.float64).permute(0, 2, 3, 1, 4)  # [B, h_kv, g, T, d_h]
-            pending["u"] = qk_solver.rope_complex(q, inv_freq, torch.arange(T, device=out.device))
+        def on_k_out(_m, _a, out):
+            acc = route(idx)
+            acc.add_head_moment("Gk", out, hkv)
+            if req.rope_energy:
+                B, T = out.shape[0], out.shape[1]
+                k = out.reshape(B, T, hkv, dh).to(torch.float64).transpose(1, 2)  # [B, h_kv, T, d_h]
+                v = qk_solver.rope_complex(k, inv_freq, torch.arange(T, device=out.device))
+                e_all, e_causal = qk_solver.rope_pair_energies(pending.pop("u"), v)
+                acc.add("E_rope", e_all)
+                acc.add("E_rope_c", e_causal)
 
-    def on_k_out(_m, _a, out):
-        acc = route(idx)
-        acc.add_head_moment("Gk", out, hkv)
-        if req.rope_energy:
-            B, T = out.shape[0], out.shape[1]
-            k = out.reshape(B, T, hkv, dh).to(torch.float64).transpose(1, 2)  # [B, h_kv, T, d_h]
-            v = qk_solver.rope_complex(k, inv_freq, torch.arange(T, device=out.device))
-            e_all, e_causal = qk_solver.rope_pair_energies(pending.pop("u"), v)
-            acc.add("E_rope", e_all)
-            acc.add("E_rope_c", e_causal)
-
-    hooks = [
-        attn.q_proj.register_forward_pre_hook(on_q_in),
-        attn.q_proj.register_forward_hook(on_q_out),
-        attn.k_proj.register_forward_hook(on_k_out),
-        attn.v_proj.register_forward_hook(lambda _m, _a, out: route(idx).add_head_moment("Gv", out, hkv)),
-        attn.o_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_head_moment("Go", args[0], hq)),
-        mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_square("h2", args[0])),
-        layer.post_attention_layernorm.register_forward_pre_hook(
-            lambda _m, args: route(idx).add_inverse_mean_square("inv_ms_attn", args[0])),
-        layer.register_forward_hook(
-            lambda _m, _a, out: route(idx).add_inverse_mean_square("inv_ms_mlp", out[0] if isinstance(out, tuple) else out)),
-    ]
-    if req.mlp_moment:
-        hooks.append(mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_outer("H", args[0])))
-    return hooks
+        hooks = [
+            attn.q_proj.register_forward_pre_hook(on_q_in),
+            attn.q_proj.register_forward_hook(on_q_out),
+            attn.k_proj.register_forward_hook(on_k_out),
+            attn.v_proj.register_forward_hook(lambda _m, _a, out: route(idx).add_head_moment("Gv", out, hkv)),
+            attn.o_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_head_moment("Go", args[0], hq)),
+            mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_square("h2", args[0])),
+            layer.post_attention_layernorm.register_forward_pre_hook(
+                lambda _m, args: route(idx).add_inverse_mean_square("inv_ms_attn", args[0])),
+            layer.register_forward_hook(
+                lambda _m, _a, out: route(idx).add_inverse_mean_square("inv_ms_mlp", out[0] if isinstance(out, tuple) else out)),
+        ]
+        if req.mlp_moment:
+            hooks.append(mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_outer("H", args[0])))
+        return hooks
 
 
 def rope_inv_freq(model: nn.Module) -> torch.Tensor:
@@ -305,9 +316,9 @@ def collect_stats(
     """
     layers = model.model.layers
     batches = list(batches)
-    route = _Router(len(layers), len(batches), num_heads, num_kv_heads, head_dim, request)
+    route = StatsCollector(len(layers), len(batches), num_heads, num_kv_heads, head_dim, request)
     inv_freq = rope_inv_freq(model) if request.rope_energy else None
-    handles = [h for i, layer in enumerate(layers) for h in _attach(layer, i, route, request, inv_freq)]
+    handles = [h for i, layer in enumerate(layers) for h in route.attach(layer, i, inv_freq)]
     device = next(model.parameters()).device
     try:
         for b, batch in enumerate(batches):

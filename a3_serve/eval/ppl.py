@@ -24,7 +24,7 @@ from a3_serve.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-from a3_serve.runtime import dtype_name, read_config, resolve_device, resolve_dtype  # noqa: E402  (read_config/resolve_* are part of this module's API)
+from a3_serve.runtime import check_context_length, dtype_name, read_config, resolve_device, resolve_dtype  # noqa: E402  (read_config/resolve_* are part of this module's API)
 
 
 def load_model(model_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
@@ -190,6 +190,7 @@ def evaluate_folder(model_dir: Union[str, Path], data: str = "wiki", split: Opti
     if split is None:
         split = default_split(data)
     config = read_config(model_dir)
+    check_context_length(config, seqlen)
     if not allow_calibration_overlap:
         check_calibration_overlap(config, data, split, f"model {model_dir}")
     data_desc = describe_source(data, split)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from a3_serve.errors import InputError, UnsupportedArchitectureError
+from a3_serve.solvers.budget import ModelShape
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -38,17 +39,12 @@ _KNOWN_UNSUPPORTED = {
 }
 
 
-@dataclass(frozen=True)
-class SourceArch:
-    """The shapes and features of a supported dense source model, in Llama terms."""
+@dataclass(frozen=True, kw_only=True)
+class SourceArch(ModelShape):
+    """The shapes (:class:`ModelShape`: hidden size, layers, heads, head size, MLP width) and the features of a
+    supported dense source model, in Llama terms."""
 
     model_type: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
@@ -65,10 +61,51 @@ class SourceArch:
         return "MHA-RoPE" if self.group_size == 1 else "GQA-RoPE"
 
 
+def _bad_field(key: str, value: Any, want: str) -> InputError:
+    return InputError(f"config.json field {key!r} is {value!r}, not {want}; fix or re-download the model's config.json")
+
+
+def _int_field(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int | None:
+    """``cfg[key]`` as an int >= ``minimum`` (``default`` when absent or null); one-line error otherwise."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None and key not in OPTIONAL_INT_FIELDS:
+            raise InputError(f"config.json lacks a valid {key!r} field; fix or re-download the model's config.json")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+        raise _bad_field(key, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def _bool_field(cfg: dict[str, Any], key: str) -> bool:
+    """``cfg[key]`` as a bool (absent or null: False); one-line error for anything but true/false."""
+    value = cfg.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad_field(key, value, "true or false")
+    return value
+
+
+#: integer fields that may be absent (``None`` then)
+OPTIONAL_INT_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+
+
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE parameters block (``rope_parameters``, or the older ``rope_scaling``), checked to be an object."""
+    for key in ("rope_parameters", "rope_scaling"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise _bad_field(key, value, "a JSON object (e.g. {\"rope_type\": \"default\", \"rope_theta\": 10000.0})")
+        if value:
+            return value
+    return {}
+
+
 def _rope_type(cfg: dict[str, Any]) -> str:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        return "default"
+    params = _rope_params(cfg)
     return str(params.get("rope_type") or params.get("type") or "default")
 
 
@@ -102,35 +139,34 @@ def inspect_architecture(cfg: dict[str, Any]) -> SourceArch:
             refuse(f"mixture-of-experts MLP ({key}={cfg[key]})")
     if cfg.get("qk_norm") or cfg.get("use_qk_norm"):
         refuse("per-head q/k RMSNorm")
-    max_pos = int(cfg.get("max_position_embeddings") or 0)
+    max_pos = _int_field(cfg, "max_position_embeddings", 0, minimum=0)
     if mtype == "qwen2":
-        if cfg.get("use_sliding_window"):
+        if _bool_field(cfg, "use_sliding_window"):
             refuse(f"sliding-window attention (use_sliding_window=true, sliding_window={cfg.get('sliding_window')})")
         layer_types = cfg.get("layer_types") or []
+        if not isinstance(layer_types, list):
+            raise _bad_field("layer_types", layer_types, "a list of layer kinds")
         if any(t != "full_attention" for t in layer_types):
             refuse("sliding-window layers (layer_types contains 'sliding_attention')")
     else:
-        window = cfg.get("sliding_window")
-        if window is not None and (not max_pos or int(window) < max_pos):
+        window = _int_field(cfg, "sliding_window", None, minimum=0)
+        if window is not None and (not max_pos or window < max_pos):
             refuse(f"sliding-window attention (sliding_window={window} < max_position_embeddings={max_pos})")
     if cfg.get("position_embedding_type") not in (None, "rope", "rotary"):
         refuse(f"position embeddings of type {cfg.get('position_embedding_type')!r}")
     rope = _rope_type(cfg)
     if rope not in SUPPORTED_ROPE_TYPES:
         refuse(f"RoPE scaling type {rope!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    partial = _rope_params(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         refuse(f"partial rotary embeddings (partial_rotary_factor={partial})")
 
-    try:
-        hidden = int(cfg["hidden_size"])
-        n_heads = int(cfg["num_attention_heads"])
-        n_layers = int(cfg["num_hidden_layers"])
-        inter = int(cfg["intermediate_size"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(f"config.json lacks a valid {err} field; fix or re-download the model's config.json") from None
-    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-    head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+    hidden = _int_field(cfg, "hidden_size")
+    n_heads = _int_field(cfg, "num_attention_heads")
+    n_layers = _int_field(cfg, "num_hidden_layers")
+    inter = _int_field(cfg, "intermediate_size")
+    n_kv = _int_field(cfg, "num_key_value_heads", n_heads)
+    head_dim = _int_field(cfg, "head_dim", hidden // n_heads)
     if n_heads % n_kv:
         raise InputError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; the config is invalid")
     if head_dim % 2:
@@ -139,7 +175,7 @@ def inspect_architecture(cfg: dict[str, Any]) -> SourceArch:
     if mtype == "qwen2":
         qkv_bias, o_bias = True, False
     else:
-        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = o_bias = _bool_field(cfg, "attention_bias")
     return SourceArch(
         model_type=mtype,
         hidden_size=hidden,
@@ -150,7 +186,40 @@ def inspect_architecture(cfg: dict[str, Any]) -> SourceArch:
         intermediate_size=inter,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=_bool_field(cfg, "mlp_bias"),
         rope_type=rope,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_bool_field(cfg, "tie_word_embeddings"),
     )
+
+
+#: tensors a checkpoint may carry that the export derives itself (old Llama conversions saved RoPE tables)
+DERIVED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def expected_tensors(arch: SourceArch) -> set[str]:
+    """The checkpoint tensor names a source of shape ``arch`` consists of (a tied LM head may be absent)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    biases = {"q_proj": arch.qkv_bias, "k_proj": arch.qkv_bias, "v_proj": arch.qkv_bias, "o_proj": arch.o_bias,
+              "gate_proj": arch.mlp_bias, "up_proj": arch.mlp_bias, "down_proj": arch.mlp_bias}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+        for proj, bias in biases.items():
+            mod = p + ("self_attn." if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp.") + proj
+            names.add(mod + ".weight")
+            if bias:
+                names.add(mod + ".bias")
+    return names
+
+
+def check_source_tensors(arch: SourceArch, names: list[str]) -> None:
+    """Refuse a checkpoint whose weight files hold tensors its config.json does not declare (e.g. per-head q/k
+    norms under a Llama config): the export would drop them silently and ship a different model."""
+    expected = expected_tensors(arch)
+    extra = sorted(n for n in names if n not in expected and not n.endswith(DERIVED_TENSOR_SUFFIXES))
+    if extra:
+        raise UnsupportedArchitectureError(
+            f"the weights hold {len(extra)} tensor(s) that config.json ({arch.model_type}) does not declare, e.g. "
+            f"{extra[0]!r}; A3 export would drop them: use the config that matches these weights "
+            f"(a feature such as q/k norms is not covered by A3 export yet)"
+        )

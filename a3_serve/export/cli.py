@@ -7,8 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from a3_serve.export.recipes import DEFAULT_RECIPE, RECIPES
-from a3_serve.export.solve import ALLOCATIONS, MLP_METHODS, OV_METHODS, QK_METHODS, Methods
+from a3_serve.export.methods import (
+    ALLOCATIONS,
+    DEFAULT_RECIPE,
+    MLP_METHODS,
+    OV_METHODS,
+    QK_METHODS,
+    RECIPES,
+    Methods,
+)
 from a3_serve.progress import setup_logging
 from a3_serve.runtime import OneLineArgumentParser, run_cli
 
@@ -172,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> int:
         from a3_serve.export.pipeline import ExportOptions, run_export
+        from a3_serve.folders import check_output_file
 
+        if args.json and args.json != "-":  # checked now: a bad path must not cost the export
+            check_output_file(Path(args.json), "--json", (("--model", Path(args.model)), ("--out", Path(args.out))))
         opts = ExportOptions(
             model=Path(args.model), out=Path(args.out), cr=args.cr, calib=args.calib, calib_split=args.calib_split,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device,

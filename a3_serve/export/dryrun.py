@@ -7,7 +7,7 @@ Time model (``N`` calibration tokens, ``P`` decoder linear parameters, ``L`` lay
 
 * one dense forward pass: ``F = 2·N·P + 4·N·T·h_q·d_h·L/2`` (projections + causal attention scores and values);
 * calibration passes: one for the statistics, one more for the loss-aware allocation unless one pass can keep
-  every layer's statistics (:func:`a3_serve.export.allocation.one_pass_allocation`), and with propagated
+  every layer's statistics (:mod:`a3_serve.export.passes`, as the streamed export runs them), and with propagated
   statistics the compressed layers run too (about ``(1 - CR)·F``); the statistics hooks cost
   ``STATS_OVERHEAD`` of a pass (measured on SmolLM2, benchmarks/results/export-time);
 * the MLP refit (recipes with ``a3-refit``): accumulating ``E[h hᵀ]`` costs ``2·N·d_int²`` per layer and each
@@ -24,10 +24,8 @@ from typing import Any
 
 import torch
 
-from a3_serve.export.allocation import one_pass_allocation
-from a3_serve.export.architectures import SourceArch
+from a3_serve.folders import fmt_bytes
 from a3_serve.runtime import dtype_name
-from a3_serve.solvers.budget import DimPlan, ModelShape
 from a3_serve.solvers.mlp import DEFAULT_RIDGES
 
 #: extra cost of the float64 statistics hooks relative to a plain forward pass (export-time benchmark: 1.27x)
@@ -53,14 +51,6 @@ def probe_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25)
     return 2.0 * n**3 * reps / el
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _fmt_s(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -69,15 +59,15 @@ def _fmt_s(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def dry_run_report(opts, src_cfg: dict[str, Any], arch: SourceArch, shape: ModelShape, plan: DimPlan, tokens: torch.Tensor,
-                   calib_desc: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The dry-run report (module docstring): plain numbers for ``--json`` and ``lines`` for people."""
-    from a3_serve.export.pipeline import _save_dtype
-
+def dry_run_report(job) -> dict[str, Any]:
+    """The dry-run report of ``job`` (an :class:`~a3_serve.export.job.ExportJob`; module docstring): plain numbers for
+    ``--json`` and ``lines`` for people."""
+    opts, src_cfg, arch, shape, plan, tokens = job.opts, job.src_cfg, job.arch, job.arch, job.plan, job.tokens
+    calib_desc, device, dtype = job.calibration["description"], job.device, job.dtype
     L, d, dh, hq, hkv, dint = (arch.num_layers, arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
                                arch.intermediate_size)
     N, T = int(tokens.numel()), int(tokens.shape[1])
-    save_dtype = _save_dtype(opts, src_cfg)
+    save_dtype = job.save_dtype
     bpe = torch.finfo(save_dtype).bits // 8
     cbe = torch.finfo(dtype).bits // 8
     vocab = int(src_cfg.get("vocab_size", 0))
@@ -85,12 +75,11 @@ def dry_run_report(opts, src_cfg: dict[str, Any], arch: SourceArch, shape: Model
     lin_before = shape.linear_params(dh, dh, dint)
     lin_after = plan.linear_params(shape)
     other = vocab * d * (1 if tied else 2) + d * (2 * L + 1)
-    allocate = opts.methods.allocation == "loss" and opts.layer_dims is None
-    req = opts.methods.stats_request()
+    allocate = job.passes.allocate
+    req = job.passes.solve_request
 
     F = 2.0 * N * lin_before + 4.0 * N * T * hq * dh * L / 2
-    two_pass = allocate and not one_pass_allocation(arch, req, -(-int(tokens.shape[0]) // opts.batch_size), opts.stats)
-    passes = (1 + STATS_OVERHEAD) * (2 if two_pass else 1) + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
+    passes = (1 + STATS_OVERHEAD) * job.passes.count + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
     flops = F * passes
     if req.mlp_moment:
         flops += L * (2.0 * N * dint**2 + (len(DEFAULT_RIDGES) + 1) * dint**3 / 3)
@@ -127,11 +116,11 @@ def dry_run_report(opts, src_cfg: dict[str, Any], arch: SourceArch, shape: Model
         f"  dims        {dims}" + (" (uniform; the loss-aware allocation sets per-layer dims with the same parameter count "
                                    "after its calibration pass)" if allocate else ""),
         f"  params      decoder linear {lin_before:,} -> {lin_after:,} (CR {plan.achieved_cr:.4f}); all {lin_before + other:,} -> "
-        f"{lin_after + other:,}; {_fmt_bytes((lin_after + other) * bpe)} as {dtype_name(save_dtype)}",
+        f"{lin_after + other:,}; {fmt_bytes((lin_after + other) * bpe)} as {dtype_name(save_dtype)}",
         f"  KV cache    {kv_before:,} -> {kv_after:,} bytes/token, x{kv_before / kv_after:.2f} more tokens per GB",
         f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
         f"{passes:.1f} forward-pass equivalents",
         f"  estimate    {_fmt_s(est_s)} on {device} in {dtype_name(dtype)} ({flops / 1e12:.2f} TFLOP at a probed "
-        f"{speed / 1e9:.0f} GFLOP/s); streamed peak memory about {_fmt_bytes(mem_stream)}",
+        f"{speed / 1e9:.0f} GFLOP/s); streamed peak memory about {fmt_bytes(mem_stream)}",
     ]
     return rep

@@ -17,8 +17,12 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
+import a3_serve  # noqa: F401 - registers a3_llama with the Auto classes (check_checkpoint_structure)
 from a3_serve.errors import InputError, NumericalError
 from a3_serve.solvers.linalg import all_finite
 
@@ -102,9 +106,6 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 def empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     """The source model's transformers class with every parameter on ``meta`` (buffers real, on CPU)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(str(model_dir))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -114,8 +115,6 @@ def empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
 def fill_module(model: nn.Module, prefix: str, source: SafetensorsSource, dtype: torch.dtype, device: torch.device) -> None:
     """Load every parameter of the submodule at ``prefix`` (e.g. ``model.layers.3``) from the checkpoint, one
     tensor at a time (only one source tensor is ever held in both dtypes)."""
-    from accelerate.utils import set_module_tensor_to_device
-
     module = model.get_submodule(prefix)
     for local, param in list(module.named_parameters()):
         name = f"{prefix}.{local}"
@@ -184,8 +183,6 @@ def check_checkpoint_structure(folder: Path) -> None:
 
     Raises RuntimeError naming the first mismatch.
     """
-    import a3_serve  # noqa: F401 - registers a3_llama with the Auto classes
-
     model = empty_model(Path(folder), torch.float32)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):

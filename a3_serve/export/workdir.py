@@ -12,9 +12,10 @@ Besides the finished layers' shards it holds:
   batch), so a resumed run continues exactly where the killed one stopped;
 * ``curves.pt``: the allocation pass's per-layer loss curves so far;
 * ``stats-<layer>.pt``: when the allocation pass also gathers the solve's statistics (one calibration pass,
-  :func:`a3_serve.export.allocation.one_pass_allocation`), each layer's statistics in compact form
+  :mod:`a3_serve.export.passes`), each layer's statistics in compact form
   (:func:`a3_serve.calibration.stats.stats_to_tensors`) until that layer is solved;
-* ``lock``: the pid of the export using the folder (a second export to the same ``--out`` is refused).
+* ``lock``: held with ``flock`` by the export using the folder (:class:`a3_serve.folders.FolderLock`; a second
+  export to the same ``--out`` is refused, and a dead export's lock disappears with its process).
 
 Every file is replaced atomically (write to ``*.tmp``, then ``os.replace``), so a kill at any instant leaves
 either the old or the new version. Re-running the same command finds the folder by its key and resumes; a
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from a3_serve.errors import InputError
-from a3_serve.export.writer import _pid_alive
+from a3_serve.folders import FolderLock, folder_abandoned
 
 log = logging.getLogger("a3_serve.export")
 
@@ -75,6 +76,7 @@ class WorkDir:
         self.path = self.parent / f".{out_dir.name}{RESUME_MARK}{key}"
         self.key = key
         self.parent.mkdir(parents=True, exist_ok=True)
+        self._lock: FolderLock | None = None
         self._discard_others(out_dir.name)
         if self.path.exists():
             self._take_lock()
@@ -83,6 +85,7 @@ class WorkDir:
                 self.resumed = True
                 return
             log.info("starting over in %s (--no-resume)", self.path)
+            self.release()
             shutil.rmtree(self.path)
         self.path.mkdir()
         self._take_lock()
@@ -91,25 +94,23 @@ class WorkDir:
         self.save_state()
 
     # -- locking and cleanup -------------------------------------------------------------------------------
-    def _lock_owner(self, folder: Path) -> int | None:
-        try:
-            return int((folder / LOCK_FILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
-
     def _take_lock(self) -> None:
-        owner = self._lock_owner(self.path)
-        if owner is not None and owner != os.getpid() and _pid_alive(owner):
-            raise InputError(f"another a3-export (pid {owner}) is writing the same checkpoint to this --out; wait for it or stop it")
-        (self.path / LOCK_FILE).write_text(f"{os.getpid()}\n")
+        lock = FolderLock(self.path, LOCK_FILE)
+        if not lock.try_acquire():
+            raise InputError(f"another a3-export (pid {lock.holder()}) is writing the same checkpoint to this --out; "
+                             "wait for it to finish or stop it")
+        self._lock = lock
+
+    def release(self) -> None:
+        """Give up the folder's lock (the export is over, or the folder is about to be removed)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _discard_others(self, name: str) -> None:
         """Remove working folders of the same --out left by finished processes with different arguments."""
         for p in self.parent.glob(f".{name}{RESUME_MARK}*"):
-            if p == self.path or not p.is_dir():
-                continue
-            owner = self._lock_owner(p)
-            if owner is not None and _pid_alive(owner) and owner != os.getpid():
+            if p == self.path or not p.is_dir() or folder_abandoned(p, LOCK_FILE) is False:
                 continue
             log.info("discarding an unfinished export to the same --out with different arguments (%s)", p.name)
             shutil.rmtree(p, ignore_errors=True)

@@ -1,7 +1,10 @@
-"""Solve one decoder layer: calibration statistics + dense weights -> compressed weights.
+"""Compress one decoder layer: calibration statistics + dense weights -> compressed weights.
 
-This is the glue between :mod:`a3_serve.calibration.stats` and the pure solvers: it picks the
-moments each method needs, calls the solver, and applies the factors to the PyTorch weights.
+This is the glue between :mod:`a3_serve.calibration.stats` and the pure solvers (:mod:`a3_serve.solvers`): it
+picks the moments each method (:mod:`a3_serve.export.methods`) needs, calls the solver, and applies the factors
+to the PyTorch weights. :func:`solve_layer` works on a dict of tensors; :func:`compress_layer_into` does it for a
+loaded HF decoder layer and puts the results under their checkpoint names, and :func:`compressed_layer` builds
+the compressed layer as a module (to propagate calibration activations through it).
 
 Weight layout (PyTorch ``[out, in]``), per layer, ``d`` = hidden size:
 
@@ -17,86 +20,32 @@ Weight layout (PyTorch ``[out, in]``), per layer, ``d`` = hidden size:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from typing import Any
 
 import torch
 
-from a3_serve.calibration.stats import LayerStats, StatsRequest
+from a3_serve.calibration.stats import LayerStats
+from a3_serve.errors import NumericalError
 from a3_serve.export.architectures import SourceArch
+from a3_serve.export.methods import (
+    DEFAULT_RIDGE,
+    DEFAULT_SHRINKAGE,
+    REFIT_METHODS,
+    Methods,
+)
+from a3_serve.modeling import A3LlamaConfig
+from a3_serve.modeling.modeling_a3_llama import ROPE_INDEX_NAME, A3LlamaDecoderLayer
 from a3_serve.solvers import mlp as mlp_solver
 from a3_serve.solvers import ov as ov_solver
 from a3_serve.solvers import qk as qk_solver
-
-QK_METHODS = {
-    "a3": "the paper's RoPE pair score E[q_a²]E[k_a²] + E[q_b²]E[k_b²] per KV group (A3 'rxx-w-rxx')",
-    "energy": "exact all-pairs energy of each RoPE pair's score contribution, from post-RoPE q/k (A3_METHOD 4.4)",
-    "energy-causal": "the exact pair energy over causal (query, key) pairs only",
-    "wanda": "Wanda-like pair score with per-dim energy Σ_j E[x_j²]·W[c, j]² (input scale × weight)",
-    "weight-norm": "pair score from weight norms only, ‖W_q[c]‖²·‖W_k[c]‖² (no calibration data)",
-}
-OV_METHODS = {
-    "a3": "MHA: per-head closed form whitened by E[o oᵀ] (attention-weighted, 'axkv'); GQA: joint SVD whitened by E[v vᵀ] ('xkv')",
-    "xkv": "closed form whitened by E[v vᵀ] for every model (cheaper ablation of 'a3')",
-    "a3-avg": "closed form whitened by the group-averaged attention-weighted moment mean_i E[o_i o_iᵀ] (GQA; MHA: = a3)",
-    "a3-shrink": "a3-avg's moment shrunk toward E[v vᵀ], (1-β)·G_o + β·(tr G_o/tr G_v)·G_v, β per value head chosen "
-                 "on held-out calibration batches (A3_METHOD 5.5)",
-    "svd": "plain SVD of W_v W_o without whitening (CLOVER-like baseline)",
-    "wanda": "keep value dims by E[v_c²]·‖W_o[c]‖² (selection baseline)",
-    "weight-norm": "keep value dims by ‖W_v[c]‖²·‖W_o[c]‖² (selection baseline, no data)",
-}
-MLP_METHODS = {
-    "a3": "the paper's score E[h_i²]·‖W_down[:, i]‖² ('rxx-w')",
-    "rxx": "activation energy E[h_i²] only ('rxx')",
-    "a3-refit": "the paper's selection, then a least-squares refit of down_proj on the kept neurons (ridge chosen on "
-                "held-out calibration batches; A3_METHOD 6.3)",
-    "greedy-refit": "greedy selection on the refit objective (backward elimination), then the refit",
-    "wanda": "structured Wanda: sqrt(E[h_i²])·‖W_down[:, i]‖₁",
-    "weight-norm": "‖W_gate[i]‖² + ‖W_up[i]‖² + ‖W_down[:, i]‖² (no data)",
-}
-
-
-#: MLP methods that refit down_proj on the kept neurons (they need E[h hᵀ] and a held-out fold)
-REFIT_METHODS = ("a3-refit", "greedy-refit")
-#: fallbacks when the calibration set is too small for a held-out fold
-DEFAULT_SHRINKAGE = 0.3
-DEFAULT_RIDGE = 1e-2
-#: every HELDOUT_EVERY-th calibration batch is held out to choose shrinkage / ridge (when a method needs it)
-HELDOUT_EVERY = 8
-
-
-#: how the parameter budget is spread over layers and components
-ALLOCATIONS = {
-    "uniform": "every layer and component cut by the same ratio (the paper; head sizes rounded to --head-multiple)",
-    "loss": "per-layer head sizes and MLP widths chosen by the least predicted output error per parameter removed "
-            "(each solver's own loss; docs/DESIGN.md); K and V heads keep one size per layer",
-}
-
-
-@dataclass(frozen=True)
-class Methods:
-    """Which solver each component uses, and how the budget is allocated (``ALLOCATIONS``)."""
-
-    qk: str = "a3"
-    ov: str = "a3"
-    mlp: str = "a3"
-    allocation: str = "uniform"
-
-    def as_dict(self) -> dict[str, str]:
-        return {"qk": self.qk, "ov": self.ov, "mlp": self.mlp}
-
-    def stats_request(self) -> StatsRequest:
-        """The optional calibration statistics these methods read."""
-        refit = self.mlp in REFIT_METHODS
-        return StatsRequest(
-            mlp_moment=refit,
-            rope_energy=self.qk in ("energy", "energy-causal"),
-            heldout_every=HELDOUT_EVERY if (refit or self.ov == "a3-shrink") else 0,
-        )
-
+from a3_serve.solvers.linalg import all_finite
 
 LAYER_TENSORS = ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b", "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
 
+
+#: the norm weights of a decoder layer, copied unchanged into the compressed checkpoint
+NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 # short name -> module path inside an HF Llama-style decoder layer
 PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -282,3 +231,42 @@ def solve_layer(
         tot = report[k]["total"]
         report[k]["relative_loss"] = report[k]["loss"] / tot if tot > 0 else 0.0
     return new, rope_index, report
+
+
+def compress_layer_into(
+    new_state: dict[str, torch.Tensor], layer: torch.nn.Module, i: int, st: LayerStats, arch: SourceArch,
+    dims: tuple[int, int, int], methods: Methods, damp: float,
+) -> dict[str, Any]:
+    """Solve decoder layer ``i`` (a loaded HF layer) at ``dims = (r_qk, r_vo, r_int)`` and put its compressed
+    projections and ``rope_freq_index`` into ``new_state`` under their checkpoint names; returns the layer's
+    report (per-component losses, ``layer``, ``seconds``). Raises :class:`NumericalError` on a non-finite result."""
+    tl = time.perf_counter()
+    new, rope_index, rep = solve_layer(layer_tensors(layer), st, arch, *dims, methods, damp)
+    prefix = f"model.layers.{i}."
+    for key in LAYER_TENSORS:
+        t = new[key]
+        if t is None:
+            continue
+        if not all_finite(t):
+            raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
+        base, kind = key.split("_")
+        new_state[prefix + PROJECTIONS[base] + (".weight" if kind == "w" else ".bias")] = t
+    new_state[prefix + "self_attn." + ROPE_INDEX_NAME] = rope_index
+    rep["layer"] = i
+    rep["seconds"] = round(time.perf_counter() - tl, 4)
+    return rep
+
+
+def compressed_layer(dense: torch.nn.Module, a3_config: dict[str, Any], i: int, new_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The compressed decoder layer ``i`` as an A3 module on the dense layer's device and dtype, with the dense
+    layer's norms (for propagating calibration activations; ``a3_config`` is the compressed config dict)."""
+    cfg = A3LlamaConfig.from_dict(a3_config)
+    cfg._attn_implementation = dense.self_attn.config._attn_implementation
+    p = next(dense.parameters())
+    layer = A3LlamaDecoderLayer(cfg, i).to(device=p.device, dtype=p.dtype).eval()
+    prefix = f"model.layers.{i}."
+    sd = {k[len(prefix):]: v for k, v in new_state.items() if k.startswith(prefix)}
+    for name in NORMS:
+        sd[name] = dense.get_parameter(name)
+    layer.load_state_dict(sd, strict=True)
+    return layer

@@ -1,4 +1,5 @@
-"""Safetensors files laid out in advance and filled tensor by tensor (the streamed export's writer).
+"""The checkpoint's safetensors files: written whole (:func:`save_weights`, the in-memory export) or laid out in
+advance and filled tensor by tensor (:class:`PreallocatedShards`, the streamed export).
 
 Once the per-layer dims are known, every tensor of the compressed checkpoint is known by name, shape and dtype
 (from the A3 model class built on ``meta``). So the files can be laid out before any layer is solved: the
@@ -17,17 +18,52 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+
+from a3_serve.errors import InputError
+from a3_serve.modeling import A3LlamaConfig, A3LlamaForCausalLM
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                       torch.bool: "BOOL"}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "5GB"
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000`` (decimal units as in ``save_pretrained``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise InputError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    n = int(float(m.group(1)) * scale)
+    if n < 1:
+        raise InputError(f"--max-shard-size {text!r} must be positive; e.g. 5GB")
+    return n
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str = MAX_SHARD_SIZE) -> list[str]:
+    """Save tensors as safetensors, sharded above ``max_shard_size`` with the standard index file."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(state, max_shard_size=parse_size(max_shard_size))
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return sorted(split.filename_to_tensors)
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,16 @@ class PreallocatedShards:
             finally:
                 os.close(fd)
 
+    def read(self, name: str) -> torch.Tensor:
+        """A tensor as written (to check or digest what is on disk)."""
+        fname, offset, spec = self.where[name]
+        fd = os.open(self.folder / fname, os.O_RDONLY)
+        try:
+            data = os.pread(fd, spec.nbytes, offset)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(bytearray(data), dtype=spec.dtype).reshape(spec.shape)
+
     def write_index(self) -> None:
         """``model.safetensors.index.json`` (only when there is more than one file)."""
         if len(self.files) == 1:
@@ -135,10 +181,6 @@ def checkpoint_specs(config: dict, save_dtype: torch.dtype, layer_order: int) ->
     """Every tensor of a compressed checkpoint with ``config`` (an a3_llama config dict), in writing order:
     decoder layer 0's tensors, layer 1's, ..., then the rest (embeddings, final norm, untied LM head).
     Floating-point tensors in ``save_dtype``; buffers (RoPE index) in their own dtype."""
-    from accelerate import init_empty_weights
-
-    from a3_serve.modeling import A3LlamaConfig, A3LlamaForCausalLM
-
     cfg = A3LlamaConfig.from_dict(config)
     with init_empty_weights(include_buffers=False):
         model = A3LlamaForCausalLM(cfg)

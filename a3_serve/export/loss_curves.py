@@ -1,7 +1,7 @@
-"""Loss-aware allocation glue: calibration statistics + dense weights -> per-layer loss curves -> per-layer dims.
+"""Loss-aware allocation, export side: calibration statistics + dense weights -> per-layer loss curves -> dims.
 
 For every layer, each component's predicted output error at every size is read from the same statistics and
-scores the solvers use (:mod:`a3_serve.solvers.allocate` states the math):
+scores the solvers use (:mod:`a3_serve.solvers.allocate` holds the allocation itself; docs/METHOD.md §6 the math):
 
 * OV: the closed form's singular values with the group-averaged attention-weighted moment ``mean_i E[o_i o_iᵀ]``
   (``Σ_{k>r} σ_k²`` is the attention-output error at rank ``r``, in residual units, for every OV method);
@@ -22,40 +22,26 @@ import logging
 
 import torch
 
-from a3_serve.calibration.stats import LayerStats, StatsRequest, stats_nbytes
+from a3_serve.calibration.stats import LayerStats
 from a3_serve.export.architectures import SourceArch
-from a3_serve.export.solve import Methods, layer_tensors, qk_pair_scores, wo_per_group
+from a3_serve.export.compress_layer import layer_tensors, qk_pair_scores, wo_per_group
+from a3_serve.export.methods import Methods
 from a3_serve.solvers import mlp as mlp_solver
 from a3_serve.solvers import ov as ov_solver
-from a3_serve.solvers.allocate import LayerCurves, allocate_dims, drop_curve, pair_drop_curve, tail_curve
-from a3_serve.solvers.budget import DimPlan, ModelShape
+from a3_serve.solvers.allocate import (
+    LayerCurves,
+    allocate_dims,
+    drop_curve,
+    pair_drop_curve,
+    tail_curve,
+)
+from a3_serve.solvers.budget import DimPlan
 
 log = logging.getLogger("a3_serve.export")
 
 #: the smallest per-layer head size the allocation picks: vLLM's CPU attention runs multiples of 16 from 32 up
 #: (docs/VLLM.md); a 16-dim head in one layer makes the whole checkpoint unservable there
 MIN_HEAD_DIM = 32
-
-
-#: The allocation needs every layer's loss curves before any layer can be solved. With original-model statistics
-#: one calibration pass can gather everything: each layer's full statistics are kept (compact,
-#: :func:`a3_serve.calibration.stats.stats_to_tensors`; in the streamed export's working folder, or in memory) until
-#: the plan is known, then every layer is solved from them. When they would exceed this many bytes (the MLP refit's
-#: d_int x d_int moments of large models: 62 GB at Llama-2-7B's shape) the export makes two passes instead: a light
-#: allocation pass, then the solve pass, which recomputes the statistics one layer at a time.
-CACHED_STATS_MAX_BYTES = 4 * 2**30
-
-
-def cached_stats_bytes(arch: SourceArch, request: StatsRequest, n_batches: int) -> int:
-    """Bytes of every layer's compact statistics for ``request`` (``n_batches`` calibration batches)."""
-    return arch.num_layers * stats_nbytes(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size,
-                                          arch.intermediate_size, request, n_batches)
-
-
-def one_pass_allocation(arch: SourceArch, request: StatsRequest, n_batches: int, stats_mode: str) -> bool:
-    """Whether the loss-aware allocation and the solve share one calibration pass (see CACHED_STATS_MAX_BYTES):
-    only with original-model statistics (propagated ones depend on the plan) and when the statistics fit."""
-    return stats_mode == "original" and cached_stats_bytes(arch, request, n_batches) <= CACHED_STATS_MAX_BYTES
 
 
 def layer_curves(w: dict, st: LayerStats, arch: SourceArch, methods: Methods, eps: float = 1e-6) -> LayerCurves:
@@ -78,7 +64,6 @@ def allocate_plan(
     model: torch.nn.Module,
     stats: list[LayerStats],
     arch: SourceArch,
-    shape: ModelShape,
     cr: float,
     methods: Methods,
     components=("qk", "ov", "mlp"),
@@ -88,22 +73,21 @@ def allocate_plan(
 ) -> DimPlan:
     """Per-layer dims for ``cr`` by loss-aware allocation over the loaded dense ``model``'s layers and ``stats``."""
     curves = [layer_curves(layer_tensors(layer), st, arch, methods, eps) for layer, st in zip(model.model.layers, stats)]
-    return plan_from_curves(curves, arch, shape, cr, components, head_multiple, min_head_dim)
+    return plan_from_curves(curves, arch, cr, components, head_multiple, min_head_dim)
 
 
 def plan_from_curves(
     curves: list[LayerCurves],
     arch: SourceArch,
-    shape: ModelShape,
     cr: float,
     components=("qk", "ov", "mlp"),
     head_multiple: int = 16,
     min_head_dim: int = MIN_HEAD_DIM,
 ) -> DimPlan:
     """Per-layer dims for ``cr`` from per-layer loss curves (:func:`layer_curves`, one per layer, in order)."""
-    plan = allocate_dims(shape, curves, cr, components=components, head_multiple=head_multiple,
+    plan = allocate_dims(arch, curves, cr, components=components, head_multiple=head_multiple,
                          min_head_dim=min(min_head_dim, arch.head_dim))
-    heads, _, widths = plan.dim_lists(shape.num_layers)
+    heads, _, widths = plan.dim_lists(arch.num_layers)
     log.info("loss-aware allocation: head dims per layer %s; MLP widths %d..%d (achieved CR %.4f)",
              heads, min(widths), max(widths), plan.achieved_cr)
     return plan

@@ -22,7 +22,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from a3_serve.calibration.stats import LayerStats, StatsRequest, _attach, _Router, rope_inv_freq
+from a3_serve.calibration.stats import (
+    LayerStats,
+    StatsCollector,
+    StatsRequest,
+    rope_inv_freq,
+)
 
 MODES = ("original", "propagated")
 
@@ -56,7 +61,8 @@ def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) ->
     return hidden, kwargs
 
 
-def _layer_output(out: Any) -> torch.Tensor:
+def layer_output(out: Any) -> torch.Tensor:
+    """The hidden states of a decoder layer's return value (a tensor, or a tuple whose first item is one)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -83,7 +89,7 @@ def sequential_calibrate(
     callable like the dense one (needed for ``mode="propagated"``; may return None in ``"original"`` mode).
     ``progress(1)`` is called after each layer.
 
-    Streaming and resuming (:mod:`a3_serve.export.streamed`): ``before_layer(idx)`` runs before layer ``idx`` is
+    Streaming and resuming (used by :mod:`a3_serve.export.streamed`): ``before_layer(idx)`` runs before layer ``idx`` is
     used (load its weights), ``after_layer(idx, hidden)`` after it is solved, with ``hidden`` = the inputs of layer
     ``idx + 1`` (free the weights, checkpoint the activations). ``start``/``hidden`` resume at layer ``start``
     from saved inputs ``hidden`` (one ``[B, T, d]`` tensor per batch) instead of the embeddings' output.
@@ -100,13 +106,13 @@ def sequential_calibrate(
         if before_layer is not None:
             before_layer(idx)
         layer = model.model.layers[idx]
-        route = _Router(1, len(batches), num_heads, num_kv_heads, head_dim, request)  # one layer's slot
-        handles = _attach(layer, 0, route, request, inv_freq)
+        route = StatsCollector(1, len(batches), num_heads, num_kv_heads, head_dim, request)  # one layer's slot
+        handles = route.attach(layer, 0, inv_freq)
         dense_out = []
         try:
             for b, (x, kw) in enumerate(zip(hidden, kwargs)):
                 route.start_batch(b)
-                dense_out.append(_layer_output(layer(x, **kw)))
+                dense_out.append(layer_output(layer(x, **kw)))
         finally:
             for h in handles:
                 h.remove()
@@ -114,7 +120,7 @@ def sequential_calibrate(
         if mode == "propagated":
             if compressed is None:
                 raise ValueError("mode='propagated' needs solve_fn to return the compressed layer")
-            hidden = [_layer_output(compressed(x, **kw)) for x, kw in zip(hidden, kwargs)]
+            hidden = [layer_output(compressed(x, **kw)) for x, kw in zip(hidden, kwargs)]
             del dense_out
         else:
             hidden = dense_out

@@ -1,0 +1,144 @@
+"""The export job: every input checked and prepared once, before the expensive steps.
+
+:func:`prepare_job` turns :class:`~a3_serve.export.options.ExportOptions` into an :class:`ExportJob`, checking
+everything a user can get wrong in this order: option values, the source folder and its architecture (config
+fields and weight names), the dimension budget, the destination, the calibration text. Nothing is loaded but
+the config, the weight files' headers and the tokenizer. The streamed and in-memory runs, the dry run, the report
+and the verification all read the job instead of taking long parameter lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from a3_serve.calibration.sources import (
+    calibration_windows,
+    describe_source,
+    sources_overlap,
+)
+from a3_serve.errors import InputError
+from a3_serve.export.architectures import (
+    SourceArch,
+    check_source_tensors,
+    inspect_architecture,
+)
+from a3_serve.export.folder import check_destination
+from a3_serve.export.lazy import SafetensorsSource
+from a3_serve.export.options import ExportOptions, resolve_save_dtype, validate_options
+from a3_serve.export.passes import CalibrationPasses, plan_passes
+from a3_serve.runtime import (
+    check_context_length,
+    read_config,
+    resolve_device,
+    resolve_dtype,
+)
+from a3_serve.solvers.budget import DimPlan, plan_dims, plan_per_layer
+
+log = logging.getLogger("a3_serve.export")
+
+
+@dataclass
+class ExportJob:
+    """One export, ready to run. ``plan`` is the uniform (or explicit per-layer) plan; the loss-aware allocation
+    replaces it after its calibration pass. ``tokens`` [nsamples, seqlen] are the calibration windows."""
+
+    opts: ExportOptions
+    src_cfg: dict[str, Any]
+    arch: SourceArch
+    plan: DimPlan
+    tokens: torch.Tensor
+    tokenizer: Any
+    calibration: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    save_dtype: torch.dtype
+    streamed: bool
+    passes: CalibrationPasses
+    t_start: float
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.opts.model)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.opts.out)
+
+    @property
+    def batches(self) -> list[torch.Tensor]:
+        """The calibration tokens in forward-pass batches ``[batch_size, seqlen]``."""
+        return list(self.tokens.split(self.opts.batch_size))
+
+    @property
+    def tokens_digest(self) -> str:
+        """SHA-256 of the calibration tokens (part of the resume key: another text never resumes a run)."""
+        return hashlib.sha256(self.tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _check_lengths(opts: ExportOptions, src_cfg: dict[str, Any]) -> None:
+    """Calibration and evaluation windows must fit the model's context."""
+    check_context_length(src_cfg, opts.seqlen, "--seqlen")
+    if opts.eval_tokens:
+        check_context_length(src_cfg, opts.eval_seqlen, "--eval-seqlen")
+
+
+def _check_weight_names(model_dir: Path, arch: SourceArch) -> bool:
+    """Whether the source has safetensors files; if so, that they hold nothing config.json does not declare."""
+    if not any(model_dir.glob("*.safetensors")):
+        return False
+    check_source_tensors(arch, SafetensorsSource(model_dir).names())
+    return True
+
+
+def prepare_job(opts: ExportOptions) -> ExportJob:
+    """Check every input and prepare the job (module docstring); raises one-line :class:`InputError` s."""
+    t_start = time.perf_counter()
+    validate_options(opts)
+    src_cfg = read_config(opts.model)
+    arch = inspect_architecture(src_cfg)
+    _check_lengths(opts, src_cfg)
+    has_safetensors = _check_weight_names(Path(opts.model), arch)
+    if opts.layer_dims is not None:
+        plan = plan_per_layer(arch, opts.layer_dims, head_multiple=opts.head_multiple)
+    else:
+        plan = plan_dims(arch, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple)
+    check_destination(Path(opts.out), opts.overwrite, Path(opts.model))
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    log.info(
+        "%s (%s, %d layers, %d/%d heads of %d, MLP %d) -> heads %d/%d, MLP %d (target CR %.3f, achieved %.4f)",
+        opts.model, arch.model_type, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+        arch.intermediate_size, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.cr, plan.achieved_cr,
+    )
+    if opts.methods.allocation == "loss" and opts.layer_dims is None:
+        log.info("those are the uniform dims; the loss-aware allocation replaces them with per-layer dims after calibration")
+
+    # calibration text -> tokens (fails fast on too little text, before loading the model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(opts.model))
+    except Exception as err:  # noqa: BLE001 - any tokenizer failure is a broken folder for the user
+        raise InputError(f"cannot load the tokenizer of {str(opts.model)!r} ({type(err).__name__}); the folder needs tokenizer files") from None
+    tokens = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
+    calib_desc = describe_source(opts.calib, opts.calib_split)
+    if opts.eval_tokens and sources_overlap(opts.calib, opts.calib_split, opts.eval_data, None):
+        raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as wiki:heldout")
+
+    streamed = opts.stream and has_safetensors
+    if opts.stream and not streamed and not opts.dry_run:
+        log.info("the source has no safetensors files: loading the whole model (the streamed export reads safetensors lazily)")
+    calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc, "nsamples": opts.nsamples,
+                   "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel()), "statistics": opts.stats}
+    n_batches = -(-int(tokens.shape[0]) // opts.batch_size)
+    # the dry run estimates the streamed export's passes, whatever the source format
+    passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, n_batches, opts.stats, streamed or opts.dry_run)
+    return ExportJob(opts=opts, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens, tokenizer=tokenizer,
+                     calibration=calibration, device=device, dtype=dtype, save_dtype=resolve_save_dtype(opts, src_cfg),
+                     streamed=streamed, passes=passes, t_start=t_start)
