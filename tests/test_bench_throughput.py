@@ -86,6 +86,8 @@ def test_hf_engine_alternates_and_measures_the_kv_cache(demo_model, smol_a3_cr01
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = check_files(out)
     assert report["config"]["order"] == ["dense", "compressed", "compressed", "dense"]
+    # the export and its source are comparable (same tokenizer and vocabulary, recorded source matches)
+    assert report["config"]["comparability"] == {"checked": True, "problems": [], "allow_mismatch": False}
     cfg_d, cfg_c = config(demo_model), config(smol_a3_cr01)
     layers, kv_heads = cfg_d["num_hidden_layers"], cfg_d["num_key_value_heads"]
     head = cfg_d["hidden_size"] // cfg_d["num_attention_heads"]

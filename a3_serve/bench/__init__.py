@@ -20,6 +20,9 @@ Report contract (``throughput.json``, schema ``a3-serve/throughput/1``)
 where ``M = {"path", "runs": [{metric: value}], "median": {metric: value}}`` and ``META = {"key", "label",
 "unit", "better": "higher" | "lower"}`` lists every metric present, in display order (see
 :data:`a3_serve.bench.report.METRICS`). A metric an engine does not measure is absent, never guessed.
+``config.comparability`` is ``{"checked", "problems": [...], "allow_mismatch"}``: the two model folders are
+compared (tokenizer, vocabulary, an a3 export's recorded source; :func:`a3_serve.provenance.comparability_problems`)
+before anything is measured, and a non-empty ``problems`` list appears only in a report made with --allow-mismatch.
 
 Events contract (``--events``: one JSON object per line on stdout, nothing else there)
 ------------------------------------------------------------------------------------

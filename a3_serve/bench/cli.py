@@ -46,6 +46,11 @@ examples:
   python benchmarks/throughput.py --dense D --compressed C --engine hf --device cuda --batch-size 16
   python benchmarks/throughput.py --dense D --compressed C --ppl-data wiki:heldout --ppl-tokens 8192
 
+comparability: --dense and --compressed must share the tokenizer and vocabulary, and an a3-export folder must be
+an export of --dense (its config's a3.source_fingerprint, or for older exports its recorded source shape);
+otherwise the benchmark stops with an error, since ratios (perplexity above all) of unrelated models mean nothing.
+--allow-mismatch measures them anyway and records the problems in the report.
+
 on CPU: --dtype auto means float32 (vLLM would downcast fp32 checkpoints to bf16, which is slow on most CPUs)
 and the KV cache gets --kv-cache-gib GiB (VLLM_CPU_KVCACHE_SPACE) for both models alike.
 """
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compressed-url", help="base URL of the server for the compressed model (implies --mode server)")
     m.add_argument("--tokenizer", help="tokenizer folder for building prompts in URL mode (default: --dense)")
     m.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token for the servers (default: $OPENAI_API_KEY)")
+    m.add_argument("--allow-mismatch", action="store_true",
+                   help="measure the two folders even when they are not comparable (different tokenizer or vocabulary, "
+                        "or a compressed model exported from another source than --dense); by default that is refused, "
+                        "and with this flag the report records the problems found")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="vllm (default) or hf (transformers reference)")
     e.add_argument("--mode", choices=["offline", "server"], default=None, help="vllm only: offline engine (default) or HTTP server")
@@ -118,6 +127,25 @@ def _check_args(args: argparse.Namespace) -> None:
         except ImportError:
             if args.mode == "offline" or not url_mode:
                 raise InputError("vLLM is not installed here; run scripts/setup.sh, use --engine hf, or measure running servers with --dense-url/--compressed-url") from None
+
+
+def _comparability(dense: Optional[str], compressed: Optional[str], allow: bool) -> list[str]:
+    """The reasons the two folders are not comparable ([] when they are, or when a folder is not given).
+
+    Raises InputError when there are any and ``allow`` (--allow-mismatch) is not set."""
+    from a3_serve.provenance import comparability_problems
+
+    if not (dense and compressed):
+        return []
+    try:
+        problems = comparability_problems(dense, compressed)
+    except OSError as err:
+        why = f"{err.strerror or type(err).__name__}: {err.filename}" if err.filename else str(err) or type(err).__name__
+        problems = [f"the folders could not be compared ({why})"]
+    if problems and not allow:
+        raise InputError(f"--dense and --compressed are not comparable: {'; '.join(problems)}; benchmark a compressed "
+                         "model against the dense model it was exported from, or pass --allow-mismatch to measure them anyway")
+    return problems
 
 
 def _engine_dtype(args: argparse.Namespace) -> str:
@@ -218,6 +246,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> dic
     for name in MODELS:
         if paths[name]:
             paths[name] = check_model_dir(paths[name], name)
+    mismatch = _comparability(paths["dense"], paths["compressed"], args.allow_mismatch)
     workload = Workload(args.num_prompts, args.input_len, args.output_len, args.seed, args.max_model_len)
     if args.engine == "vllm" and not _cuda():
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
@@ -268,6 +297,8 @@ def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> dic
               "order": [name for _, name in schedule]}
     if args.engine == "vllm" and not _cuda():
         config["kv_cache_gib"] = args.kv_cache_gib
+    config["comparability"] = {"checked": bool(paths["dense"] and paths["compressed"]), "problems": mismatch,
+                               "allow_mismatch": bool(args.allow_mismatch)}
     if args.engine == "hf":
         config.update(device=args.device, batch_size=args.batch_size or workload.num_prompts)
     if args.mode == "server":

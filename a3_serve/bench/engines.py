@@ -262,8 +262,9 @@ def _one_streamed_request(client, url: str, model_name: str, prompt: list[int], 
 def measure_server(base_url: str, workload: Workload, tokenizer, *, max_concurrency: int = 0,
                    token: Optional[str] = None, rss_sampler: Optional[Callable[[], int]] = None) -> dict[str, float]:
     """Latency and throughput of a running OpenAI-compatible server (see the module docstring)."""
-    import httpx
     from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
 
     base = base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -109,6 +109,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"tokens (random token ids, seed {cfg.get('seed')}), {cfg.get('repeats')} alternating repeats, median shown",
         f"- machine: {report['environment'].get('machine', '?')}; created {report['created']}",
         f"- command: `{report['command']}`",
+        *_mismatch_lines(cfg),
         "",
         "| metric | dense | compressed | compressed / dense |",
         "|---|---:|---:|---:|",
@@ -121,6 +122,15 @@ def to_markdown(report: dict[str, Any]) -> str:
                      f"{'–' if r is None else f'{r:.3f}x'} |")
     lines += ["", "Ratios above 1 are better for throughput and capacity, below 1 for latency and memory.", ""]
     return "\n".join(lines)
+
+
+def _mismatch_lines(cfg: dict[str, Any]) -> list[str]:
+    """A warning line when the two models were measured with --allow-mismatch despite comparability problems."""
+    comp = cfg.get("comparability")
+    problems = comp.get("problems") if isinstance(comp, dict) else None
+    if not problems:
+        return []
+    return [f"- **warning: the two models are not comparable** (measured with --allow-mismatch): {'; '.join(problems)}"]
 
 
 def write_charts(report: dict[str, Any], path: Path) -> Optional[Path]:

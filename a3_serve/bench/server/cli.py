@@ -11,7 +11,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from a3_serve.bench.server.settings import DEFAULT_PORT, TOKEN_ENV, Settings, default_data_dir, default_model_roots
+from a3_serve.bench.server.settings import (
+    ALLOWED_HOSTS_ENV,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PORT,
+    TOKEN_ENV,
+    Settings,
+    default_data_dir,
+    default_model_roots,
+)
 
 DESCRIPTION = """\
 Run dense-vs-compressed serving benchmarks on request. Each run is `python -m a3_serve.bench --dense D
@@ -26,13 +34,20 @@ endpoints:
   /runs/ID      status, progress, error, results; /runs/ID/events (server-sent events), /runs/ID/cancel,
                 /runs/ID/report.json|.md|.png, /runs/ID/log
   /healthz      liveness (never needs the token);  /metrics  Prometheus metrics
+
+checks: a run whose two models are not comparable (another tokenizer or vocabulary, or a compressed model that
+is not an export of the dense one) is refused with 422 unless the request sets "allow_mismatch": true. Requests
+must name the service in their Host header (the --host address, localhost, 127.0.0.1, [::1], any IP address when
+bound to 0.0.0.0, or an --allowed-host name), so a web page cannot reach it by DNS rebinding; bodies over
+--max-body-bytes get 413. The Host check is no substitute for a token: on 0.0.0.0 or another reachable address,
+anyone who can reach the port can start runs unless --token is set.
 """
 
 EPILOG = f"""\
 examples:
   a3-bench-server                                    # 127.0.0.1:{DEFAULT_PORT}, models under the current folder
   a3-bench-server --model-root /models --model-root ~/exports --port 9000
-  A3_BENCH_TOKEN=secret a3-bench-server --host 0.0.0.0 --model-root /models
+  A3_BENCH_TOKEN=secret a3-bench-server --host 0.0.0.0 --model-root /models --allowed-host bench.example.org
   curl -s -X POST 127.0.0.1:{DEFAULT_PORT}/runs -H 'Content-Type: application/json' \\
        -d '{{"dense": "/models/dense", "compressed": "/models/compressed", "workload": {{"num_prompts": 8}}}}'
 """
@@ -62,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None,
                    help=f"require 'Authorization: Bearer TOKEN' on every endpoint except /healthz (default: ${TOKEN_ENV}; "
                         "none: no auth)")
+    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=None, metavar="NAME",
+                   help="a further name that requests may carry in their Host header (a DNS name the service is reached "
+                        "by, e.g. behind a proxy); repeat for several; '*' turns the check off (default: "
+                        f"${ALLOWED_HOSTS_ENV}, comma-separated; the --host address, localhost, 127.0.0.1 and [::1] are "
+                        "always allowed, and any IP address when --host is 0.0.0.0 or ::)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help=f"largest request body in bytes; larger ones get HTTP 413 unread (default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--queue-size", type=int, default=8, metavar="N",
                    help="runs that may wait behind the running one; more get HTTP 429 (default 8)")
     p.add_argument("--run-timeout", type=float, default=6 * 3600.0, metavar="SECONDS",
@@ -113,6 +135,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _fail(f"--run-timeout must be > 0 seconds, got {args.run_timeout:g}")
     if not args.kill_grace >= 0:
         return _fail(f"--kill-grace must be >= 0 seconds, got {args.kill_grace:g}")
+    if args.max_body_bytes < 1024:
+        return _fail(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    allowed = args.allowed_hosts if args.allowed_hosts is not None else os.environ.get(ALLOWED_HOSTS_ENV, "").split(",")
+    allowed = [a.strip() for a in allowed if a.strip()]
+    from a3_serve.bench.server.security import host_name
+
+    for name in allowed:
+        if name != "*" and host_name(name) is None:
+            return _fail(f"--allowed-host {name[:100]!r} is not a host name; give a name such as bench.example.org "
+                         "(no scheme or path), an IP address, or '*'")
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     if token is not None and not token.strip():
         return _fail(f"the token is empty; pass --token TOKEN (or set {TOKEN_ENV}) or leave both unset for no auth")
@@ -135,8 +167,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     settings = Settings(data_dir=data_dir, model_roots=tuple(roots), token=token.strip() if token else None,
-                        queue_size=args.queue_size, run_timeout=args.run_timeout, kill_grace=args.kill_grace)
-    from a3_serve.bench.server.app import DataDirBusy, Service, create_app
+                        queue_size=args.queue_size, run_timeout=args.run_timeout, kill_grace=args.kill_grace,
+                        host=args.host, allowed_hosts=tuple(allowed), max_body_bytes=args.max_body_bytes)
+    from a3_serve.bench.server.app import create_app
+    from a3_serve.bench.server.security import uvicorn_log_config
+    from a3_serve.bench.server.service import DataDirBusy, Service
 
     service = Service(settings)
     try:
@@ -154,6 +189,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not settings.token and not _loopback(args.host):
         print(f"warning: listening on {args.host} without a token: anyone who can reach this port can start runs; "
               f"set --token or {TOKEN_ENV}", file=sys.stderr)
+    if "*" in allowed:
+        print("warning: --allowed-host '*' turns the Host check off: a web page can reach the service by DNS rebinding"
+              + ("" if settings.token else "; set --token"), file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"a3-bench-server: http://{shown}:{args.port}/ (dashboard), /docs (API); data dir {settings.data_dir}; "
           f"model roots {', '.join(str(r) for r in settings.model_roots)}; auth {'on' if settings.token else 'off'}",
@@ -163,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     app = create_app(settings, service)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                    proxy_headers=False, server_header=False)
+                    proxy_headers=False, server_header=False, log_config=uvicorn_log_config())
     finally:
         service.close()
     return 0

@@ -87,6 +87,7 @@ PAGE = r"""<!doctype html>
       <label>output tokens<input name="output_len" type="number" min="1" value="128"></label>
       <label>repeats<input name="repeats" type="number" min="1" value="2"></label>
       <label>label<input name="label" maxlength="200"></label>
+      <label title="measure the two folders even if their tokenizers or vocabularies differ or the compressed model is not an export of the dense one">allow mismatch<input name="allow_mismatch" type="checkbox"></label>
       <label>&nbsp;<button type="submit">Start</button></label>
     </form>
     <p id="new-run-msg"></p>
@@ -370,6 +371,7 @@ $("#new-run-form").addEventListener("submit", async (ev) => {
     workload: {num_prompts: +f.get("num_prompts"), input_len: +f.get("input_len"), output_len: +f.get("output_len"),
                repeats: +f.get("repeats")}};
   if (f.get("label")) body.label = f.get("label");
+  if (f.get("allow_mismatch")) body.allow_mismatch = true;
   const msg = $("#new-run-msg");
   try {
     const run = await api("/runs", {method: "POST", headers: {"Content-Type": "application/json", "Accept": "application/json"},

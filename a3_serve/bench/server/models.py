@@ -31,7 +31,7 @@ ACTIVE = frozenset({RunStatus.queued, RunStatus.running})
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / Infinity are never a valid setting
 
 
 class Workload(_Strict):
@@ -90,6 +90,10 @@ class RunCreate(_Strict):
     timeout_s: Optional[float] = Field(None, gt=0, le=30 * 86400,
                                        description="wall-clock limit of the whole run; default and maximum: the service's --run-timeout")
     label: Optional[str] = Field(None, max_length=200, description="free text shown in the run list")
+    allow_mismatch: bool = Field(
+        False, description="measure the two folders even when they are not comparable (different tokenizer or "
+                           "vocabulary, or a compressed model exported from another source); by default such a "
+                           "request is refused with 422, with this set the report lists the problems (--allow-mismatch)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunCreate":
@@ -119,6 +123,7 @@ CLI_FLAGS: dict[str, str] = {
     "engine_options.enforce_eager": "--enforce-eager",
     "engine_options.max_concurrency": "--max-concurrency",
     "engine_options.measurement_timeout": "--timeout",
+    "allow_mismatch": "--allow-mismatch",
 }
 
 

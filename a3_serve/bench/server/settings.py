@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from a3_serve.runtime import default_cache_root
+
 DEFAULT_PORT = 8800
 TOKEN_ENV = "A3_BENCH_TOKEN"
+ALLOWED_HOSTS_ENV = "A3_BENCH_ALLOWED_HOSTS"
+#: the largest request body the service reads (a run request is well under 2 KiB)
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("A3_SERVE_CACHE", "~/.cache/a3-serve")).expanduser() / "bench-server"
+    return default_cache_root() / "bench-server"
 
 
 def default_model_roots() -> list[Path]:
     """The current directory and the a3-serve model cache (where `a3-demo-model` puts its model)."""
-    return [Path.cwd(), Path(os.environ.get("A3_SERVE_CACHE", "~/.cache/a3-serve")).expanduser() / "models"]
+    return [Path.cwd(), default_cache_root() / "models"]
 
 
 @dataclass
@@ -30,10 +34,16 @@ class Settings:
     run_timeout: float = 6 * 3600.0
     kill_grace: float = 10.0
     python: str = sys.executable
+    #: the address the service binds (its Host headers are accepted); see :mod:`a3_serve.bench.server.security`
+    host: str = "127.0.0.1"
+    #: further names the Host header may carry (--allowed-host, $A3_BENCH_ALLOWED_HOSTS); "*" accepts any
+    allowed_hosts: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         self.model_roots = tuple(Path(r).expanduser().resolve() for r in self.model_roots)
+        self.allowed_hosts = tuple(self.allowed_hosts)
 
 
 class PathRejected(Exception):
