@@ -95,9 +95,11 @@ def check_destination(out_dir: Path, overwrite: bool, sources: tuple[Path, ...] 
         src = Path(src).expanduser()
         if contains(out, src):
             what = "is" if _same(out, src.resolve()) else "contains"
-            raise InputError(f"{flag} {shown!r} {what} the source folder {str(src)!r} ({source_flag}); write to a new folder outside it")
+            raise InputError(f"{flag} {shown!r} {what} the source folder {str(src)!r} ({source_flag}); write to a new "
+                             "folder outside it")
         if contains(src, out):
-            raise InputError(f"{flag} {shown!r} lies inside the source folder {str(src)!r} ({source_flag}); choose a folder outside it")
+            raise InputError(f"{flag} {shown!r} lies inside the source folder {str(src)!r} ({source_flag}); choose a "
+                             "folder outside it")
     for name, place in (("the current folder", Path.cwd()), ("your home folder", Path.home())):
         if contains(out, place):
             what = "is" if _same(out, place.resolve()) else "contains"
@@ -108,13 +110,15 @@ def check_destination(out_dir: Path, overwrite: bool, sources: tuple[Path, ...] 
         if not out.is_dir():
             raise InputError(f"{flag} {shown!r} is a file; choose a folder path")
         if not overwrite:
-            raise InputError(f"output folder {shown!r} already exists; choose another {flag} or pass --overwrite to replace it")
+            raise InputError(f"output folder {shown!r} already exists; choose another {flag} or pass --overwrite to "
+                             "replace it")
         check_replaceable(out, shown, flag)
     ancestor = out.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        raise InputError(f"cannot create {flag} {shown!r}: {str(ancestor)!r} is not a writable folder; choose a writable location")
+        raise InputError(f"cannot create {flag} {shown!r}: {str(ancestor)!r} is not a writable folder; choose a "
+                         "writable location")
     return out
 
 
@@ -128,11 +132,12 @@ def check_output_file(path: Path, flag: str, folders: tuple[tuple[str, Path], ..
         raise InputError(f"{flag} {str(path)!r} is a folder; give a file path such as {flag} report.json")
     for other_flag, folder in folders:
         if contains(Path(folder).expanduser(), target):
-            raise InputError(f"{flag} {str(path)!r} lies inside {other_flag} {str(folder)!r} and would replace its files; "
-                             "write it elsewhere")
+            raise InputError(f"{flag} {str(path)!r} lies inside {other_flag} {str(folder)!r} and would replace its "
+                             "files; write it elsewhere")
     parent = target.parent
     if not parent.is_dir():
-        raise InputError(f"{flag} {str(path)!r}: the folder {str(parent)!r} does not exist; create it or choose another path")
+        raise InputError(f"{flag} {str(path)!r}: the folder {str(parent)!r} does not exist; create it or choose "
+                         "another path")
     if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise InputError(f"{flag} {str(path)!r} is not writable; choose a path you can write to")
     return target
@@ -142,8 +147,8 @@ def check_replaceable(out: Path, shown: str | None = None, flag: str = "--out",
                       may_replace: Callable[[Path], bool] = is_a3_output) -> None:
     """Rule 4: an existing folder may be replaced only when it is empty or ``may_replace(out)`` holds."""
     if out.is_dir() and not _is_empty_dir(out) and not may_replace(out):
-        raise InputError(f"{flag} {shown or str(out)!r} is not an a3-serve output and is not empty; --overwrite replaces only "
-                         "folders a3-serve wrote: choose a new folder, or move that one away yourself")
+        raise InputError(f"{flag} {shown or str(out)!r} is not an a3-serve output and is not empty; --overwrite "
+                         "replaces only folders a3-serve wrote: choose a new folder, or move that one away yourself")
 
 
 def swap_into_place(tmp: Path, out_dir: Path, overwrite: bool, flag: str = "--out",
@@ -157,7 +162,8 @@ def swap_into_place(tmp: Path, out_dir: Path, overwrite: bool, flag: str = "--ou
         os.rename(tmp, out_dir)
         return
     if not overwrite:  # appeared while we were working
-        raise InputError(f"output folder {str(out_dir)!r} appeared during the run; pass --overwrite or choose another {flag}")
+        raise InputError(f"output folder {str(out_dir)!r} appeared during the run; pass --overwrite or choose another "
+                         f"{flag}")
     check_replaceable(out_dir, None, flag, may_replace)
     old = out_dir.resolve().parent / f".{out_dir.name}.a3-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(out_dir, old)

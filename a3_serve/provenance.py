@@ -176,8 +176,8 @@ def comparability_problems(dense_dir: str | Path, compressed_dir: str | Path) ->
         if isinstance(recorded, dict) and recorded.get("weights"):
             actual = source_fingerprint(dense_dir, dcfg)
             if recorded.get("weights") != actual["weights"] or recorded.get("config") != actual["config"]:
-                problems.append(f"the compressed model is an export of {a3.get('source_model')!r}, not of this dense model "
-                                "(its recorded source fingerprint differs)")
+                problems.append(f"the compressed model is an export of {a3.get('source_model')!r}, not of this dense "
+                                "model (its recorded source fingerprint differs)")
         else:
             diffs = [k for k in SHAPE_FIELDS if dcfg.get(k) != ccfg.get(k)]
             if a3.get("source_head_dim") not in (None, dcfg.get("head_dim") or _head_dim(dcfg)):

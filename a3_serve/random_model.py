@@ -49,9 +49,10 @@ def llama_config(shape: str, vocab_size: int, dtype: torch.dtype, num_layers: Op
     cfg = dict(SHAPES[shape])
     if num_layers:
         cfg["num_hidden_layers"] = num_layers
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size, "hidden_act": "silu",
-            "rms_norm_eps": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": False, "attention_bias": False,
-            "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "use_cache": True, "dtype": dtype_name(dtype), **cfg}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": False,
+            "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "use_cache": True,
+            "dtype": dtype_name(dtype), **cfg}
 
 
 def tensor_shapes(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -147,12 +148,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))
     p.add_argument("--out", required=True, help="new folder to write")
-    p.add_argument("--tokenizer", default=None, help="folder with tokenizer files (default: the built-in SmolLM2 demo model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder with tokenizer files (default: the built-in SmolLM2 demo model)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cpu", help="where the random numbers are drawn (cuda is much faster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-gib", type=float, default=2.0)
-    p.add_argument("--num-layers", type=int, default=None, help="fewer decoder layers than the real shape (quick tests)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="fewer decoder layers than the real shape (quick tests)")
     args = p.parse_args(argv)
 
     def command() -> int:

@@ -71,7 +71,8 @@ def read_config(model_dir: Union[str, Path]) -> dict[str, Any]:
             "(config.json + *.safetensors), e.g. the one printed by `a3-demo-model`"
         )
     if not path.is_dir():
-        raise InputError(f"model path {str(model_dir)!r} is a file, not a folder; pass the Hugging Face model folder that contains config.json")
+        raise InputError(f"model path {str(model_dir)!r} is a file, not a folder; pass the Hugging Face model folder "
+                         "that contains config.json")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise InputError(
@@ -86,7 +87,8 @@ def read_config(model_dir: Union[str, Path]) -> dict[str, Any]:
         raise InputError(f"{cfg_file} does not hold a JSON object; fix or re-download the model's config.json")
     if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         raise InputError(
-            f"{str(model_dir)!r} has a config.json but no weights (*.safetensors); download or save the full model first"
+            f"{str(model_dir)!r} has a config.json but no weights (*.safetensors); download or save the full model "
+            "first"
         )
     return cfg
 
@@ -114,8 +116,8 @@ OS_ERROR_FIXES = {
     errno.EISDIR: "the path is a folder where a file was expected: fix the path",
     errno.EBUSY: "the path is in use (a mount point or the current folder?): choose another path",
     errno.EMFILE: "too many open files: raise `ulimit -n`",
-    errno.EFBIG: "a file size limit was hit (`ulimit -f`, or the filesystem's largest file): raise it, or write smaller "
-                 "shards with --max-shard-size",
+    errno.EFBIG: "a file size limit was hit (`ulimit -f`, or the filesystem's largest file): raise it, or write "
+                 "smaller shards with --max-shard-size",
     errno.ENAMETOOLONG: "shorten the path",
     errno.EXDEV: "the destination is on another filesystem than its working folder: choose a path on one filesystem",
 }

@@ -41,12 +41,12 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from a3_serve.calibration.sources import calibration_windows
     from a3_serve.calibration.sequential import capture_first_layer_inputs, layer_output
+    from a3_serve.calibration.sources import calibration_windows
     from a3_serve.calibration.stats import StatsCollector, rope_inv_freq
     from a3_serve.export.architectures import inspect_architecture
-    from a3_serve.export.methods import RECIPES
     from a3_serve.export.compress_layer import layer_tensors, solve_mlp, solve_ov, solve_qk
+    from a3_serve.export.methods import RECIPES
     from a3_serve.runtime import read_config
     from a3_serve.solvers.budget import plan_dims
 
@@ -54,7 +54,8 @@ def main() -> int:
         from a3_serve.demo import build_demo_model
 
         args.model = str(build_demo_model())
-    tokens = calibration_windows(AutoTokenizer.from_pretrained(args.model), args.calib, None, args.nsamples, args.seqlen, 0)
+    tokens = calibration_windows(AutoTokenizer.from_pretrained(args.model), args.calib, None,
+                                 args.nsamples, args.seqlen, 0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     arch = inspect_architecture(read_config(args.model))
     plan = plan_dims(arch, args.cr)
@@ -69,7 +70,8 @@ def main() -> int:
 
     def run(layer, hidden, kwargs, request):
         t0 = time.perf_counter()
-        route = StatsCollector(1, len(batches), arch.num_heads, arch.num_kv_heads, arch.head_dim, request) if request else None
+        route = StatsCollector(1, len(batches), arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                               request) if request else None
         handles = route.attach(layer, 0, inv_freq) if route is not None else []
         out = []
         try:
@@ -111,7 +113,8 @@ def main() -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "export_layer_profile.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{len(rows)} layers, {int(tokens.numel()):,} tokens, recipe {args.recipe}: seconds (ratio to the plain forward)")
+    print(f"\n{len(rows)} layers, {int(tokens.numel()):,} tokens, recipe {args.recipe}: seconds (ratio to the plain "
+          "forward)")
     for k in keys:
         print(f"  {k:12s} {total[k]:8.2f}  ({total[k] / fwd:.2f})")
     return 0

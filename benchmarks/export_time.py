@@ -52,8 +52,8 @@ print("RESULT=" + json.dumps({"load_s": t_load, "forward_s": t_fwd, "tokens": to
 
 
 def run_forward(model: str, args) -> dict:
-    out = subprocess.run([sys.executable, "-c", FORWARD, model, str(args.nsamples), str(args.seqlen), str(args.seed), str(args.batch_size),
-                          args.calib, args.device, args.dtype],
+    out = subprocess.run([sys.executable, "-c", FORWARD, model, str(args.nsamples), str(args.seqlen), str(args.seed),
+                          str(args.batch_size), args.calib, args.device, args.dtype],
                          capture_output=True, text=True, check=True, env=dict(os.environ, A3_SERVE_NO_PROGRESS="1"))
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT="))
     return json.loads(line[len("RESULT="):])
@@ -63,8 +63,8 @@ def run_export(model: str, args, workdir: Path) -> dict:
     out_dir = workdir / "a3"
     report = workdir / "report.json"
     cmd = [sys.executable, "-m", "a3_serve.export.cli", "--model", model, "--cr", str(args.cr), "--out", str(out_dir),
-           "--overwrite", "--device", args.device, "--dtype", args.dtype, "--calib", args.calib, "--recipe", args.recipe,
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+           "--overwrite", "--device", args.device, "--dtype", args.dtype, "--calib", args.calib, "--recipe",
+           args.recipe, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
            "--batch-size", str(args.batch_size), "--json", str(report), "--quiet"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=dict(os.environ, A3_SERVE_NO_PROGRESS="1"))
@@ -75,7 +75,8 @@ def run_export(model: str, args, workdir: Path) -> dict:
 
         shutil.rmtree(args.keep, ignore_errors=True)
         shutil.copytree(out_dir, args.keep)
-    return {"wall_s": wall, **{k: rep["timings"][k] for k in ("load_s", "calibration_s", "solve_s", "write_s", "total_s")},
+    return {"wall_s": wall, **{k: rep["timings"][k]
+                               for k in ("load_s", "calibration_s", "solve_s", "write_s", "total_s")},
             "peak_rss_mb": rep["peak_rss_mb"], "peak_gpu_mb": rep.get("peak_gpu_mb"), "command": " ".join(cmd),
             "per_layer_solve_s": [layer.get("seconds") for layer in rep.get("layers", [])]}
 
@@ -90,7 +91,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    p.add_argument("--dtype", default="auto", help="forward / calibration dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", default="auto",
+                   help="forward / calibration dtype (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--calib", default="mix", help="calibration source (default: built-in mix, as a3-export)")
     p.add_argument("--recipe", default="best", help="a3-export recipe (default: best)")
     p.add_argument("--keep", default=None, help="keep the last export in this folder (default: a temporary one)")
@@ -105,8 +107,9 @@ def main() -> int:
         for i in range(args.repeats):
             fwd.append(run_forward(args.model, args))
             exp.append(run_export(args.model, args, Path(tmp)))
-            print(f"repeat {i + 1}/{args.repeats}: forward {fwd[-1]['forward_s']:.1f} s, export {exp[-1]['total_s']:.1f} s "
-                  f"(calibration {exp[-1]['calibration_s']:.1f}, solve {exp[-1]['solve_s']:.1f})", flush=True)
+            print(f"repeat {i + 1}/{args.repeats}: forward {fwd[-1]['forward_s']:.1f} s, export "
+                  f"{exp[-1]['total_s']:.1f} s (calibration {exp[-1]['calibration_s']:.1f}, solve "
+                  f"{exp[-1]['solve_s']:.1f})", flush=True)
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     result = {
         "command": " ".join(["python"] + sys.argv),
@@ -117,8 +120,10 @@ def main() -> int:
         "forward_s": med(fwd, "forward_s"),
         "export": {k: med(exp, k) for k in ("wall_s", "total_s", "load_s", "calibration_s", "solve_s", "write_s")},
         "ratio_export_total_to_forward": med(exp, "total_s") / med(fwd, "forward_s"),
-        "ratio_calibration_plus_solve_to_forward": (med(exp, "calibration_s") + med(exp, "solve_s")) / med(fwd, "forward_s"),
-        "peak_rss_mb": {"forward_process": max(r["peak_rss_mb"] for r in fwd), "export_process": max(r["peak_rss_mb"] for r in exp)},
+        "ratio_calibration_plus_solve_to_forward":
+            (med(exp, "calibration_s") + med(exp, "solve_s")) / med(fwd, "forward_s"),
+        "peak_rss_mb": {"forward_process": max(r["peak_rss_mb"] for r in fwd),
+                        "export_process": max(r["peak_rss_mb"] for r in exp)},
         "device": args.device,
         "per_layer_solve_s": exp[-1].get("per_layer_solve_s"),
         "repeats": {"forward": fwd, "export": exp},
@@ -128,18 +133,21 @@ def main() -> int:
     (out / "export_time.json").write_text(json.dumps(result, indent=2) + "\n")
     e = result["export"]
     md = "\n".join([
-        f"Model `{Path(args.model).name}`, CR {args.cr}, {result['tokens']:,} calibration tokens ({args.nsamples} x {args.seqlen}), "
-        f"median of {args.repeats} alternating runs. Command: `{result['command']}`",
+        f"Model `{Path(args.model).name}`, CR {args.cr}, {result['tokens']:,} calibration tokens ({args.nsamples} x "
+        f"{args.seqlen}), median of {args.repeats} alternating runs. Command: `{result['command']}`",
         "",
         "| | seconds | ratio to forward |",
         "|---|---|---|",
         f"| plain forward pass (decoder, fp32) | {result['forward_s']:.1f} | 1.00 |",
-        f"| a3-export calibration (forward + float64 statistics) | {e['calibration_s']:.1f} | {e['calibration_s'] / result['forward_s']:.2f} |",
+        f"| a3-export calibration (forward + float64 statistics) | {e['calibration_s']:.1f} | "
+        f"{e['calibration_s'] / result['forward_s']:.2f} |",
         f"| a3-export solve (all layers) | {e['solve_s']:.1f} | {e['solve_s'] / result['forward_s']:.2f} |",
-        f"| a3-export load + write + verify | {e['load_s'] + e['write_s']:.1f} | {(e['load_s'] + e['write_s']) / result['forward_s']:.2f} |",
+        f"| a3-export load + write + verify | {e['load_s'] + e['write_s']:.1f} | "
+        f"{(e['load_s'] + e['write_s']) / result['forward_s']:.2f} |",
         f"| **a3-export total** | **{e['total_s']:.1f}** | **{result['ratio_export_total_to_forward']:.2f}** |",
         "",
-        f"Peak RSS: export process {result['peak_rss_mb']['export_process']:.0f} MB, forward-only process {result['peak_rss_mb']['forward_process']:.0f} MB.",
+        f"Peak RSS: export process {result['peak_rss_mb']['export_process']:.0f} MB, forward-only process "
+        f"{result['peak_rss_mb']['forward_process']:.0f} MB.",
         "",
     ])
     (out / "export_time.md").write_text(md)

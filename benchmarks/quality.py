@@ -28,13 +28,13 @@ import a3_serve
 from a3_serve.calibration.sources import calibration_windows, describe_source, eval_windows, load_texts, sources_overlap
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.eval.ppl import evaluate_ppl
-from a3_serve.export.loss_curves import allocate_plan
 from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.card import dim_span
 from a3_serve.export.inmemory import build_a3_model, compress_model
-from a3_serve.export.report import compressed_config
+from a3_serve.export.loss_curves import allocate_plan
 from a3_serve.export.methods import RECIPES as NAMED_RECIPES
 from a3_serve.export.methods import Methods, union_request
+from a3_serve.export.report import compressed_config
 from a3_serve.progress import progress_bar
 from a3_serve.runtime import read_config
 from a3_serve.solvers.budget import plan_dims
@@ -57,8 +57,8 @@ def main() -> int:
     p.add_argument("--model", default=None, help="dense model folder (default: the built-in SmolLM2 demo model)")
     p.add_argument("--crs", default="0.1,0.2,0.3", help="comma-separated compression ratios")
     p.add_argument("--recipes", default=",".join(DEFAULT_GRID), help=f"comma-separated subset of {','.join(RECIPES)}")
-    p.add_argument("--calib", default="mix", help="calibration source (default: built-in mix = wiki + austen + pydoc in equal "
-                   "shares, calibration split, as a3-export; e.g. wiki for the paper's setting)")
+    p.add_argument("--calib", default="mix", help="calibration source (default: built-in mix = wiki + austen + pydoc "
+                   "in equal shares, calibration split, as a3-export; e.g. wiki for the paper's setting)")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -113,9 +113,10 @@ def main() -> int:
             "command": " ".join(["python"] + sys.argv),
             "model": args.model,
             "a3_serve_version": a3_serve.__version__,
-            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-            "calibration": {"source": describe_source(args.calib, None), "nsamples": args.nsamples, "seqlen": args.seqlen,
-                            "seed": args.seed, "tokens": int(tokens.numel())},
+            "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads()},
+            "calibration": {"source": describe_source(args.calib, None), "nsamples": args.nsamples,
+                            "seqlen": args.seqlen, "seed": args.seed, "tokens": int(tokens.numel())},
             "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen} for spec, w in windows.items()},
             "timing": {"statistics_s": t_stats,
                        "solve_s": {r["recipe"]: r["solve_s"] for r in rows if r["cr"] == crs[0]}},
@@ -130,9 +131,10 @@ def main() -> int:
         plot(result, evals, out_dir / "quality.png")
 
     rows = []
-    dense = {spec: evaluate_ppl(model, w, batch_size=args.batch_size, progress=False)["ppl"] for spec, w in windows.items()}
-    rows.append({"cr": 0.0, "recipe": "dense", "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size], "achieved_cr": 0.0,
-                 "ppl": dense, "solve_s": 0.0})
+    dense = {spec: evaluate_ppl(model, w, batch_size=args.batch_size, progress=False)["ppl"]
+             for spec, w in windows.items()}
+    rows.append({"cr": 0.0, "recipe": "dense", "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size],
+                 "achieved_cr": 0.0, "ppl": dense, "solve_s": 0.0})
     print(f"dense: {dense}", flush=True)
     grid = [(cr, r) for r in recipes for cr in crs]  # recipe-major: the first recipes are complete early
     for cr, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
@@ -146,12 +148,14 @@ def main() -> int:
         cfg = compressed_config(src_cfg, arch, plan, {}, torch.float32)
         dims = plan.dim_lists(arch.num_layers)
         if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
-            state, _ = compress_model(model, None, arch, *dims, methods, batches=batches, stats_mode=stats_mode, a3_config=cfg)
+            state, _ = compress_model(model, None, arch, *dims, methods, batches=batches,
+                                      stats_mode=stats_mode, a3_config=cfg)
         else:
             state, _ = compress_model(model, stats, arch, *dims, methods)
         solve_s = time.perf_counter() - t0
         small = build_a3_model(cfg, state)
-        ppl = {spec: evaluate_ppl(small, w, batch_size=args.batch_size, progress=False)["ppl"] for spec, w in windows.items()}
+        ppl = {spec: evaluate_ppl(small, w, batch_size=args.batch_size, progress=False)["ppl"]
+               for spec, w in windows.items()}
         row = {"cr": cr, "recipe": recipe, "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
                "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
                "achieved_cr": plan.achieved_cr, "ppl": ppl, "solve_s": solve_s}
@@ -168,8 +172,9 @@ def main() -> int:
 def render_markdown(result: dict, evals: list[str]) -> str:
     cal = result["calibration"]
     lines = [
-        f"Model `{Path(result['model']).name}`; calibration {cal['nsamples']} x {cal['seqlen']} tokens from {cal['source']}; "
-        f"held-out: " + ", ".join(f"{s} ({result['evaluation'][s]['tokens']:,} tokens)" for s in evals) + ".",
+        f"Model `{Path(result['model']).name}`; calibration {cal['nsamples']} x {cal['seqlen']} tokens from "
+        f"{cal['source']}; held-out: "
+        + ", ".join(f"{s} ({result['evaluation'][s]['tokens']:,} tokens)" for s in evals) + ".",
         f"Command: `{result['command']}`",
         "",
         "| CR | recipe | QK/VO/MLP dims | achieved CR | " + " | ".join(f"ppl {s}" for s in evals) + " |",
@@ -190,7 +195,8 @@ def render_markdown(result: dict, evals: list[str]) -> str:
             if p_ is not None and r["recipe"] != "paper" and p_ > dense[s]:
                 cell += f", {100 * (p_ - v) / (p_ - dense[s]):+.0f}% vs paper"
             cells.append(cell + ")")
-        lines.append(f"| {r['cr']:.1f} | {r['recipe']} | {_dims_cell(r)} | {r['achieved_cr']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['cr']:.1f} | {r['recipe']} | {_dims_cell(r)} | {r['achieved_cr']:.3f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,8 @@ def _status_mb() -> dict[str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-2-7b", help="a shape of a3_serve.random_model.SHAPES (default: llama-2-7b)")
+    p.add_argument("--shape", default="llama-2-7b",
+                   help="a shape of a3_serve.random_model.SHAPES (default: llama-2-7b)")
     p.add_argument("--layers", type=int, default=6, help="decoder layers to build (default: 6)")
     p.add_argument("--source", default=None, help="reuse (or create) the random checkpoint in this folder")
     p.add_argument("--recipe", default="paper", help="export recipe (default: paper; see a3-export --help)")
@@ -44,8 +45,8 @@ def main() -> int:
 
     import a3_serve.export.streamed as streamed
     from a3_serve.demo import build_demo_model
-    from a3_serve.export.pipeline import ExportOptions, run_export
     from a3_serve.export.methods import RECIPES
+    from a3_serve.export.pipeline import ExportOptions, run_export
     from a3_serve.random_model import write_random_llama
 
     tmp = Path(tempfile.mkdtemp(prefix="a3-stream-mem-"))
@@ -58,19 +59,21 @@ def main() -> int:
     def probe(model, prefix):
         release(model, prefix)
         per_layer.append({"released": prefix, **_status_mb()})
-        print(f"{prefix:>18}: resident {per_layer[-1]['VmRSS']:8.0f} MB, high-water {per_layer[-1]['VmHWM']:8.0f} MB", flush=True)
+        print(f"{prefix:>18}: resident {per_layer[-1]['VmRSS']:8.0f} MB, high-water {per_layer[-1]['VmHWM']:8.0f} MB",
+              flush=True)
 
     streamed.release_module = probe
     t0 = time.perf_counter()
     try:
         report = run_export(ExportOptions(model=source, out=tmp / "out", cr=0.1, calib="wiki", nsamples=args.nsamples,
-                                          seqlen=args.seqlen, device="cpu", dtype="float32", methods=RECIPES[args.recipe][0],
-                                          recipe=args.recipe, verify=False), progress=True)
+                                          seqlen=args.seqlen, device="cpu", dtype="float32",
+                                          methods=RECIPES[args.recipe][0], recipe=args.recipe, verify=False),
+                            progress=True)
     finally:
         streamed.release_module = release
-    result = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "shape": args.shape, "layers": args.layers,
-              "recipe": args.recipe, "calibration_tokens": args.nsamples * args.seqlen, "per_layer": per_layer,
-              "peak_rss_mb": report["peak_rss_mb"], "export_s": time.perf_counter() - t0}
+    result = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "shape": args.shape,
+              "layers": args.layers, "recipe": args.recipe, "calibration_tokens": args.nsamples * args.seqlen,
+              "per_layer": per_layer, "peak_rss_mb": report["peak_rss_mb"], "export_s": time.perf_counter() - t0}
     print(f"peak RSS {report['peak_rss_mb']:.0f} MB")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
 """Cost of the vLLM plugin's per-head RoPE gather as a share of a decode step.
 
 Times, per decode step of ``--tokens`` sequences (one new token each) and summed over all layers of a compressed
-checkpoint, exactly the code the plugin runs (rows of the shared ``[cos|sin|-sin]`` table, ``apply_rope_gathered`` on q and k together
-with the checkpoint's real ``rope_freq_index``) and, for reference, the stock neox rotation of the same q/k at
-the ORIGINAL head size (what vLLM's Llama does, in torch). The decode-step time comes from
-benchmarks/vllm_throughput.sh's JSON (elapsed / output_len of the compressed run: all requests decode together)
-or ``--step-ms``. One thread, like vLLM's CPU worker here.
+checkpoint, exactly the code the plugin runs (rows of the shared ``[cos|sin|-sin]`` table, ``apply_rope_gathered`` on q
+and k together with the checkpoint's real ``rope_freq_index``) and, for reference, the stock neox rotation of the same
+q/k at the ORIGINAL head size (what vLLM's Llama does, in torch). The decode-step time comes from
+benchmarks/vllm_throughput.sh's JSON (elapsed / output_len of the compressed run: all requests decode together) or
+``--step-ms``. One thread, like vLLM's CPU worker here.
 
     python benchmarks/vllm_rope_cost.py --model ./compressed --step-json benchmarks/results/vllm_throughput.json
 """
@@ -43,7 +43,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = json.loads((args.model / "config.json").read_text())
-    d_h, h_q, h_kv, n_layers = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
+    d_h, h_q, h_kv, n_layers = (cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                cfg["num_hidden_layers"])
     step_ms, tokens = args.step_ms, args.tokens
     if args.step_json and args.step_json.is_file():
         bench = json.loads(args.step_json.read_text())

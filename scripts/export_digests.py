@@ -35,7 +35,8 @@ def digest_folder(folder: Path) -> dict[str, str]:
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
                 t = st.get_tensor(name).contiguous()
-                out[name] = f"{t.dtype}:{list(t.shape)}:" + hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:24]
+                out[name] = (f"{t.dtype}:{list(t.shape)}:"
+                             + hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:24])
     cfg = json.loads((folder / "config.json").read_text())
     a3 = {k: v for k, v in (cfg.pop("a3", None) or {}).items() if k not in PROVENANCE_ONLY}
     for k in ("transformers_version",):
@@ -52,12 +53,16 @@ def cases(quick: bool) -> list[tuple[str, str, dict]]:
     recipes = ["best", "paper"] if quick else ["best", "paper", "best-uniform", "paper+alloc", "wanda", "weight-norm"]
     for recipe in recipes:
         for stream in (True, False):
-            out.append((f"smol/{recipe}/{'stream' if stream else 'mem'}", "smol", dict(base, cr=0.2, recipe=recipe, stream=stream)))
+            out.append((f"smol/{recipe}/{'stream' if stream else 'mem'}", "smol",
+                        dict(base, cr=0.2, recipe=recipe, stream=stream)))
     if not quick:
-        out.append(("smol/best/two-pass/stream", "smol", dict(base, cr=0.2, recipe="best", stream=True, _two_pass=True)))
+        out.append(("smol/best/two-pass/stream", "smol",
+                    dict(base, cr=0.2, recipe="best", stream=True, _two_pass=True)))
         out.append(("smol/best/two-pass/mem", "smol", dict(base, cr=0.2, recipe="best", stream=False, _two_pass=True)))
-        out.append(("smol/best-uniform/propagated/stream", "smol", dict(base, cr=0.2, recipe="best-uniform", stats="propagated")))
-        out.append(("smol/best-uniform/propagated/mem", "smol", dict(base, cr=0.2, recipe="best-uniform", stats="propagated", stream=False)))
+        out.append(("smol/best-uniform/propagated/stream", "smol",
+                    dict(base, cr=0.2, recipe="best-uniform", stats="propagated")))
+        out.append(("smol/best-uniform/propagated/mem", "smol",
+                    dict(base, cr=0.2, recipe="best-uniform", stats="propagated", stream=False)))
         out.append(("smol/paper/ov,mlp", "smol", dict(base, cr=0.2, recipe="paper", components=("ov", "mlp"))))
     for kind in ("llama3-gqa", "qwen2-bias"):
         for recipe in ("best", "paper"):

@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
+ruff check a3_serve tests benchmarks scripts
 export A3_SERVE_NO_PROGRESS=1
 exec python -m pytest -q -m "not slow" --durations=15 "$@"

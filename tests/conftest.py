@@ -29,16 +29,20 @@ LLAMA3_ROPE = {
 
 # name -> (config class name, kwargs). head_dim 64 everywhere so head-multiple 16 leaves room to shrink.
 RANDOM_ARCHS = {
-    "llama2-mha": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
-                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
-    "llama3-gqa": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=8192, rope_parameters=LLAMA3_ROPE)),
-    "mistral": ("MistralConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1,
-                                      head_dim=64, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "qwen2-bias": ("Qwen2Config", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                       tie_word_embeddings=True, use_sliding_window=False,
+    "llama2-mha": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                       num_key_value_heads=4,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama3-gqa": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=8192,
+                                       rope_parameters=LLAMA3_ROPE)),
+    "mistral": ("MistralConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                      num_key_value_heads=1, head_dim=64, sliding_window=None,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2-bias": ("Qwen2Config", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                       num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False,
                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "tinyllama": ("LlamaConfig", dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=1,
+    "tinyllama": ("LlamaConfig", dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                                      num_key_value_heads=1,
                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
@@ -91,8 +95,8 @@ def smol_a3_cr01(tmp_path_factory, demo_model) -> Path:
     Calibration is pinned to ``wiki``: four windows are too few to split across the three domains of the default
     ``mix`` (one or two 128-token windows per domain); with them the model stops answering "Paris" to "The capital
     of France is", while the real default export (64 x 512 tokens of ``mix``) still does."""
-    from a3_serve.export.pipeline import ExportOptions, run_export
     from a3_serve.export.methods import RECIPES
+    from a3_serve.export.pipeline import ExportOptions, run_export
 
     out = tmp_path_factory.mktemp("smol_a3") / "compressed"
     run_export(ExportOptions(model=demo_model, out=out, cr=0.1, nsamples=4, seqlen=128, batch_size=4, device="cpu",

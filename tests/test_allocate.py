@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 import a3_serve  # noqa: F401
 from a3_serve.errors import BudgetError
 from a3_serve.export.architectures import inspect_architecture
-from a3_serve.export.pipeline import ExportOptions, run_export
 from a3_serve.export.methods import RECIPES
+from a3_serve.export.pipeline import ExportOptions, run_export
 from a3_serve.runtime import read_config
 from a3_serve.solvers.allocate import (
     LayerCurves,
@@ -49,7 +49,8 @@ def test_curves_equal_brute_force_sums():
     pair, weight = torch.rand(2, 5, generator=g, dtype=F64), torch.tensor([2.0, 0.5], dtype=F64)
     pc = pair_drop_curve(pair, weight)
     for p in range(6):
-        want = sum(float(w * (1 - row.sort(descending=True).values[:p].sum() / row.sum())) for row, w in zip(pair, weight))
+        want = sum(float(w * (1 - row.sort(descending=True).values[:p].sum() / row.sum()))
+                   for row, w in zip(pair, weight))
         assert pc[p].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
     assert pc[0].item() == pytest.approx(2.5) and pc[-1].item() == 0.0
 
@@ -143,15 +144,17 @@ def test_untied_qk_and_ov_and_partial_components():
     mlp_only = allocate_dims(SHAPE, cur, 0.2, components=("mlp",), head_multiple=16)
     assert all(mlp_only.layer_dims(i)[:2] == (64, 64) for i in range(4))
     mlp_params = sum(mlp_only.layer_dims(i)[2] for i in range(4)) * 3 * SHAPE.hidden_size
-    assert 0.79 * 4 * 3 * SHAPE.hidden_size * 256 <= mlp_params <= 0.8 * 4 * 3 * SHAPE.hidden_size * 256  # CR on the MLP
+    # CR on the MLP
+    assert 0.79 * 4 * 3 * SHAPE.hidden_size * 256 <= mlp_params <= 0.8 * 4 * 3 * SHAPE.hidden_size * 256
 
 
 def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random_models, tmp_path):
     """End to end on a random GQA model: the exporter's loss-aware plan has a smaller total predicted loss than the
-    uniform plan at the same CR, meets the budget within 1%, and the checkpoint records and serves its per-layer dims."""
+    uniform plan at the same CR, meets the budget within 1%, and the checkpoint records and serves its per-layer
+    dims."""
     from a3_serve.calibration.stats import collect_stats
-    from a3_serve.export.loss_curves import allocate_plan, layer_curves
     from a3_serve.export.compress_layer import layer_tensors
+    from a3_serve.export.loss_curves import allocate_plan, layer_curves
 
     src = random_models["llama3-gqa"]
     arch = inspect_architecture(read_config(src))
@@ -183,13 +186,15 @@ def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random
     assert cfg["a3"]["allocation"] == "loss" and rep["allocation"] == "loss"
     assert 0.3 <= cfg["a3"]["achieved_cr"] <= 0.31
     if cfg["layer_qk_head_dims"] is not None:  # per-layer lists when the layers differ
-        assert cfg["layer_qk_head_dims"] == cfg["layer_v_head_dims"] and all(r % 16 == 0 for r in cfg["layer_qk_head_dims"])
+        assert cfg["layer_qk_head_dims"] == cfg["layer_v_head_dims"] and all(r % 16 == 0
+                                                                             for r in cfg["layer_qk_head_dims"])
     small = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert torch.isfinite(small(input_ids=batches[0]).logits).all()
 
 
 def test_residual_scale_statistics_match_the_hidden_states(random_models):
-    """inv_ms_mlp of layer l is E[1/mean_j h_j²] over the decoder layer's output tokens (= the model's hidden state l+1)."""
+    """inv_ms_mlp of layer l is E[1/mean_j h_j²] over the decoder layer's output tokens (= the model's hidden state
+    l+1)."""
     from a3_serve.calibration.stats import collect_stats
 
     src = random_models["llama2-mha"]

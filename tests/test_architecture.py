@@ -75,7 +75,8 @@ def test_no_private_names_across_modules():
 
 
 def test_no_import_cycles():
-    graph = {m: sorted({t for _, mod, names in _imports(p) if mod.startswith("a3_serve") for t in _resolve(mod, names)} - {m})
+    graph = {m: sorted({t for _, mod, names in _imports(p) if mod.startswith("a3_serve")
+                        for t in _resolve(mod, names)} - {m})
              for m, p in MODULES.items()}
     state: dict[str, int] = {}
     stack: list[str] = []

@@ -45,7 +45,8 @@ def _pixels_near(img, rgb, tol=12) -> int:
     return int((np.abs(px - np.array(rgb, dtype=np.int16)) <= tol).all(axis=-1).sum())
 
 
-def test_dashboard_draws_the_charts_of_a_finished_run(bench_server, finished_run, tmp_path):
+# bench_server and finished_run are the shared fixtures imported from test_bench_server, hence F811
+def test_dashboard_draws_the_charts_of_a_finished_run(bench_server, finished_run, tmp_path):  # noqa: F811
     from PIL import Image
 
     run, res = finished_run, finished_run["results"]

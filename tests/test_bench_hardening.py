@@ -79,7 +79,8 @@ def bench_main(capsys, *args: str) -> tuple[int, str]:
 def test_cli_refuses_another_tokenizer_and_vocabulary(pair, tmp_path, capsys):
     d, o = str(pair["dense"]), str(pair["other_vocab"])
     for dense, comp in ((d, o), (o, d)):
-        code, err = bench_main(capsys, "--engine", "hf", "--dense", dense, "--compressed", comp, "--out-dir", str(tmp_path))
+        code, err = bench_main(capsys, "--engine", "hf", "--dense", dense, "--compressed", comp,
+                               "--out-dir", str(tmp_path))
         assert_one_line_error(code, err, "not comparable", "different tokenizers", "vocabulary sizes differ (",
                               "--allow-mismatch")
     assert not list(tmp_path.iterdir())  # refused before anything was written
@@ -163,7 +164,8 @@ class Service:
 
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+            assert self.proc.poll() is None, (f"server exited with {self.proc.returncode}:\n"
+                                              f"{self.log.read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
                     return self
@@ -210,7 +212,8 @@ def test_host_header_must_name_the_service(service):
             for method, path in (("GET", "/healthz"), ("GET", "/runs"), ("POST", "/runs"), ("GET", "/")):
                 r = c.request(method, path, headers={"Host": host}, json={} if method == "POST" else None)
                 assert r.status_code == 400, (host, method, path, r.status_code, r.text[:200])
-                assert r.headers["content-type"] == "application/json" and "--allowed-host" in r.json()["detail"], r.text
+                assert (r.headers["content-type"] == "application/json"
+                        and "--allowed-host" in r.json()["detail"]), r.text
         for host in (f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", f"[::1]:{port}", "bench.internal.test",
                      f"bench.internal.test:{port}"):
             assert c.get("/runs", headers={"Host": host}).status_code == 200, host
@@ -264,7 +267,8 @@ def test_nan_and_infinity_are_422_not_500(service, pair):
     bodies = [
         ('{"dense": "%s", "compressed": "%s", "workload": {"num_prompts": NaN}}', "workload.num_prompts"),
         ('{"dense": "%s", "compressed": "%s", "timeout_s": Infinity}', "timeout_s"),
-        ('{"dense": "%s", "compressed": "%s", "engine_options": {"kv_cache_gib": -Infinity}}', "engine_options.kv_cache_gib"),
+        ('{"dense": "%s", "compressed": "%s", "engine_options": {"kv_cache_gib": -Infinity}}',
+         "engine_options.kv_cache_gib"),
         ('{"dense": "%s", "compressed": "%s", "engine_options": {"gpu_memory_utilization": 1e999}}',
          "engine_options.gpu_memory_utilization"),
         ('{"dense": "%s", "compressed": "%s", "label": [NaN]}', "label.0"),

@@ -29,8 +29,9 @@ if os.environ.get("A3_SERVE_SKIP_VLLM") == "1":
 import httpx  # noqa: E402
 
 from a3_serve.bench.server.models import CLI_FLAGS  # noqa: E402
-from conftest import hf_param_bytes  # noqa: E402
 from a3_serve.bench.server.runner import marked_pids  # noqa: E402
+
+from conftest import hf_param_bytes  # noqa: E402
 
 TOKEN = "test-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -62,8 +63,8 @@ class BenchServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180) -> "BenchServer":
-        cmd = [sys.executable, "-m", "a3_serve.bench.server", "--port", str(self.port), "--data-dir", str(self.data_dir),
-               "--log-level", "warning", *self.extra]
+        cmd = [sys.executable, "-m", "a3_serve.bench.server", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), "--log-level", "warning", *self.extra]
         for root in self.roots:
             cmd += ["--model-root", str(root)]
         env = dict(os.environ, A3_SERVE_NO_PROGRESS="1")
@@ -104,7 +105,8 @@ class BenchServer:
             raise AssertionError(f"server ignored SIGTERM for {timeout} s") from None
 
     def client(self, token: Optional[str] = TOKEN) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=60)
+        return httpx.Client(base_url=self.url,
+                            headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=60)
 
 
 def submit(client: httpx.Client, dense: Path, compressed: Path, **kw: Any) -> dict[str, Any]:
@@ -122,7 +124,8 @@ def wait_run(client: httpx.Client, run_id: str, until: set[str], timeout: float 
     end = time.monotonic() + timeout
     while True:
         run = client.get(f"/runs/{run_id}").json()
-        if seen is not None and (not seen or seen[-1]["progress"] != run["progress"] or seen[-1]["status"] != run["status"]):
+        if seen is not None and (not seen or seen[-1]["progress"] != run["progress"]
+                                 or seen[-1]["status"] != run["status"]):
             seen.append(run)
         if run["status"] in until or (check is not None and check(run)):
             return run
@@ -218,9 +221,10 @@ def test_token_required_everywhere_but_healthz(bench_server):
     anon = bench_server.client(token=None)
     wrong = bench_server.client(token="wrong")
     for method, path in (("GET", "/runs"), ("GET", f"/runs/{rid}"), ("GET", f"/runs/{rid}/events"),
-                         ("GET", f"/runs/{rid}/report.json"), ("GET", f"/runs/{rid}/report.md"), ("GET", f"/runs/{rid}/log"),
-                         ("POST", f"/runs/{rid}/cancel"), ("DELETE", f"/runs/{rid}"), ("POST", "/runs"), ("GET", "/metrics"),
-                         ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/")):
+                         ("GET", f"/runs/{rid}/report.json"), ("GET", f"/runs/{rid}/report.md"),
+                         ("GET", f"/runs/{rid}/log"), ("POST", f"/runs/{rid}/cancel"), ("DELETE", f"/runs/{rid}"),
+                         ("POST", "/runs"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                         ("GET", "/")):
         for c in (anon, wrong):
             r = c.request(method, path, json={} if method == "POST" else None)
             assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
@@ -244,7 +248,8 @@ def test_malformed_payloads_are_422(client, bench_models):
         ({"dense": d, "compressed": c, "engine": "tgi"}, None, "engine"),
         ({"dense": d, "compressed": c, "workload": {"num_prompts": 0}}, None, "num_prompts"),
         ({"dense": d, "compressed": c, "workload": {"input_len": "many"}}, None, "input_len"),
-        ({"dense": d, "compressed": c, "workload": {"input_len": 64, "output_len": 64, "max_model_len": 100}}, None, "max_model_len"),
+        ({"dense": d, "compressed": c, "workload": {"input_len": 64, "output_len": 64, "max_model_len": 100}},
+         None, "max_model_len"),
         ({"dense": d, "compressed": c, "workload": {"dtype": "int3"}}, None, "dtype"),
         ({"dense": d, "compressed": c, "surprise": 1}, None, "surprise"),
         ({"dense": d, "compressed": c, "engine": "hf", "engine_options": {"mode": "server"}}, None, "server"),
@@ -298,8 +303,9 @@ def test_docs_openapi_and_metrics(client):
     if "/docs/assets/" in html:  # vLLM's vendored Swagger UI: the docs work offline
         assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
     spec = client.get("/openapi.json").json()
-    for path in ("/runs", "/runs/{run_id}", "/runs/{run_id}/cancel", "/runs/{run_id}/events", "/runs/{run_id}/report.json",
-                 "/runs/{run_id}/report.md", "/runs/{run_id}/report.png", "/healthz", "/metrics"):
+    for path in ("/runs", "/runs/{run_id}", "/runs/{run_id}/cancel", "/runs/{run_id}/events",
+                 "/runs/{run_id}/report.json", "/runs/{run_id}/report.md", "/runs/{run_id}/report.png", "/healthz",
+                 "/metrics"):
         assert path in spec["paths"], path
     text = client.get("/metrics").text
     for needle in ('a3_bench_runs{status="queued"}', 'a3_bench_runs{status="interrupted"}', "a3_bench_queue_length",
@@ -342,7 +348,8 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys):
     cases = [(["--bogus"], "--bogus"), (["--port", "70000"], "--port 70000"), (["--port", "x"], "--port"),
              (["--model-root", str(tmp_path / "nope")], "--model-root"), (["--queue-size", "0"], "--queue-size"),
              (["--run-timeout", "0"], "--run-timeout"), (["--token", " "], "token is empty"),
-             (["--data-dir", "/proc/a3"], "--data-dir"), (["--port", str(taken.getsockname()[1])], "pick another --port"),
+             (["--data-dir", "/proc/a3"], "--data-dir"),
+             (["--port", str(taken.getsockname()[1])], "pick another --port"),
              (["--data-dir", str(bench_data_dir_in_use(tmp_path))], "in use by another a3-bench-server")]
     for argv, needle in cases:
         try:
@@ -351,7 +358,8 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys):
             code = stop.code
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, code, err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (
+            argv, code, err)
     taken.close()
 
 
@@ -409,7 +417,8 @@ def test_next_run_succeeds_with_progress_and_reports(bench_server, finished_run,
         assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
         assert "| metric | dense | compressed | compressed / dense |" in md.text and "KV-cache capacity" in md.text
         png = c.get(f"/runs/{run['id']}/report.png")
-        assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (png.status_code == 200 and png.headers["content-type"] == "image/png"
+                and png.content[:8] == b"\x89PNG\r\n\x1a\n")
         listed = {r["id"]: r for r in c.get("/runs").json()["runs"]}
         assert listed[run["id"]]["status"] == "succeeded" and listed[run["id"]]["ratios"] == res["ratios"]
         assert [r["id"] for r in c.get("/runs", params={"status": "succeeded"}).json()["runs"]] == [run["id"]]
@@ -451,7 +460,8 @@ def test_stream_cancel_and_queue_limit(bench_server, finished_run, bench_models)
     with bench_server.client() as c:
         live = submit(c, dense, comp, label="to cancel")
         events: list[dict[str, Any]] = []
-        reader = threading.Thread(target=read_events, args=(bench_server.client(), live["id"], 300, events), daemon=True)
+        reader = threading.Thread(target=read_events, args=(bench_server.client(), live["id"], 300, events),
+                                  daemon=True)
         reader.start()
         wait_worker(c, live["id"])
         q1 = submit(c, dense, comp, label="queued 1")
@@ -466,7 +476,8 @@ def test_stream_cancel_and_queue_limit(bench_server, finished_run, bench_models)
         assert marked_pids(live["id"]), "the worker should be running"
         t0 = time.monotonic()
         r = c.post(f"/runs/{live['id']}/cancel")
-        assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["error"] == "cancelled by request"
+        assert (r.status_code == 200 and r.json()["status"] == "cancelled"
+                and r.json()["error"] == "cancelled by request")
         assert time.monotonic() - t0 < 20
         reader.join(timeout=30)
         assert not reader.is_alive()
@@ -516,4 +527,5 @@ def test_restart_keeps_runs_and_marks_running_ones_interrupted(bench_server, fin
         assert run["status"] == "interrupted" and "service stopped" in run["error"], run
         assert c.get("/healthz").json()["worker_busy"] is False
         metrics = c.get("/metrics").text
-        assert 'a3_bench_runs{status="interrupted"} 2.0' in metrics and 'a3_bench_runs{status="succeeded"} 1.0' in metrics
+        assert ('a3_bench_runs{status="interrupted"} 2.0' in metrics
+                and 'a3_bench_runs{status="succeeded"} 1.0' in metrics)

@@ -23,7 +23,8 @@ SKIP_VLLM = os.environ.get("A3_SERVE_SKIP_VLLM") == "1"
 
 def bench(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", A3_SERVE_NO_PROGRESS="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
 
 
 def config(folder: Path) -> dict:
@@ -49,12 +50,13 @@ def check_files(out: Path) -> dict:
     return report
 
 
-@pytest.mark.slow  # ~2.5 min; the default run checks the same engine figures on the service's vLLM run (test_bench_server.py)
+# ~2.5 min; the default run checks the same engine figures on the service's vLLM run (test_bench_server.py)
+@pytest.mark.slow
 @pytest.mark.skipif(SKIP_VLLM, reason="A3_SERVE_SKIP_VLLM=1")
 def test_vllm_offline_report_has_the_engines_numbers(demo_model, smol_a3_cr01, tmp_path):
     out = tmp_path / "offline"
-    proc = bench("--dense", str(demo_model), "--compressed", str(smol_a3_cr01), "--num-prompts", "4", "--input-len", "16",
-                 "--output-len", "8", "--repeats", "1", "--enforce-eager", "--out-dir", str(out),
+    proc = bench("--dense", str(demo_model), "--compressed", str(smol_a3_cr01), "--num-prompts", "4",
+                 "--input-len", "16", "--output-len", "8", "--repeats", "1", "--enforce-eager", "--out-dir", str(out),
                  "--ppl-data", "wiki:heldout", "--ppl-tokens", "1024", "--ppl-seqlen", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = check_files(out)
@@ -81,8 +83,8 @@ def test_vllm_offline_report_has_the_engines_numbers(demo_model, smol_a3_cr01, t
 def test_hf_engine_alternates_and_measures_the_kv_cache(demo_model, smol_a3_cr01, tmp_path):
     out = tmp_path / "hf"
     proc = bench("--engine", "hf", "--device", "cpu", "--dense", str(demo_model), "--compressed", str(smol_a3_cr01),
-                 "--num-prompts", "2", "--input-len", "12", "--output-len", "4", "--repeats", "2", "--out-dir", str(out),
-                 "--ppl-data", "wiki:heldout", "--ppl-tokens", "1024", "--ppl-seqlen", "256")
+                 "--num-prompts", "2", "--input-len", "12", "--output-len", "4", "--repeats", "2",
+                 "--out-dir", str(out), "--ppl-data", "wiki:heldout", "--ppl-tokens", "1024", "--ppl-seqlen", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = check_files(out)
     assert report["config"]["order"] == ["dense", "compressed", "compressed", "dense"]
@@ -111,8 +113,9 @@ def test_hf_engine_alternates_and_measures_the_kv_cache(demo_model, smol_a3_cr01
 def test_server_mode_streams_real_http(demo_model, smol_a3_cr01, tmp_path):
     """--mode server launches `vllm serve` for each model, streams real HTTP and reads capacity from /metrics."""
     out = tmp_path / "server"
-    proc = bench("--mode", "server", "--dense", str(demo_model), "--compressed", str(smol_a3_cr01), "--num-prompts", "3",
-                 "--input-len", "16", "--output-len", "6", "--repeats", "1", "--enforce-eager", "--out-dir", str(out))
+    proc = bench("--mode", "server", "--dense", str(demo_model), "--compressed", str(smol_a3_cr01),
+                 "--num-prompts", "3", "--input-len", "16", "--output-len", "6", "--repeats", "1", "--enforce-eager",
+                 "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = check_files(out)
     cfg_d, cfg_c = config(demo_model), config(smol_a3_cr01)
@@ -161,7 +164,8 @@ def test_engine_crash_is_one_line_and_exit_1(demo_model, tmp_path):
             (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes((demo_model / "model.safetensors").read_bytes()[:4096])
     proc = bench("--engine", "hf", "--device", "cpu", "--dense", str(demo_model), "--compressed", str(broken),
-                 "--num-prompts", "1", "--input-len", "4", "--output-len", "2", "--repeats", "1", "--out-dir", str(tmp_path / "o"))
+                 "--num-prompts", "1", "--input-len", "4", "--output-len", "2", "--repeats", "1",
+                 "--out-dir", str(tmp_path / "o"))
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("[bench] ")]  # progress lines
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "compressed model" in lines[0], lines
@@ -176,9 +180,10 @@ def test_sigterm_stops_the_engine_worker(demo_model, smol_a3_cr01, tmp_path):
     import psutil
 
     env = dict(os.environ, A3_SERVE_NO_PROGRESS="1")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--engine", "hf", "--device", "cpu", "--dense", str(demo_model),
-                             "--compressed", str(smol_a3_cr01), "--num-prompts", "2", "--input-len", "16", "--output-len",
-                             "512", "--max-model-len", "1024", "--out-dir", str(tmp_path / "o")],
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--engine", "hf", "--device", "cpu",
+                             "--dense", str(demo_model), "--compressed", str(smol_a3_cr01), "--num-prompts", "2",
+                             "--input-len", "16", "--output-len", "512", "--max-model-len", "1024",
+                             "--out-dir", str(tmp_path / "o")],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     worker = None
     deadline = time.monotonic() + 120

@@ -10,9 +10,12 @@ from a3_serve.errors import BudgetError, InputError
 from a3_serve.solvers.budget import DimPlan, ModelShape, plan_dims
 
 SMOLLM2 = ModelShape(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
-LLAMA2_7B = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=11008)
-LLAMA31_8B = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336)
-LLAMA31_70B = ModelShape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, intermediate_size=28672)
+LLAMA2_7B = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                       intermediate_size=11008)
+LLAMA31_8B = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                        intermediate_size=14336)
+LLAMA31_70B = ModelShape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                         intermediate_size=28672)
 SHAPES = {"smollm2": SMOLLM2, "llama2-7b": LLAMA2_7B, "llama3.1-8b": LLAMA31_8B, "llama3.1-70b": LLAMA31_70B}
 
 
@@ -99,7 +102,8 @@ def test_mlp_capped_with_note_when_target_exceeded():
     shape = ModelShape(hidden_size=576, num_layers=2, num_heads=9, num_kv_heads=3, head_dim=80, intermediate_size=1536)
     plan = plan_dims(shape, 0.05, head_multiple=32)
     assert (plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size) == (64, 64, 1536)
-    assert math.isclose(plan.achieved_cr, 1 - (576 * 64 * 24 + 3 * 576 * 1536) / shape.layer_linear_params(), rel_tol=1e-12)
+    assert math.isclose(plan.achieved_cr,
+                        1 - (576 * 64 * 24 + 3 * 576 * 1536) / shape.layer_linear_params(), rel_tol=1e-12)
     assert plan.achieved_cr > 0.05
     assert any("exceeds the target" in n for n in plan.notes)
     # attention-heavy layer with a 2-neuron MLP: 57.6 -> 32; 32 + 32 = 64 would leave the MLP below one

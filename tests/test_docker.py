@@ -57,7 +57,8 @@ def test_compose_services_match_the_project():
         host_ports = [p.split(":")[0] for name in group for p in services[name]["ports"]]
         assert len(host_ports) == len(set(host_ports)), host_ports
     for name, svc in services.items():
-        assert (DOCKER / "compose.yaml").parent.joinpath(svc["build"]["context"], svc["build"]["dockerfile"]).resolve().is_file()
+        assert (DOCKER / "compose.yaml").parent.joinpath(svc["build"]["context"],
+                                                         svc["build"]["dockerfile"]).resolve().is_file()
         cmd = svc["command"]
         if svc.get("entrypoint"):
             assert svc["entrypoint"] == ["a3-bench-server"] and "a3-bench-server" in scripts

@@ -16,6 +16,7 @@ from a3_serve.calibration.sources import eval_windows, load_texts
 from a3_serve.errors import NumericalError
 from a3_serve.eval.cli import main
 from a3_serve.eval.ppl import evaluate_ppl, load_model, load_tokenizer
+
 from conftest import assert_one_line_error
 
 os.environ.setdefault("A3_SERVE_NO_PROGRESS", "1")
@@ -63,7 +64,8 @@ def test_demo_model_perplexity_is_sane_and_matches_brute_force(smol, windows):
     assert windows.shape == (4, SEQLEN)
     res = evaluate_ppl(model, windows, batch_size=2)
     assert 5 < res["ppl"] < 40, res
-    assert (res["n_windows"], res["seqlen"], res["n_tokens"], res["n_predicted"]) == (4, SEQLEN, 4 * SEQLEN, 4 * (SEQLEN - 1))
+    assert (res["n_windows"], res["seqlen"], res["n_tokens"], res["n_predicted"]) == (
+        4, SEQLEN, 4 * SEQLEN, 4 * (SEQLEN - 1))
     # brute force with transformers' own loss (mean over tokens 2..seqlen of each window; windows are equal-sized)
     with torch.inference_mode():
         losses = [model(input_ids=w[None], labels=w[None]).loss.double() for w in windows]
@@ -138,7 +140,8 @@ def test_cli_json_output_and_allowed_overlap(capsys, calibrated_on_wiki, tmp_pat
     res = json.loads(out_file.read_text())
     for key in ("model", "data", "split", "seqlen", "n_windows", "n_tokens", "nll", "ppl", "seconds", "dtype", "a3"):
         assert key in res, key
-    assert (res["data"], res["split"], res["seqlen"], res["n_windows"], res["n_tokens"]) == ("wiki:heldout", "heldout", 128, 2, 256)
+    assert (res["data"], res["split"], res["seqlen"], res["n_windows"], res["n_tokens"]) == (
+        "wiki:heldout", "heldout", 128, 2, 256)
     assert res["dtype"] == "float32" and res["a3"]["calibration"]["description"] == "wiki:calibration"
     assert math.isclose(res["ppl"], math.exp(res["nll"]), rel_tol=1e-9) and 3 < res["ppl"] < 60
 
@@ -174,10 +177,12 @@ def test_compressed_checkpoint_evaluates_and_refuses_its_calibration_text(smol_d
                progress=False)
     assert json.loads((out / "config.json").read_text())["model_type"] == "a3_llama"
 
-    code, stdout, err = _run(capsys, "ppl", "--model", out, "--seqlen", "64", "--max-tokens", "128", "--json", "-", "--quiet")
+    code, stdout, err = _run(capsys, "ppl", "--model", out, "--seqlen", "64", "--max-tokens", "128", "--json", "-",
+                             "--quiet")
     assert code == 0, err
     res = json.loads(stdout)
     assert res["model_type"] == "a3_llama" and res["n_windows"] == 2 and math.isfinite(res["ppl"])
     assert res["a3"]["calibration"]["nsamples"] == 2
-    code, stdout, err = _run(capsys, "ppl", "--model", out, "--data", "wiki:calibration", "--seqlen", "64", "--max-tokens", "128")
+    code, stdout, err = _run(capsys, "ppl", "--model", out, "--data", "wiki:calibration", "--seqlen", "64",
+                             "--max-tokens", "128")
     assert_one_line_error(code, err, "calibrated on", "--allow-calibration-overlap")

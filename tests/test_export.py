@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 import a3_serve  # noqa: F401  (registers a3_llama with the Auto classes)
+from a3_serve.export.methods import RECIPES, Methods
 from a3_serve.export.pipeline import ExportOptions, run_export
-from a3_serve.export.methods import RECIPES
-from a3_serve.export.methods import Methods
-from transformers import AutoModelForCausalLM
 
 from conftest import RANDOM_ARCHS, run_without_a3_serve
 
@@ -60,10 +59,12 @@ def test_compressed_checkpoint_contract(smol_a3_cr01):
     assert cfg["architectures"] == ["A3LlamaForCausalLM"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_a3_llama.A3LlamaForCausalLM"
     a3 = cfg["a3"]
-    assert a3["recipe"] == "best-uniform" and a3["methods"] == RECIPES["best-uniform"][0].as_dict() and a3["allocation"] == "uniform"
+    assert (a3["recipe"] == "best-uniform" and a3["methods"] == RECIPES["best-uniform"][0].as_dict()
+            and a3["allocation"] == "uniform")
     assert cfg["layer_qk_head_dims"] is None
     assert a3["calibration"]["nsamples"] == 4 and a3["calibration"]["statistics"] == "original"
-    for f in ("modeling_a3_llama.py", "configuration_a3_llama.py", "README.md", "a3_report.json", "tokenizer.json", "model.safetensors"):
+    for f in ("modeling_a3_llama.py", "configuration_a3_llama.py", "README.md", "a3_report.json", "tokenizer.json",
+              "model.safetensors"):
         assert (out / f).is_file(), f
     report = json.loads((out / "a3_report.json").read_text())
     assert len(report["layers"]) == 30 and all(0 <= lr["qk"]["relative_loss"] < 1 for lr in report["layers"])
@@ -91,7 +92,8 @@ def test_components_subset_and_baselines(random_models, tmp_path):
     cfg = json.loads((tmp_path / "ov-only" / "config.json").read_text())
     assert (cfg["qk_head_dim"], cfg["v_head_dim"], cfg["intermediate_size"]) == (64, 48, 512)
     assert torch.isfinite(_logits(tmp_path / "ov-only")).all()
-    for qk, ov, mlp in (("wanda", "wanda", "wanda"), ("weight-norm", "weight-norm", "weight-norm"), ("a3", "svd", "rxx"), ("a3", "xkv", "a3")):
+    for qk, ov, mlp in (("wanda", "wanda", "wanda"), ("weight-norm", "weight-norm", "weight-norm"),
+                        ("a3", "svd", "rxx"), ("a3", "xkv", "a3")):
         out = tmp_path / f"{qk}-{ov}-{mlp}"
         rep = _export(src, out, 0.3, methods=Methods(qk=qk, ov=ov, mlp=mlp))
         assert rep["methods"] == {"qk": qk, "ov": ov, "mlp": mlp}
@@ -105,7 +107,8 @@ def test_a3_beats_weight_norm_on_output_error(demo_model, smol_a3_cr01, tmp_path
     out = tmp_path / "weight-norm"
     _export(demo_model, out, 0.1, methods=Methods("weight-norm", "weight-norm", "weight-norm"))
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 1459
-    errs = {name: (_logits(folder) - ref).pow(2).mean().item() for name, folder in (("a3", smol_a3_cr01), ("weight-norm", out))}
+    errs = {name: (_logits(folder) - ref).pow(2).mean().item()
+            for name, folder in (("a3", smol_a3_cr01), ("weight-norm", out))}
     assert errs["a3"] < 0.5 * errs["weight-norm"], errs
 
 

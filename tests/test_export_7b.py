@@ -51,7 +51,8 @@ def test_7b_streamed_export_fits_in_4_gib(llama7b, tmp_path):
     report = json.loads(report_file.read_text())
     print(json.dumps({"command": " ".join(cmd), "peak_rss_mb": report["peak_rss_mb"], "timings": report["timings"],
                       "summary": {k: report["summary"][k] for k in ("params_before", "params_after", "achieved_cr",
-                                                                       "kv_bytes_per_token_before", "kv_bytes_per_token_after")}},
+                                                                    "kv_bytes_per_token_before",
+                                                                    "kv_bytes_per_token_after")}},
                      indent=1))
     assert report["streamed"] is True
     assert report["peak_rss_mb"] < PEAK_RSS_LIMIT_MB, f"peak RSS {report['peak_rss_mb']:.0f} MB"
@@ -60,8 +61,9 @@ def test_7b_streamed_export_fits_in_4_gib(llama7b, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3  # 12 GB of bf16 in files of at most 5 GB
     # loads through the Auto classes and generates (bf16: 12 GB; fp32 would not fit beside the test)
-    import a3_serve  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import a3_serve  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval()
     assert model.config.qk_head_dim == 112 and model.config.num_hidden_layers == 32

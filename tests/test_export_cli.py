@@ -93,11 +93,13 @@ def test_existing_output_folder(capsys, tmp_path, random_models):
     assert_one_line_error(code, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "user data"
     # --overwrite replaces only what a3-serve wrote (tests/test_hardening.py has the rules)
-    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--overwrite", *QUICK)
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out,
+                        "--overwrite", *QUICK)
     assert_one_line_error(code, err, "not an a3-serve output")
     assert (out / "keep.txt").read_text() == "user data"
     (out / "keep.txt").unlink()
-    code, stdout, _ = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--overwrite", "--nsamples", "2", "--seqlen", "64", "--device", "cpu")
+    code, stdout, _ = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--overwrite",
+                           "--nsamples", "2", "--seqlen", "64", "--device", "cpu")
     assert code == 0 and "A3 export done" in stdout
     assert (out / "config.json").is_file()
 
@@ -106,7 +108,8 @@ def test_calibration_text_too_short(capsys, tmp_path, random_models):
     text = tmp_path / "short.txt"
     text.write_text("Only a few words of calibration text.\n")
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--calib", text, *QUICK)
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", out, "--calib", text,
+                        *QUICK)
     assert_one_line_error(code, err, "tokens")
     assert not out.exists()
 
@@ -145,8 +148,8 @@ def test_sigkill_midway_leaves_no_destination(tmp_path, demo_model, random_model
     # a killed run may leave a hidden partial folder; the next export to the same place removes it
     partial = tmp_path / f".{out.name}.a3-partial-99999999-deadbeef"
     partial.mkdir()
-    rerun = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(random_models["llama2-mha"]), "--cr", "0.2", "--out", str(out),
-             "--nsamples", "2", "--seqlen", "64", "--device", "cpu", "--quiet"]
+    rerun = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(random_models["llama2-mha"]), "--cr",
+             "0.2", "--out", str(out), "--nsamples", "2", "--seqlen", "64", "--device", "cpu", "--quiet"]
     code = subprocess.run(rerun, env=env).returncode
     assert code == 0 and (out / "config.json").is_file()
     assert not partial.exists()

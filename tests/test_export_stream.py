@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 
 from a3_serve.errors import InputError
-from a3_serve.export.pipeline import ExportOptions, run_export
 from a3_serve.export.methods import RECIPES
+from a3_serve.export.pipeline import ExportOptions, run_export
 from a3_serve.export.workdir import LOCK_FILE, RESUME_MARK, WorkDir
 
 from conftest import RANDOM_ARCHS, SMOL_FIXTURE_FLAGS
@@ -41,8 +41,8 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 def _export(src: Path, out: Path, **kw) -> dict:
-    opts = ExportOptions(model=src, out=out, cr=kw.pop("cr", 0.2), nsamples=kw.pop("nsamples", 16), seqlen=kw.pop("seqlen", 64),
-                         batch_size=2, device="cpu", dtype="float32", **kw)
+    opts = ExportOptions(model=src, out=out, cr=kw.pop("cr", 0.2), nsamples=kw.pop("nsamples", 16),
+                         seqlen=kw.pop("seqlen", 64), batch_size=2, device="cpu", dtype="float32", **kw)
     return run_export(opts, progress=False)
 
 
@@ -62,7 +62,8 @@ def test_streamed_equals_in_memory_random(kind, random_models, tmp_path):
     assert len(shards) >= 2 and set(index["weight_map"].values()) == set(shards)
     per_shard = {s: sum(v == s for v in index["weight_map"].values()) for s in shards}
     assert all((tmp_path / "sharded" / s).stat().st_size <= 30e6 + 2**16 for s, n in per_shard.items() if n > 1)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _tensors(tmp_path / "sharded").values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in _tensors(tmp_path / "sharded").values())
     assert_same_checkpoint(tmp_path / "sharded", tmp_path / "memory")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "the working folder must be gone"
 
@@ -109,7 +110,8 @@ def test_compact_stats_round_trip_bit_for_bit():
             for k in ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H"):
                 assert torch.equal(getattr(obj_a, k), getattr(obj_b, k)), k
         assert (back.fit is None) == (heldout == 0)
-        stored = sum(t.numel() * t.element_size() for fold in kept.items[0].values() for k, t in fold.items() if k != "n_tokens")
+        stored = sum(t.numel() * t.element_size() for fold in kept.items[0].values()
+                     for k, t in fold.items() if k != "n_tokens")
         assert stored == stats_nbytes(4, 2, 8, 32, 48, req, 4) - 8 * 2 * len(kept.items[0])  # no inv_ms moments here
 
 
@@ -166,7 +168,8 @@ def test_kill_and_resume_gives_the_same_checkpoint(smol_a3_cr01, demo_model, tmp
     """SIGKILL a streamed a3-export in the middle of its solve pass; the same command resumes at the next
     unfinished layer and writes exactly the checkpoint of an uninterrupted run (the fixture, same arguments)."""
     out = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(demo_model), "--out", str(out), *SMOL_FIXTURE_FLAGS]
+    cmd = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(demo_model), "--out", str(out),
+           *SMOL_FIXTURE_FLAGS]
     env = dict(os.environ, A3_SERVE_NO_PROGRESS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = None
@@ -207,7 +210,8 @@ def test_dry_run_plans_without_writing(smol_a3_cr01, demo_model, tmp_path, capsy
 
     out = tmp_path / "planned"
     report_file = tmp_path / "plan.json"
-    code = main(["--model", str(demo_model), "--out", str(out), *SMOL_FIXTURE_FLAGS, "--dry-run", "--json", str(report_file)])
+    code = main(["--model", str(demo_model), "--out", str(out), *SMOL_FIXTURE_FLAGS, "--dry-run",
+                 "--json", str(report_file)])
     printed = capsys.readouterr().out
     assert code == 0 and not out.exists() and not list(tmp_path.glob(".planned*"))
     assert "dry run" in printed and "KV cache" in printed and "estimate" in printed
@@ -236,7 +240,8 @@ def test_workdir_lock_and_no_resume(tmp_path):
     assert again.resumed and again.state["done"] == 1
     again.release()
     fresh = WorkDir(out, "k1", resume=False)
-    assert not fresh.resumed and fresh.state["done"] == 0 and not (fresh.path / "model-00001-of-00002.safetensors").exists()
+    assert (not fresh.resumed and fresh.state["done"] == 0
+            and not (fresh.path / "model-00001-of-00002.safetensors").exists())
     other = WorkDir(out, "k2")  # different arguments, k1 still in use by `fresh`: kept
     assert fresh.path.exists() and other.path.exists()
     fresh.release()

@@ -59,7 +59,8 @@ def _leftovers(folder: Path, out_name: str) -> list[str]:
 # --- 1. data loss ----------------------------------------------------------------------------------------------------
 
 def test_out_containing_the_source_is_refused_even_with_overwrite(capsys, tmp_path, random_models):
-    """The reported case: `--model victim/model --out victim --overwrite` deleted the source and every file beside it."""
+    """The reported case: `--model victim/model --out victim --overwrite` deleted the source and every file beside
+    it."""
     victim = tmp_path / "victim"
     copy_model(random_models["llama2-mha"], victim / "model")
     (victim / "notes.txt").write_text("the user's own notes")
@@ -81,8 +82,8 @@ def test_out_never_the_current_folder_home_or_a_root(out_spec, needle, capsys, t
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(work)
     before = tree_digest(tmp_path)
-    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out", os.path.expanduser(out_spec),
-                        "--overwrite", *QUICK)
+    code, _, err = _run(capsys, "--model", random_models["llama2-mha"], "--cr", "0.2", "--out",
+                        os.path.expanduser(out_spec), "--overwrite", *QUICK)
     assert_one_line_error(code, err, needle)
     assert tree_digest(tmp_path) == before
 
@@ -175,7 +176,8 @@ def test_json_report_path_is_checked_before_the_export(capsys, tmp_path, random_
     src = copy_model(random_models["llama2-mha"], tmp_path / "src")
     before = tree_digest(src)
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--json", tmp_path / "nope" / "r.json", *QUICK)
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--json",
+                        tmp_path / "nope" / "r.json", *QUICK)
     assert_one_line_error(code, err, "does not exist")
     code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--json", src / "config.json", *QUICK)
     assert_one_line_error(code, err, "inside --model")
@@ -244,7 +246,8 @@ def test_resume_never_mixes_replaced_weights_or_calibration_text(tmp_path, rando
 # --- 3. every copied tensor is finite-checked ------------------------------------------------------------------------
 
 def test_nan_lm_head_is_caught_in_a_large_streamed_export(capsys, tmp_path, random_models, monkeypatch):
-    """Above the full-verify size (every 7B+ model) the streamed export copied a NaN lm_head unchecked and shipped it."""
+    """Above the full-verify size (every 7B+ model) the streamed export copied a NaN lm_head unchecked and shipped
+    it."""
     from a3_serve.export import streamed
 
     src = copy_model(random_models["llama2-mha"], tmp_path / "src")  # untied lm_head
@@ -268,7 +271,8 @@ def small_export(tmp_path_factory, random_models) -> Path:
 
 
 def test_tampered_head_dim_or_rope_index_is_refused_by_transformers(small_export, tmp_path):
-    """A changed head_dim (RoPE table, softmax scale) or a permuted rope_freq_index row loaded and gave other outputs."""
+    """A changed head_dim (RoPE table, softmax scale) or a permuted rope_freq_index row loaded and gave other
+    outputs."""
     from transformers import AutoModelForCausalLM
 
     import a3_serve  # noqa: F401
@@ -348,8 +352,8 @@ def test_a_lock_whose_pid_was_reused_does_not_block(tmp_path, random_models, mon
     (work,) = tmp_path.glob(f".out{RESUME_MARK}*")
     (work / "lock").write_text(f"{os.getppid()}\n")  # a live process that is not an export
     monkeypatch.setattr("a3_serve.export.streamed.compress_layer_into", real)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a');"
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(work / "lock")],
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a');fcntl.flock(f, "
+                               "fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(work / "lock")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -389,8 +393,8 @@ def test_weights_the_config_does_not_declare_are_refused(capsys, tmp_path, rando
 
 def test_seqlen_beyond_the_context_is_refused(capsys, tmp_path, random_models):
     src = random_models["llama2-mha"]  # max_position_embeddings 2048
-    code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", tmp_path / "out", "--nsamples", "2", "--seqlen", "4096",
-                        "--device", "cpu", "--quiet")
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", tmp_path / "out", "--nsamples", "2", "--seqlen",
+                        "4096", "--device", "cpu", "--quiet")
     assert_one_line_error(code, err, "--seqlen 4096", "max_position_embeddings=2048")
     from a3_serve.eval.cli import main as eval_main
 

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import a3_serve  # noqa: F401  (registers a3_llama with the Auto classes)
-from conftest import run_without_a3_serve
 from a3_serve.modeling import (
     AUTO_MAP,
     A3LlamaConfig,
@@ -28,6 +27,7 @@ from a3_serve.modeling import (
     modeling_source_files,
 )
 
+from conftest import run_without_a3_serve
 
 
 @pytest.fixture(autouse=True, scope="module")

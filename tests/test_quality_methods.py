@@ -16,14 +16,14 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import a3_serve  # noqa: F401
+from a3_serve.calibration.sequential import capture_first_layer_inputs, sequential_calibrate
 from a3_serve.calibration.stats import StatsRequest, collect_stats
 from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.compress_layer import compressed_layer
-from a3_serve.export.inmemory import build_a3_model, compress_model
+from a3_serve.export.inmemory import compress_model
+from a3_serve.export.methods import DEFAULT_RECIPE, RECIPES
 from a3_serve.export.pipeline import ExportOptions, run_export
 from a3_serve.export.report import compressed_config
-from a3_serve.export.methods import DEFAULT_RECIPE, RECIPES
-from a3_serve.calibration.sequential import capture_first_layer_inputs, sequential_calibrate
 from a3_serve.runtime import read_config
 from a3_serve.solvers.budget import plan_dims
 
@@ -47,7 +47,8 @@ def test_rope_energy_statistics_match_the_models_own_rope(kind, random_models):
     squared per-pair contribution to q_rot·k_rot, computed from the model's own apply_rotary_pos_emb."""
     model, arch = _load(random_models[kind])
     batches = _batches(n=2)
-    st = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=StatsRequest(rope_energy=True))[1]
+    st = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                       request=StatsRequest(rope_energy=True))[1]
 
     layer = model.model.layers[1].self_attn
     seen = {}
@@ -73,7 +74,8 @@ def test_rope_energy_statistics_match_the_models_own_rope(kind, random_models):
         mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
         for p in range(P):
             cols = [p, p + P]
-            s = torch.einsum("bhmc,bhtc->bhmt", qr[..., cols], kr[..., cols].repeat_interleave(g, dim=1))  # [B, hq, T, T]
+            # [B, hq, T, T]
+            s = torch.einsum("bhmc,bhtc->bhmt", qr[..., cols], kr[..., cols].repeat_interleave(g, dim=1))
             e = s.square()
             full[:, p] += e.sum(dim=(0, 2, 3)).view(hkv, g).sum(1)
             causal[:, p] += (e * mask).sum(dim=(0, 2, 3)).view(hkv, g).sum(1)
@@ -137,8 +139,11 @@ def test_propagated_statistics_follow_the_compressed_layers(random_models):
     Gv_ref = torch.einsum("njc,njd->jcd", V, V) / V.shape[0]
     seen, dense_seen = {}, {}
     sequential_calibrate(model, batches, arch.num_heads, hkv, dh,
-                         lambda i, st: (seen.__setitem__(i, st), compressed_layer(model.model.layers[i], cfg, i, prop))[1], mode="propagated")
-    sequential_calibrate(model, batches, arch.num_heads, hkv, dh, lambda i, st: dense_seen.__setitem__(i, st), mode="original")
+                         lambda i, st: (seen.__setitem__(i, st),
+                                        compressed_layer(model.model.layers[i], cfg, i, prop))[1],
+                         mode="propagated")
+    sequential_calibrate(model, batches, arch.num_heads, hkv, dh, lambda i, st: dense_seen.__setitem__(i, st),
+                         mode="original")
     torch.testing.assert_close(seen[1].Gv, Gv_ref, rtol=1e-6, atol=1e-9)
     assert (seen[1].Gv - dense_seen[1].Gv).abs().max() > 1e-4
     torch.testing.assert_close(seen[0].Gv, dense_seen[0].Gv)
@@ -169,10 +174,11 @@ def arch_kv(folder: Path) -> int:
 def test_refit_lowers_the_real_mlp_output_error(demo_model):
     """On SmolLM2's real activations, the least-squares refit of down_proj lowers the MLP output error on
     calibration batches it was NOT fitted on (the ridge is chosen on a held-out fold)."""
+    from transformers import AutoTokenizer
+
     from a3_serve.calibration.sources import load_texts, sample_calibration
     from a3_serve.export.compress_layer import layer_tensors, solve_mlp
     from a3_serve.solvers.mlp import mlp_objective, mlp_scores, select_neurons
-    from transformers import AutoTokenizer
 
     model, arch = _load(demo_model)
     tok = AutoTokenizer.from_pretrained(str(demo_model))
@@ -197,9 +203,11 @@ def test_refit_lowers_the_real_mlp_output_error(demo_model):
 def test_default_recipe_and_cli_record_it(random_models, tmp_path, capsys):
     from a3_serve.export.cli import main
 
-    assert DEFAULT_RECIPE in RECIPES and ExportOptions(model=Path("m"), out=Path("o"), cr=0.1).methods == RECIPES[DEFAULT_RECIPE][0]
+    assert (DEFAULT_RECIPE in RECIPES
+            and ExportOptions(model=Path("m"), out=Path("o"), cr=0.1).methods == RECIPES[DEFAULT_RECIPE][0])
     src = random_models["llama2-mha"]
-    runs = ((["--recipe", "paper"], "paper", "original"), (["--recipe", "paper", "--mlp-method", "rxx"], "custom", "original"),
+    runs = ((["--recipe", "paper"], "paper", "original"),
+            (["--recipe", "paper", "--mlp-method", "rxx"], "custom", "original"),
             (["--stats", "propagated"], DEFAULT_RECIPE, "propagated"))
     for args, recipe, stats in runs:
         out = tmp_path / f"{recipe}-{stats}"
@@ -237,15 +245,18 @@ def test_per_layer_dims_export_and_load(random_models, tmp_path):
     assert rep["summary"]["linear_params_after"] == sum(shape.layer_linear_params(*t) for t in mixed)
     assert rep["summary"]["kv_bytes_per_token_after"] == shape.num_kv_heads * (128 + 64) * 4  # float32 checkpoint
     t = load_file(str(tmp_path / "mixed" / "model.safetensors"))
-    assert t["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2 * 64 and t["model.layers.1.self_attn.k_proj.weight"].shape[0] == 2 * 32
-    assert t["model.layers.0.mlp.down_proj.weight"].shape[1] == 300 and t["model.layers.1.self_attn.rope_freq_index"].shape == (2, 16)
+    assert (t["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2 * 64
+            and t["model.layers.1.self_attn.k_proj.weight"].shape[0] == 2 * 32)
+    assert (t["model.layers.0.mlp.down_proj.weight"].shape[1] == 300
+            and t["model.layers.1.self_attn.rope_freq_index"].shape == (2, 16))
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mixed"), dtype=torch.float32)
     assert torch.isfinite(model(input_ids=_batches(n=1, b=1)[0]).logits).all()
 
     run_export(ExportOptions(out=tmp_path / "same", layer_dims=((48, 48, 400),) * 2, **common), progress=False)
     run_export(ExportOptions(out=tmp_path / "uniform", **common), progress=False)
     ucfg = json.loads((tmp_path / "uniform" / "config.json").read_text())
-    assert (ucfg["qk_head_dim"], ucfg["intermediate_size"], ucfg["layer_qk_head_dims"]) == (32, 409, None)  # uniform plan, CR 0.3
+    # uniform plan, CR 0.3
+    assert (ucfg["qk_head_dim"], ucfg["intermediate_size"], ucfg["layer_qk_head_dims"]) == (32, 409, None)
     same = load_file(str(tmp_path / "same" / "model.safetensors"))
     assert json.loads((tmp_path / "same" / "config.json").read_text())["layer_qk_head_dims"] is None
     assert same["model.layers.1.self_attn.q_proj.weight"].shape == (4 * 48, 256)

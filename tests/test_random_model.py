@@ -12,13 +12,15 @@ from safetensors.torch import load_file
 
 from a3_serve.errors import InputError
 from a3_serve.random_model import SHAPES, llama_config, tensor_shapes, write_random_llama
+
 from conftest import assert_one_line_error
 
 
 def test_shards_index_and_loadable(demo_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = write_random_llama(tmp_path / "m", "tiny-gqa", demo_model, dtype=torch.bfloat16, shard_gib=0.02, progress=False)
+    out = write_random_llama(tmp_path / "m", "tiny-gqa", demo_model, dtype=torch.bfloat16,
+                             shard_gib=0.02, progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)

@@ -315,7 +315,8 @@ def test_rope_keep_all_pairs_is_exact(rope_setup):
 def test_rope_pair_subset_equals_zeroed_full_model(rope_setup):
     Q, K, inv_freq, dh = rope_setup
     n_pairs = 5
-    sel = qk.select_rope_pairs(torch.diagonal(moment(Q), dim1=-2, dim2=-1), torch.diagonal(moment(K), dim1=-2, dim2=-1), n_pairs)
+    sel = qk.select_rope_pairs(torch.diagonal(moment(Q), dim1=-2, dim2=-1),
+                               torch.diagonal(moment(K), dim1=-2, dim2=-1), n_pairs)
     cols = qk.pair_columns(sel.keep, dh)
     E = qk.selection_matrix(cols, dh)
     mask = E.sum(-1)  # [h, d_h] 1 on kept dims
@@ -371,8 +372,8 @@ def mha_ov(X):
 @pytest.mark.parametrize("r", [12, 6])
 def test_ov_mha_matches_brute_force_and_paper_formula(mha_ov, r):
     P, Wv, Wo = mha_ov
-    O = P @ Wv  # per-head attention output (o_proj input) [h, L, d_h]
-    f = ov.ov_closed_form(moment(O), Wo, r, eps=0.0)
+    out = P @ Wv  # per-head attention output (o_proj input) [h, L, d_h]
+    f = ov.ov_closed_form(moment(out), Wo, r, eps=0.0)
     h = P.shape[0]
     assert f.T.shape == (h, DH, r) and f.Wo_new.shape == (h, 1, r, D) and f.sv.shape == (h, DH)
     Wvo = Wv @ Wo[:, 0]
@@ -390,7 +391,7 @@ def test_ov_mha_matches_brute_force_and_paper_formula(mha_ov, r):
     assert rel_fro(Wvo_new, W_paper) < 1e-8
     assert torch.allclose(f.sv, s[..., :DH], rtol=1e-9, atol=1e-12 * float(s.max()))
     # optimality: perturbing the factors never helps
-    G = moment(O)
+    G = moment(out)
     best = ov_objective(G, Wo, f.T, f.Wo_new)
     assert torch.allclose(best, f.loss, rtol=1e-9, atol=0)
     gen = torch.Generator().manual_seed(11)
@@ -485,7 +486,8 @@ def test_mlp_a3_score_equals_paper_cur_score():
     ours = mlp.mlp_scores("a3", H.square().mean(0), w_gate, w_up, w_down)
     assert ours.shape == (d_int,) and ours.dtype == F64
     assert float((ours - paper).abs().max()) <= 1e-10 * float(paper.max())
-    assert torch.allclose(mlp.mlp_scores("rxx", H.square().mean(0).float(), None, None, None), torch.diagonal(R), rtol=1e-6)
+    assert torch.allclose(mlp.mlp_scores("rxx", H.square().mean(0).float(), None, None, None),
+                          torch.diagonal(R), rtol=1e-6)
 
 
 def test_mlp_methods_rank_constructed_example():
@@ -542,7 +544,8 @@ def test_solvers_on_cuda_match_cpu(X):
     P_gpu = (gpu_qk.A @ gpu_qk.B.mT).cpu()
     assert rel_fro(P_gpu, P_cpu) < 1e-5  # Gq went through float32 on the GPU side
     assert rel_fro((gpu_ov.T[:, None] @ gpu_ov.Wo_new).cpu(), cpu_ov.T[:, None] @ cpu_ov.Wo_new) < 1e-8
-    sel = qk.select_rope_pairs(torch.diagonal(Gq, dim1=-2, dim2=-1).cuda(), torch.diagonal(Gk, dim1=-2, dim2=-1).cuda(), 4)
+    sel = qk.select_rope_pairs(torch.diagonal(Gq, dim1=-2, dim2=-1).cuda(),
+                               torch.diagonal(Gk, dim1=-2, dim2=-1).cuda(), 4)
     assert sel.keep.is_cuda
     E = qk.selection_matrix(qk.pair_columns(sel.keep, DH), DH)
     assert E.is_cuda

@@ -265,7 +265,8 @@ def test_mlp_objective_matches_samples():
     ref = (h @ Wd.T - h[:, keep] @ Wn.T).square().sum(1).mean()
     assert abs(mlp.mlp_objective(moment(h), Wd, keep, Wn) - float(ref)) < 1e-12 * float(ref)
     H = moment(h)  # the three-trace form of the docstring
-    three = torch.trace(Wd @ H @ Wd.T) - 2 * torch.trace(Wn @ H[keep] @ Wd.T) + torch.trace(Wn @ H[keep][:, keep] @ Wn.T)
+    three = (torch.trace(Wd @ H @ Wd.T) - 2 * torch.trace(Wn @ H[keep] @ Wd.T)
+             + torch.trace(Wn @ H[keep][:, keep] @ Wn.T))
     assert abs(mlp.mlp_objective(H, Wd, keep, Wn) - float(three)) < 1e-10 * float(ref)
     assert mlp.mlp_objective(H, Wd, torch.arange(12), Wd) == pytest.approx(0.0, abs=1e-25)
     # plain selection (only the dropped columns of the difference are non-zero: the restricted product)

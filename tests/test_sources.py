@@ -1,4 +1,5 @@
-"""Text sources (txt / jsonl / folder / wiki / austen / pydoc / mix / hf) and token sampling for calibration and evaluation."""
+"""Text sources (txt / jsonl / folder / wiki / austen / pydoc / mix / hf) and token sampling for calibration and
+evaluation."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_txt_documents_split_at_blank_lines(tmp_path):
 
 def test_jsonl_default_and_named_field(tmp_path):
     p = tmp_path / "docs.jsonl"
-    p.write_text('{"text": "alpha", "body": "one"}\n\n{"text": "beta", "body": "two"}\n{"text": "  ", "body": "three"}\n')
+    p.write_text('{"text": "alpha", "body": "one"}\n\n{"text": "beta", "body": "two"}\n{"text": "  ", "body": '
+                 '"three"}\n')
     assert load_texts(str(p)) == ["alpha", "beta"]
     assert load_texts(f"{p}:body") == ["one", "two", "three"]
     assert describe_source(f"{p}:body") == f"{p.resolve()}:body"
@@ -69,7 +71,8 @@ def test_jsonl_errors_name_line_and_fix(tmp_path):
         load_texts(str(p))
     q = tmp_path / "nofield.jsonl"
     q.write_text('{"content": "x"}\n')
-    with pytest.raises(CalibrationError, match=r"no field 'text' \(fields: content\); name the text field as nofield\.jsonl:FIELD"):
+    with pytest.raises(CalibrationError,
+                       match=r"no field 'text' \(fields: content\); name the text field as nofield\.jsonl:FIELD"):
         load_texts(str(q))
 
 
@@ -273,8 +276,8 @@ def test_austen_chapters_reflow_lines_and_drop_headings():
     lines = ["PRIDE AND PREJUDICE", "", "By Jane Austen", "", "Chapter 1", "", "It is a truth universally",
              "acknowledged.", "", "Second paragraph.", "", "CHAPTER II.", "", "Next chapter text", "here."]
     docs = chapters(lines)
-    assert docs == ["PRIDE AND PREJUDICE\n\nBy Jane Austen", "It is a truth universally acknowledged.\n\nSecond paragraph.",
-                    "Next chapter text here."]
+    assert docs == ["PRIDE AND PREJUDICE\n\nBy Jane Austen",
+                    "It is a truth universally acknowledged.\n\nSecond paragraph.", "Next chapter text here."]
 
 
 def test_austen_splits_are_whole_novels_and_disjoint():
@@ -435,7 +438,8 @@ def test_pydoc_splits_are_whole_files_and_disjoint():
     assert sum(map(len, cal)) > 5_000_000 and sum(map(len, held)) > 1_200_000  # characters of prose
     assert any(d.startswith("JSON (JavaScript Object Notation), specified by RFC 7159") for d in cal)
     assert describe_source("pydoc") == "pydoc:calibration"
-    assert not sources_overlap("pydoc", None, "pydoc:heldout", None) and sources_overlap("pydoc", None, "pydoc", "calibration")
+    assert (not sources_overlap("pydoc", None, "pydoc:heldout", None)
+            and sources_overlap("pydoc", None, "pydoc", "calibration"))
 
 
 def test_pydoc_documents_are_prose_without_rest_markup():
@@ -470,7 +474,8 @@ def test_mix_interleaves_three_domains_in_equal_shares():
     assert not set(load_texts("mix")) & set(load_texts("mix:heldout"))
     assert describe_source("mix") == "mix:calibration" and describe_source("mix", "heldout") == "mix:heldout"
     for part in S.MIX_PARTS:
-        assert sources_overlap("mix", None, part, None) and sources_overlap(f"{part}:heldout", None, "mix:heldout", None)
+        assert (sources_overlap("mix", None, part, None)
+                and sources_overlap(f"{part}:heldout", None, "mix:heldout", None))
         assert not sources_overlap("mix", None, f"{part}:heldout", None)
     assert not sources_overlap("wiki", None, "pydoc", None)
     with pytest.raises(InputError, match="unknown split 'test'"):
@@ -486,7 +491,8 @@ def test_pydoc_missing_is_a_one_line_error(monkeypatch, tmp_path):
     for c in caches:
         c.cache_clear()
     try:
-        with pytest.raises(CalibrationError, match=r"'pydoc' corpus is not installed; run scripts/setup\.sh .*python3\.11-doc"):
+        with pytest.raises(CalibrationError,
+                           match=r"'pydoc' corpus is not installed; run scripts/setup\.sh .*python3\.11-doc"):
             load_texts("pydoc:heldout")
         for spec in ("pydoc:heldout", "mix"):  # (mix may stop at another missing part first: same set-up fix)
             with pytest.raises(CalibrationError, match=r"run scripts/setup\.sh") as info:

@@ -31,11 +31,11 @@ assert importlib.util.find_spec("vllm") is not None, (
     "vLLM is not installed in this environment: run scripts/setup.sh (or set A3_SERVE_SKIP_VLLM=1 to skip)"
 )
 
-import a3_serve  # noqa: E402,F401  (registers a3_llama with the Auto classes)
-from a3_serve.export.pipeline import ExportOptions, run_export  # noqa: E402
-from a3_serve.export.methods import RECIPES  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import a3_serve  # noqa: E402,F401  (registers a3_llama with the Auto classes)
+from a3_serve.export.pipeline import ExportOptions, run_export  # noqa: E402
 
 N_STEPS = 32
 TOP_K = 5
@@ -83,7 +83,8 @@ def _rotate_index(tensors):  # every pair takes its neighbour's frequency: a reo
 
 
 def _prefix_index(tensors):  # every KV head keeps frequencies 0..r/2-1: a valid index, but the wrong RoPE
-    return {k: (torch.arange(v.shape[1], dtype=v.dtype).expand_as(v).contiguous() if k.endswith("rope_freq_index") else v)
+    return {k: (torch.arange(v.shape[1], dtype=v.dtype).expand_as(v).contiguous()
+                if k.endswith("rope_freq_index") else v)
             for k, v in tensors.items()}
 
 
@@ -190,7 +191,8 @@ def parity_problems(vllm_result: dict, ref, atol: float = LOGPROB_ATOL) -> list[
         toks = out["token_ids"]
         if toks != ref_toks:
             step = next(s for s, (a, b) in enumerate(zip(toks, ref_toks)) if a != b)
-            problems.append(f"prompt {i}: greedy tokens differ at step {step}: vllm {toks[step]} vs ref {ref_toks[step]}")
+            problems.append(f"prompt {i}: greedy tokens differ at step {step}: vllm {toks[step]} vs ref "
+                            f"{ref_toks[step]}")
         worst = 0.0
         for s, (step_lps, ref_lp) in enumerate(zip(out["logprobs"], ref_lps)):
             if toks[:s] != ref_toks[:s]:
@@ -257,7 +259,8 @@ def test_kv_cache_capacity_with_per_layer_head_sizes(ckpts, vllm_results):
 
 @pytest.mark.parametrize("name, needles", [
     ("missing-index", ["model.layers.1.self_attn.rope_freq_index", "is missing", "Re-export"]),
-    ("misshaped-index", ["model.layers.0.self_attn.rope_freq_index", "has shape [3, 23], expected [3, 24]", "Re-export"]),
+    ("misshaped-index", ["model.layers.0.self_attn.rope_freq_index",
+                         "has shape [3, 23], expected [3, 24]", "Re-export"]),
     ("head-40", ["head size 40", "CPU attention", "--head-multiple 16"]),
     ("diff-kv", ["K head size 48 but V head size 32", "equal K and V", "Re-export"]),
     ("rotated-index", ["model.layers.0.self_attn.rope_freq_index", "not strictly ascending", "Re-export"]),

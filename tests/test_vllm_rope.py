@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from a3_serve.modeling.modeling_a3_llama import gather_rope, rope_digest, rope_index_problem
 from a3_serve.vllm_plugin.rope import (
@@ -18,7 +19,6 @@ from a3_serve.vllm_plugin.rope import (
     q_head_kv_rows,
     rope_gather_index,
 )
-from transformers.models.llama.modeling_llama import rotate_half
 
 
 def _table(d_h: int, n_pos: int, theta: float = 10000.0) -> torch.Tensor:

@@ -26,8 +26,9 @@ import torch
 if os.environ.get("A3_SERVE_SKIP_VLLM") == "1":
     pytest.skip("A3_SERVE_SKIP_VLLM=1: vLLM tests skipped on purpose", allow_module_level=True)
 
-import a3_serve  # noqa: E402,F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import a3_serve  # noqa: E402,F401
 
 VLLM = Path(sys.executable).parent / "vllm"  # the console script pip installed into this venv
 PROMPT = "The capital of France is"
@@ -94,14 +95,16 @@ def test_vllm_serve_compressed_as_typed(smol_a3_cr01, tmp_path):
     try:
         deadline = time.time() + 420
         while True:
-            assert proc.poll() is None, f"vllm serve exited with {proc.returncode}:\n" + (tmp_path / "serve.log").read_text()[-4000:]
+            assert proc.poll() is None, (f"vllm serve exited with {proc.returncode}:\n"
+                                         + (tmp_path / "serve.log").read_text()[-4000:])
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
-            assert time.time() < deadline, "server not healthy in time:\n" + (tmp_path / "serve.log").read_text()[-4000:]
+            assert time.time() < deadline, ("server not healthy in time:\n"
+                                            + (tmp_path / "serve.log").read_text()[-4000:])
             time.sleep(2)
         assert _listen_addresses(port) == {"0100007F"}, _listen_addresses(port)  # 127.0.0.1 only
 
@@ -117,13 +120,15 @@ def test_vllm_serve_compressed_as_typed(smol_a3_cr01, tmp_path):
         assert "Paris" in text
 
         chat = _post(f"{base}/v1/chat/completions", {"model": "./compressed", "max_tokens": 16, "temperature": 0,
-                                                      "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+                                                      "messages": [{"role": "user",
+                                                                    "content": "What is the capital of France?"}]})
         msg = chat["choices"][0]["message"]
         assert msg["role"] == "assistant" and msg["content"].strip(), chat
 
         # the benchmark's URL mode against this running server (both sides: it measures servers it did not start)
         out = tmp_path / "bench"
-        bench = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"),
+        bench = subprocess.run([sys.executable,
+                                str(Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"),
                                 "--dense-url", base, "--compressed-url", base, "--tokenizer", str(compressed),
                                 "--num-prompts", "3", "--input-len", "16", "--output-len", "5", "--repeats", "1",
                                 "--out-dir", str(out)], capture_output=True, text=True, timeout=300,
@@ -136,7 +141,8 @@ def test_vllm_serve_compressed_as_typed(smol_a3_cr01, tmp_path):
             for lat in ("ttft", "tpot", "itl"):
                 assert 0 < m[f"{lat}_ms_median"] <= m[f"{lat}_ms_p99"], (side, lat, m)
             block = report["models"][side]["runs"][0]["kv_block_size"]  # capacity from the server's /metrics
-            assert m["kv_cache_tokens"] > 0 and m["max_concurrency"] == pytest.approx(m["kv_cache_tokens"] / block / -(-21 // block))
+            assert m["kv_cache_tokens"] > 0 and m["max_concurrency"] == pytest.approx(
+                m["kv_cache_tokens"] / block / -(-21 // block))
             assert m["output_tokens_per_s"] == pytest.approx(3 * 5 / m["elapsed_s"])
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C

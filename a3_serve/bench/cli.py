@@ -62,39 +62,52 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("models")
     m.add_argument("--dense", help="dense Hugging Face model folder")
     m.add_argument("--compressed", help="compressed (a3-export) model folder")
-    m.add_argument("--dense-url", help="base URL of a running OpenAI-compatible server for the dense model (implies --mode server)")
+    m.add_argument("--dense-url",
+                   help="base URL of a running OpenAI-compatible server for the dense model (implies --mode server)")
     m.add_argument("--compressed-url", help="base URL of the server for the compressed model (implies --mode server)")
     m.add_argument("--tokenizer", help="tokenizer folder for building prompts in URL mode (default: --dense)")
-    m.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token for the servers (default: $OPENAI_API_KEY)")
+    m.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token for the servers (default: $OPENAI_API_KEY)")
     m.add_argument("--allow-mismatch", action="store_true",
                    help="measure the two folders even when they are not comparable (different tokenizer or vocabulary, "
                         "or a compressed model exported from another source than --dense); by default that is refused, "
                         "and with this flag the report records the problems found")
     e = p.add_argument_group("engine")
-    e.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="vllm (default) or hf (transformers reference)")
-    e.add_argument("--mode", choices=["offline", "server"], default=None, help="vllm only: offline engine (default) or HTTP server")
-    e.add_argument("--dtype", default="auto", help="model dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, float16")
+    e.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
+                   help="vllm (default) or hf (transformers reference)")
+    e.add_argument("--mode", choices=["offline", "server"], default=None,
+                   help="vllm only: offline engine (default) or HTTP server")
+    e.add_argument("--dtype", default="auto",
+                   help="model dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, bfloat16, float16")
     e.add_argument("--device", default="auto", help="--engine hf: cpu, cuda, cuda:N or auto")
     e.add_argument("--batch-size", type=int, default=0, help="--engine hf: prompts per batch (default: all at once)")
-    e.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM on CPU: KV-cache memory for each model (default 1)")
-    e.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM on GPU: fraction of GPU memory (vLLM's default 0.9)")
-    e.add_argument("--enforce-eager", action="store_true", help="vLLM: no torch.compile / CUDA graphs (faster start, slower steps)")
+    e.add_argument("--kv-cache-gib", type=float, default=1.0,
+                   help="vLLM on CPU: KV-cache memory for each model (default 1)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM on GPU: fraction of GPU memory (vLLM's default 0.9)")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="vLLM: no torch.compile / CUDA graphs (faster start, slower steps)")
     e.add_argument("--max-concurrency", type=int, default=0, help="server mode: requests in flight (default: all)")
-    e.add_argument("--timeout", type=float, default=1800.0, help="seconds one measurement may take before it counts as failed (default 1800)")
+    e.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds one measurement may take before it counts as failed (default 1800)")
     w = p.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=32, help="requests per measurement (default 32)")
     w.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
-    w.add_argument("--output-len", type=int, default=128, help="generated tokens per request, EOS ignored (default 128)")
+    w.add_argument("--output-len", type=int, default=128,
+                   help="generated tokens per request, EOS ignored (default 128)")
     w.add_argument("--max-model-len", type=int, default=0, help="engine context length (default: input + output)")
     w.add_argument("--repeats", type=int, default=2, help="alternating measurements per model (default 2)")
     w.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     q = p.add_argument_group("quality (optional)")
-    q.add_argument("--ppl-data", default=None, help="also measure perplexity on this held-out text (e.g. wiki:heldout), with transformers")
+    q.add_argument("--ppl-data", default=None,
+                   help="also measure perplexity on this held-out text (e.g. wiki:heldout), with transformers")
     q.add_argument("--ppl-tokens", type=int, default=8192, help="tokens of --ppl-data to score (default 8192)")
     q.add_argument("--ppl-seqlen", type=int, default=512, help="window length for perplexity (default 512)")
     o = p.add_argument_group("output")
-    o.add_argument("--out-dir", default="throughput-report", help="folder for throughput.json/.md/.png (default ./throughput-report)")
-    o.add_argument("--events", action="store_true", help="print progress as JSON lines on stdout (for the benchmarking service)")
+    o.add_argument("--out-dir", default="throughput-report",
+                   help="folder for throughput.json/.md/.png (default ./throughput-report)")
+    o.add_argument("--events", action="store_true",
+                   help="print progress as JSON lines on stdout (for the benchmarking service)")
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
     return p
 
@@ -103,7 +116,8 @@ def _check_args(args: argparse.Namespace) -> None:
     url_mode = bool(args.dense_url or args.compressed_url)
     if url_mode:
         if not (args.dense_url and args.compressed_url):
-            raise InputError("give both --dense-url and --compressed-url (or neither, to let the benchmark start the engines)")
+            raise InputError("give both --dense-url and --compressed-url (or neither, to let the benchmark start the "
+                             "engines)")
         if args.engine != "vllm":
             raise InputError("--dense-url/--compressed-url measure OpenAI-compatible servers; drop --engine hf")
         if args.mode == "offline":
@@ -113,7 +127,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise InputError("URL mode builds prompts with a tokenizer: pass --tokenizer DIR (or --dense DIR)")
     else:
         if not args.dense or not args.compressed:
-            raise InputError("give --dense DIR and --compressed DIR (or --dense-url and --compressed-url for running servers)")
+            raise InputError("give --dense DIR and --compressed DIR (or --dense-url and --compressed-url for running "
+                             "servers)")
         if args.engine == "hf" and args.mode == "server":
             raise InputError("--mode server is for --engine vllm; drop it with --engine hf")
         args.mode = args.mode or "offline"
@@ -126,7 +141,8 @@ def _check_args(args: argparse.Namespace) -> None:
             import vllm  # noqa: F401
         except ImportError:
             if args.mode == "offline" or not url_mode:
-                raise InputError("vLLM is not installed here; run scripts/setup.sh, use --engine hf, or measure running servers with --dense-url/--compressed-url") from None
+                raise InputError("vLLM is not installed here; run scripts/setup.sh, use --engine hf, or measure "
+                                 "running servers with --dense-url/--compressed-url") from None
 
 
 def _comparability(dense: Optional[str], compressed: Optional[str], allow: bool) -> list[str]:
@@ -140,11 +156,13 @@ def _comparability(dense: Optional[str], compressed: Optional[str], allow: bool)
     try:
         problems = comparability_problems(dense, compressed)
     except OSError as err:
-        why = f"{err.strerror or type(err).__name__}: {err.filename}" if err.filename else str(err) or type(err).__name__
+        why = (f"{err.strerror or type(err).__name__}: {err.filename}" if err.filename
+               else str(err) or type(err).__name__)
         problems = [f"the folders could not be compared ({why})"]
     if problems and not allow:
         raise InputError(f"--dense and --compressed are not comparable: {'; '.join(problems)}; benchmark a compressed "
-                         "model against the dense model it was exported from, or pass --allow-mismatch to measure them anyway")
+                         "model against the dense model it was exported from, or pass --allow-mismatch to measure them "
+                         "anyway")
     return problems
 
 
@@ -161,7 +179,8 @@ def _environment() -> dict[str, Any]:
 
     import a3_serve
 
-    env: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+    env: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                           "python": platform.python_version(),
                            "torch": torch.__version__, "a3_serve": a3_serve.__version__}
     for pkg in ("vllm", "transformers"):
         try:
@@ -195,7 +214,8 @@ def _run_worker(spec: dict[str, Any], timeout: float, label: str) -> dict[str, f
                 raise
         if code != 0 or not out.is_file():
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-            reason = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else f"exit code {code}")
+            reason = next((ln for ln in reversed(lines) if ln.startswith("error:")),
+                          lines[-1] if lines else f"exit code {code}")
             raise EngineError(f"{label} failed (exit code {code}): {reason.removeprefix('error: ')[:400]}")
         return json.loads(out.read_text())
 
@@ -210,7 +230,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _server_measurement(args, name: str, path: Optional[str], workload: Workload, tokenizer, log_dir: Path) -> dict[str, float]:
+def _server_measurement(args, name: str, path: Optional[str], workload: Workload, tokenizer,
+                        log_dir: Path) -> dict[str, float]:
     from a3_serve.bench.engines import VllmServer, measure_server
 
     url = getattr(args, f"{name}_url")
@@ -234,7 +255,8 @@ def _server_measurement(args, name: str, path: Optional[str], workload: Workload
     except EngineError:
         raise
     except Exception as err:
-        raise EngineError(f"{name} server measurement failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}") from None
+        raise EngineError(f"{name} server measurement failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None
 
 
 def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -274,7 +296,8 @@ def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> dic
                         "gpu_memory_utilization": args.gpu_memory_utilization}
             else:
                 opts = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size}
-            res = _run_worker({"task": args.engine, "model": paths[name], "workload": workload.to_dict(), "options": opts},
+            res = _run_worker({"task": args.engine, "model": paths[name],
+                               "workload": workload.to_dict(), "options": opts},
                               args.timeout, f"{args.engine} on the {label}")
         runs[name].append(res)
         done += 1
@@ -286,12 +309,14 @@ def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> dic
             if not paths[name]:
                 raise InputError("--ppl-data needs the model folders (--dense/--compressed) next to the URLs")
             res = _run_worker({"task": "ppl", "model": paths[name],
-                               "options": {"data": args.ppl_data, "seqlen": args.ppl_seqlen, "max_tokens": args.ppl_tokens,
+                               "options": {"data": args.ppl_data, "seqlen": args.ppl_seqlen,
+                                           "max_tokens": args.ppl_tokens,
                                            "device": args.device if args.engine == "hf" else "cpu"}},
                               args.timeout, f"perplexity of the {name} model")
             extra[name]["perplexity"] = res["perplexity"]
             done += 1
-            emit({"event": "progress", "done": done, "total": total, "message": f"{name} perplexity {res['perplexity']:.3f}"})
+            emit({"event": "progress", "done": done, "total": total,
+                  "message": f"{name} perplexity {res['perplexity']:.3f}"})
     config = {"engine": args.engine, "mode": args.mode, **workload.to_dict(), "model_len": workload.model_len,
               "repeats": args.repeats, "dtype": _engine_dtype(args) if args.engine == "vllm" else args.dtype,
               "order": [name for _, name in schedule]}

@@ -46,7 +46,8 @@ def _percentiles(prefix: str, values_s: list[float]) -> dict[str, float]:
         return {}
     ms = sorted(v * 1000.0 for v in values_s)
     p99 = ms[min(len(ms) - 1, max(0, int(round(0.99 * len(ms) + 0.5)) - 1))]
-    return {f"{prefix}_ms_mean": statistics.fmean(ms), f"{prefix}_ms_median": statistics.median(ms), f"{prefix}_ms_p99": p99}
+    return {f"{prefix}_ms_mean": statistics.fmean(ms), f"{prefix}_ms_median": statistics.median(ms),
+            f"{prefix}_ms_p99": p99}
 
 
 def _peak_rss_bytes() -> int:
@@ -54,7 +55,8 @@ def _peak_rss_bytes() -> int:
 
 
 def _throughput(n_requests: int, prompt_tokens: int, output_tokens: int, elapsed: float) -> dict[str, float]:
-    return {"elapsed_s": elapsed, "requests_per_s": n_requests / elapsed, "output_tokens_per_s": output_tokens / elapsed,
+    return {"elapsed_s": elapsed, "requests_per_s": n_requests / elapsed,
+            "output_tokens_per_s": output_tokens / elapsed,
             "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed}
 
 
@@ -66,7 +68,8 @@ def _capacity(num_blocks: int, block_size: int, workload: Workload) -> dict[str,
 
 # ------------------------------------------------------------------------------------------------ vLLM offline
 def measure_vllm_offline(model: str, workload: Workload, *, dtype: str = "auto", enforce_eager: bool = False,
-                         gpu_memory_utilization: Optional[float] = None, tensor_parallel_size: int = 1) -> dict[str, float]:
+                         gpu_memory_utilization: Optional[float] = None,
+                         tensor_parallel_size: int = 1) -> dict[str, float]:
     """Throughput, KV capacity, weight bytes and peak memory of ``model`` in vLLM's offline engine."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: its memory is ours to read
     import torch
@@ -296,7 +299,8 @@ def measure_server(base_url: str, workload: Workload, tokenizer, *, max_concurre
         elapsed = time.perf_counter() - t0
     n_out = sum(r["tokens"] for r in results)
     if n_out != workload.num_prompts * workload.output_len:
-        raise RuntimeError(f"the server generated {n_out} tokens, expected {workload.num_prompts * workload.output_len}")
+        raise RuntimeError(f"the server generated {n_out} tokens, expected "
+                           f"{workload.num_prompts * workload.output_len}")
     res = _throughput(len(results), workload.num_prompts * workload.input_len, n_out, elapsed)
     res.update(_percentiles("ttft", [r["ttft"] for r in results]))
     res.update(_percentiles("tpot", [r["tpot"] for r in results if r["tpot"] is not None]))
@@ -310,8 +314,8 @@ def measure_server(base_url: str, workload: Workload, tokenizer, *, max_concurre
 class VllmServer:
     """``vllm serve MODEL`` on 127.0.0.1:PORT as a child process group; a context manager that waits for health."""
 
-    def __init__(self, model: str, workload: Workload, *, dtype: str = "auto", port: int = 0, log: Optional[Path] = None,
-                 extra_args: tuple[str, ...] = (), startup_timeout: float = 900.0):
+    def __init__(self, model: str, workload: Workload, *, dtype: str = "auto", port: int = 0,
+                 log: Optional[Path] = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 900.0):
         self.model, self.workload, self.dtype = model, workload, dtype
         self.port = port or _free_port()
         self.log = log
@@ -325,8 +329,8 @@ class VllmServer:
 
     def __enter__(self) -> "VllmServer":
         vllm = Path(sys.executable).parent / "vllm"
-        cmd = [str(vllm) if vllm.exists() else "vllm", "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", self.dtype, "--max-model-len", str(self.workload.model_len),
+        cmd = [str(vllm) if vllm.exists() else "vllm", "serve", self.model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", self.dtype, "--max-model-len", str(self.workload.model_len),
                "--max-num-seqs", str(max(1, self.workload.num_prompts)), *self.extra_args]
         out = open(self.log, "w") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -334,8 +338,8 @@ class VllmServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log.read_text()[-2000:] if self.log else ""
-                raise RuntimeError(f"vllm serve {self.model} exited with code {self.proc.returncode} before it was ready: "
-                                   + (tail.strip().splitlines() or [""])[-1])
+                raise RuntimeError(f"vllm serve {self.model} exited with code {self.proc.returncode} before it was "
+                                   "ready: " + (tail.strip().splitlines() or [""])[-1])
             try:
                 import httpx
 

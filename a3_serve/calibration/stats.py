@@ -3,23 +3,25 @@
 Every A3 closed form depends on the data only through ``d_h x d_h`` second moments of head
 activations (docs/METHOD.md §1.3-§1.4), so we never form ``d x d`` autocorrelations:
 
-================  ======================  ====================================================================================
+================  ======================  ==============================================================================
 name              shape                   definition (mean over calibration tokens)
-================  ======================  ====================================================================================
+================  ======================  ==============================================================================
 ``Gq``            ``[h_q, d_h, d_h]``     ``E[q_i q_iᵀ]``, q_proj output per query head, pre-RoPE, bias included
 ``Gk``            ``[h_kv, d_h, d_h]``    ``E[k_j k_jᵀ]``, k_proj output per KV head, pre-RoPE
 ``Gv``            ``[h_kv, d_h, d_h]``    ``E[v_j v_jᵀ]``, v_proj output per KV head (the "xkv" moment)
 ``Go``            ``[h_q, d_h, d_h]``     ``E[o_i o_iᵀ]``, o_proj input per head = attention-weighted values
 ``x2``            ``[d]``                 ``E[x²]`` of the q/k/v input (RMSNorm output), for Wanda-like scores
 ``h2``            ``[d_int]``             ``E[h²]`` of the down_proj input (the A3-MLP score)
-``H``             ``[d_int, d_int]``      ``E[h hᵀ]`` (only with ``StatsRequest.mlp_moment``; for the least-squares refit)
+``H``             ``[d_int, d_int]``      ``E[h hᵀ]`` (only with ``StatsRequest.mlp_moment``; for the least-squares
+                                          refit)
 ``E_rope``        ``[h_kv, d_h/2]``       exact RoPE pair energy, all (m, t) pairs (``StatsRequest.rope_energy``)
 ``E_rope_c``      ``[h_kv, d_h/2]``       the same over causal pairs t <= m only
-``inv_ms_attn``   ``[]``                  ``E[1/ms(h)]`` of the residual stream after the attention block (``ms``: mean square
-                                          over features; post_attention_layernorm input): turns an attention-output error
-                                          into the relative error the next RMSNorm sees (loss-aware allocation)
+``inv_ms_attn``   ``[]``                  ``E[1/ms(h)]`` of the residual stream after the attention block (``ms``: mean
+                                          square over features; post_attention_layernorm input): turns an
+                                          attention-output error into the relative error the next RMSNorm sees
+                                          (loss-aware allocation)
 ``inv_ms_mlp``    ``[]``                  the same after the MLP block (the decoder layer's output)
-================  ======================  ====================================================================================
+================  ======================  ==============================================================================
 
 The RoPE energies (docs/METHOD.md §2.5, "exact all-pairs energy") are, per KV group ``j`` and frequency pair
 ``p``, the mean per token of ``Σ_seq Σ_{i∈group j} Σ_{m,t} Re(u_{i,m,p}·conj(v_{t,p}))²`` with ``u``/``v`` the
@@ -193,8 +195,9 @@ class _Accumulator:
         for name, t in means.items():
             if not all_finite(t):
                 raise NumericalError(
-                    f"calibration statistic {name} of layer {layer_idx} contains NaN or Inf; the model overflows on the "
-                    "calibration text: use --dtype float32, check the source weights, or use different calibration text"
+                    f"calibration statistic {name} of layer {layer_idx} contains NaN or Inf; the model overflows on "
+                    "the calibration text: use --dtype float32, check the source weights, or use different calibration "
+                    "text"
                 )
         return LayerStats(n_tokens=self.n_tokens, **means)
 
@@ -212,7 +215,8 @@ class StatsCollector:
     ``b % k == k − 1``.
     """
 
-    def __init__(self, n_layers: int, n_batches: int, num_heads: int, num_kv_heads: int, head_dim: int, request: StatsRequest):
+    def __init__(self, n_layers: int, n_batches: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 request: StatsRequest):
         self.request = request
         self.k = request.heldout_every if request.heldout_every and n_batches >= request.heldout_every else 0
         self.fit = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)]
@@ -256,7 +260,8 @@ class StatsCollector:
             route(idx).add_head_moment("Gq", out, hq)
             if req.rope_energy:
                 B, T = out.shape[0], out.shape[1]
-                q = out.reshape(B, T, hkv, hq // hkv, dh).to(torch.float64).permute(0, 2, 3, 1, 4)  # [B, h_kv, g, T, d_h]
+                # [B, h_kv, g, T, d_h]
+                q = out.reshape(B, T, hkv, hq // hkv, dh).to(torch.float64).permute(0, 2, 3, 1, 4)
                 pending["u"] = qk_solver.rope_complex(q, inv_freq, torch.arange(T, device=out.device))
 
         def on_k_out(_m, _a, out):
@@ -280,7 +285,8 @@ class StatsCollector:
             layer.post_attention_layernorm.register_forward_pre_hook(
                 lambda _m, args: route(idx).add_inverse_mean_square("inv_ms_attn", args[0])),
             layer.register_forward_hook(
-                lambda _m, _a, out: route(idx).add_inverse_mean_square("inv_ms_mlp", out[0] if isinstance(out, tuple) else out)),
+                lambda _m, _a, out: route(idx).add_inverse_mean_square("inv_ms_mlp",
+                                                                       out[0] if isinstance(out, tuple) else out)),
         ]
         if req.mlp_moment:
             hooks.append(mlp.down_proj.register_forward_pre_hook(lambda _m, args: route(idx).add_outer("H", args[0])))
@@ -293,7 +299,8 @@ def rope_inv_freq(model: nn.Module) -> torch.Tensor:
     if rot is None or not hasattr(rot, "inv_freq"):
         raise RuntimeError("the model has no rotary_emb.inv_freq; the exact RoPE energy needs a RoPE model")
     if float(getattr(rot, "attention_scaling", 1.0)) != 1.0:
-        log.warning("RoPE attention_scaling %.4g is ignored by the pair energies (a common factor)", rot.attention_scaling)
+        log.warning("RoPE attention_scaling %.4g is ignored by the pair energies (a common factor)",
+                    rot.attention_scaling)
     return rot.inv_freq.detach().to(torch.float64)
 
 

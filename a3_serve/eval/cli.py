@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Greedy (deterministic) completion of --prompt; prints the new text only.",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(pg)
-    pg.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue (or the user message with --chat)")
+    pg.add_argument("--prompt", required=True, metavar="TEXT",
+                    help="the text to continue (or the user message with --chat)")
     pg.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                     help="stop after N new tokens or at the end-of-sequence token (default: 32)")
     pg.add_argument("--chat", action="store_true",

@@ -42,7 +42,8 @@ def load_model(model_dir: Union[str, Path], device: Union[str, torch.device] = "
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt)
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"cannot load the model in {model_dir}: {first[:300]}; check that it is a complete Hugging Face folder") from exc
+        raise InputError(f"cannot load the model in {model_dir}: {first[:300]}; check that it is a complete Hugging "
+                         "Face folder") from exc
     return model.to(dev).eval()
 
 
@@ -55,7 +56,8 @@ def load_tokenizer(model_dir: Union[str, Path]):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
-            f"cannot load a tokenizer from {model_dir} ({first[:200]}); copy the tokenizer files there or pass --tokenizer DIR"
+            f"cannot load a tokenizer from {model_dir} ({first[:200]}); copy the tokenizer files there or pass "
+            "--tokenizer DIR"
         ) from exc
 
 
@@ -167,9 +169,9 @@ def check_calibration_overlap(config: dict[str, Any], data: str, split: Optional
             except Exception:  # noqa: BLE001 - only for the message
                 shown = data
             raise InputError(
-                f"{model_label} was calibrated on {spec if cal_split is None else spec + ':' + str(cal_split)}, which is the "
-                f"evaluation text {shown}; perplexity on calibration text is meaningless: evaluate on held-out text "
-                "(e.g. --data wiki --split heldout) or pass --allow-calibration-overlap"
+                f"{model_label} was calibrated on {spec if cal_split is None else spec + ':' + str(cal_split)}, which "
+                f"is the evaluation text {shown}; perplexity on calibration text is meaningless: evaluate on held-out "
+                "text (e.g. --data wiki --split heldout) or pass --allow-calibration-overlap"
             )
 
 

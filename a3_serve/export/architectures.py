@@ -116,7 +116,8 @@ def inspect_architecture(cfg: dict[str, Any]) -> SourceArch:
     """
     mtype = cfg.get("model_type")
     if mtype == "a3_llama":
-        raise InputError("the model is already A3-compressed (model_type a3_llama); export from the original dense checkpoint")
+        raise InputError("the model is already A3-compressed (model_type a3_llama); export from the original dense "
+                         "checkpoint")
     if mtype in _KNOWN_UNSUPPORTED:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {mtype!r}: {_KNOWN_UNSUPPORTED[mtype]} is not covered by A3 export yet; "
@@ -168,7 +169,8 @@ def inspect_architecture(cfg: dict[str, Any]) -> SourceArch:
     n_kv = _int_field(cfg, "num_key_value_heads", n_heads)
     head_dim = _int_field(cfg, "head_dim", hidden // n_heads)
     if n_heads % n_kv:
-        raise InputError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; the config is invalid")
+        raise InputError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; the config "
+                         "is invalid")
     if head_dim % 2:
         refuse(f"an odd head size ({head_dim}), which RoPE pairs cannot split")
 

@@ -41,10 +41,10 @@ def render_model_card(report: dict[str, Any]) -> str:
         "",
         f"# {src['name']}: A3-compressed (CR {s['target_cr']:.2f})",
         "",
-        f"This checkpoint was produced by a3-serve {report['a3_serve_version']} from "
-        f"`{src['name']}` ({src['architecture']}, {src['attention']}) with **A3**, an analytical post-training low-rank "
-        "method: every attention head keeps fewer QK and VO dimensions and the MLP is narrower. The model keeps the "
-        "same number of matrix multiplies; weights, FLOPs and the KV cache shrink.",
+        f"This checkpoint was produced by a3-serve {report['a3_serve_version']} from `{src['name']}` "
+        f"({src['architecture']}, {src['attention']}) with **A3**, an analytical post-training low-rank method: every "
+        "attention head keeps fewer QK and VO dimensions and the MLP is narrower. The model keeps the same number of "
+        "matrix multiplies; weights, FLOPs and the KV cache shrink.",
         "",
         "## What changed",
         "",
@@ -55,15 +55,19 @@ def render_model_card(report: dict[str, Any]) -> str:
         f"| MLP width | {s['intermediate_size']} | {_dim_cell(s, 2, 'new_intermediate_size')} |",
         f"| decoder linear parameters | {_fmt_int(s['linear_params_before'])} | {_fmt_int(s['linear_params_after'])} |",
         f"| all parameters | {_fmt_int(s['params_before'])} | {_fmt_int(s['params_after'])} |",
-        f"| KV cache per token ({s['kv_dtype']}) | {_fmt_int(s['kv_bytes_per_token_before'])} B | {_fmt_int(s['kv_bytes_per_token_after'])} B |",
+        f"| KV cache per token ({s['kv_dtype']}) | {_fmt_int(s['kv_bytes_per_token_before'])} B | "
+        f"{_fmt_int(s['kv_bytes_per_token_after'])} B |",
         "",
-        f"Target compression ratio {s['target_cr']:.3f}; achieved {s['achieved_cr']:.4f} of the decoder's linear parameters "
-        + (f"(per-layer head sizes in multiples of {s['head_multiple']} and MLP widths chosen by loss-aware allocation)."
+        f"Target compression ratio {s['target_cr']:.3f}; achieved {s['achieved_cr']:.4f} of the decoder's linear "
+        "parameters "
+        + (f"(per-layer head sizes in multiples of {s['head_multiple']} and MLP widths chosen by loss-aware "
+           "allocation)."
            if s.get("layer_dims") else
-           f"(head sizes rounded down to multiples of {s['head_multiple']}, the MLP width re-solved to meet the budget)."),
+           f"(head sizes rounded down to multiples of {s['head_multiple']}, the MLP width re-solved to meet the "
+           "budget)."),
         "",
-        f"Recipe `{report.get('recipe', 'custom')}`: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`, budget allocation "
-        f"`{report.get('allocation', 'uniform')}`; components compressed: {', '.join(s['components'])}.",
+        f"Recipe `{report.get('recipe', 'custom')}`: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`, budget "
+        f"allocation `{report.get('allocation', 'uniform')}`; components compressed: {', '.join(s['components'])}.",
         f"Calibration: {cal['nsamples']} x {cal['seqlen']} tokens from `{cal['source']}` (seed {cal['seed']}).",
         "",
         "## Quality",

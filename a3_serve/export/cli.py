@@ -64,70 +64,93 @@ def _describe(table: dict[str, str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="a3-export", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="a3-export", description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model and output")
-    io.add_argument("--model", required=True, metavar="PATH", help="dense Hugging Face model folder (config.json, *.safetensors, tokenizer)")
-    io.add_argument("--out", required=True, metavar="DIR", help="folder to create for the compressed checkpoint (must not exist unless --overwrite)")
-    io.add_argument("--cr", required=True, type=float, metavar="RATIO", help="compression ratio in (0, 1): fraction of decoder linear parameters to remove, e.g. 0.1")
-    io.add_argument("--overwrite", action="store_true", help="replace --out if it exists (the old folder is removed only after the new one is complete)")
+    io.add_argument("--model", required=True, metavar="PATH",
+                    help="dense Hugging Face model folder (config.json, *.safetensors, tokenizer)")
+    io.add_argument("--out", required=True, metavar="DIR",
+                    help="folder to create for the compressed checkpoint (must not exist unless --overwrite)")
+    io.add_argument("--cr", required=True, type=float, metavar="RATIO",
+                    help="compression ratio in (0, 1): fraction of decoder linear parameters to remove, e.g. 0.1")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it exists (the old folder is removed only after the new one is complete)")
     io.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                    help="largest safetensors file to write, as save_pretrained's max_shard_size (default: 5GB; e.g. 2GB, 500MB); "
-                         "a larger checkpoint is split into model-0000k-of-0000n.safetensors files with an index")
+                    help="largest safetensors file to write, as save_pretrained's max_shard_size (default: 5GB; e.g. "
+                         "2GB, 500MB); a larger checkpoint is split into model-0000k-of-0000n.safetensors files with "
+                         "an index")
     io.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the written weights (default: the source checkpoint's dtype)")
 
     cal = p.add_argument_group("calibration data")
     cal.add_argument("--calib", default="mix", metavar="SOURCE",
-                     help="calibration text: a .txt file (documents separated by blank lines), a .jsonl file (field 'text', or FILE.jsonl:FIELD), "
-                          "a folder of .txt files, a built-in corpus: 'mix' (default: Wikipedia lead paragraphs, Jane Austen's novels and the "
-                          "Python docs in equal shares, calibration split), 'wiki', 'austen' or 'pydoc'; A+B concatenates sources; "
-                          "or hf:NAME[:CONFIG][:SPLIT] (a Hugging Face dataset; needs network and `pip install datasets`)")
-    cal.add_argument("--calib-split", default=None, metavar="SPLIT", help="split of the built-in corpus (default: calibration; 'heldout' is reserved for evaluation)")
-    cal.add_argument("--nsamples", type=int, default=128, help="number of calibration sequences (default: 128, the paper's)")
-    cal.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default: 2048, the paper's; see 'cost' below)")
+                     help="calibration text: a .txt file (documents separated by blank lines), a .jsonl file (field "
+                          "'text', or FILE.jsonl:FIELD), a folder of .txt files, a built-in corpus: 'mix' (default: "
+                          "Wikipedia lead paragraphs, Jane Austen's novels and the Python docs in equal shares, "
+                          "calibration split), 'wiki', 'austen' or 'pydoc'; A+B concatenates sources; or "
+                          "hf:NAME[:CONFIG][:SPLIT] (a Hugging Face dataset; needs network and `pip install datasets`)")
+    cal.add_argument("--calib-split", default=None, metavar="SPLIT",
+                     help="split of the built-in corpus (default: calibration; 'heldout' is reserved for evaluation)")
+    cal.add_argument("--nsamples", type=int, default=128,
+                     help="number of calibration sequences (default: 128, the paper's)")
+    cal.add_argument("--seqlen", type=int, default=2048,
+                     help="tokens per calibration sequence (default: 2048, the paper's; see 'cost' below)")
     cal.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows (default: 0)")
     cal.add_argument("--batch-size", type=int, default=4, help="sequences per calibration forward pass (default: 4)")
     cal.add_argument("--stats", default="original", choices=["original", "propagated"],
-                     help="where each layer's statistics come from: 'original' = the dense model's activations at every layer "
-                          "(the paper; one pass for all layers), 'propagated' = activations that went through the already-compressed "
-                          "earlier layers (layer by layer; about twice the calibration compute; default: original)")
+                     help="where each layer's statistics come from: 'original' = the dense model's activations at "
+                          "every layer (the paper; one pass for all layers), 'propagated' = activations that went "
+                          "through the already-compressed earlier layers (layer by layer; about twice the calibration "
+                          "compute; default: original)")
 
     run = p.add_argument_group("compute")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
+    run.add_argument("--device", default="auto",
+                     help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="dtype of the calibration forward pass (default: float32 on CPU, bfloat16 on GPU); statistics are always accumulated in float64")
+                     help="dtype of the calibration forward pass (default: float32 on CPU, bfloat16 on GPU); "
+                          "statistics are always accumulated in float64")
     run.add_argument("--in-memory", action="store_true",
-                     help="load the whole source model instead of streaming it layer by layer from its safetensors files "
-                          "(same result; streaming keeps peak memory at about one layer and can resume)")
+                     help="load the whole source model instead of streaming it layer by layer from its safetensors "
+                          "files (same result; streaming keeps peak memory at about one layer and can resume)")
     run.add_argument("--no-resume", action="store_true",
-                     help="start over instead of resuming an interrupted export with the same arguments (streamed exports keep "
-                          "their finished layers in a hidden folder beside --out until they finish)")
-    run.add_argument("--damp", type=float, default=1e-6, help="relative eigenvalue floor for the PSD square roots (default: 1e-6)")
+                     help="start over instead of resuming an interrupted export with the same arguments (streamed "
+                          "exports keep their finished layers in a hidden folder beside --out until they finish)")
+    run.add_argument("--damp", type=float, default=1e-6,
+                     help="relative eigenvalue floor for the PSD square roots (default: 1e-6)")
 
     shape = p.add_argument_group("shapes and methods")
     shape.add_argument("--head-multiple", type=int, default=16,
-                       help="round head sizes down to a multiple of this (default: 16, needed by vLLM's CPU attention; 8 is enough for GPU FlashAttention)")
+                       help="round head sizes down to a multiple of this (default: 16, needed by vLLM's CPU attention; "
+                            "8 is enough for GPU FlashAttention)")
     shape.add_argument("--components", default="qk,ov,mlp", metavar="LIST",
-                       help="which components to compress, comma-separated subset of qk,ov,mlp (default: all). With a subset, each chosen component "
-                            "is cut by --cr and the others stay dense (for ablations; QK-only/OV-only checkpoints have K and V of different sizes, "
-                            "which vLLM's CPU backend cannot run)")
+                       help="which components to compress, comma-separated subset of qk,ov,mlp (default: all). With a "
+                            "subset, each chosen component is cut by --cr and the others stay dense (for ablations; "
+                            "QK-only/OV-only checkpoints have K and V of different sizes, which vLLM's CPU backend "
+                            "cannot run)")
     shape.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
-                       help=f"named set of per-component methods (default: {DEFAULT_RECIPE}). " + _describe({k: v[1] for k, v in RECIPES.items()}))
+                       help=f"named set of per-component methods (default: {DEFAULT_RECIPE}). "
+                       + _describe({k: v[1] for k, v in RECIPES.items()}))
     shape.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
                        help="override the recipe's budget allocation. " + _describe(ALLOCATIONS))
-    shape.add_argument("--qk-method", default=None, choices=list(QK_METHODS), help="override the recipe's QK (RoPE pair selection) score. " + _describe(QK_METHODS))
-    shape.add_argument("--ov-method", default=None, choices=list(OV_METHODS), help="override the recipe's OV solver. " + _describe(OV_METHODS))
-    shape.add_argument("--mlp-method", default=None, choices=list(MLP_METHODS), help="override the recipe's MLP method. " + _describe(MLP_METHODS))
+    shape.add_argument("--qk-method", default=None, choices=list(QK_METHODS),
+                       help="override the recipe's QK (RoPE pair selection) score. " + _describe(QK_METHODS))
+    shape.add_argument("--ov-method", default=None, choices=list(OV_METHODS),
+                       help="override the recipe's OV solver. " + _describe(OV_METHODS))
+    shape.add_argument("--mlp-method", default=None, choices=list(MLP_METHODS),
+                       help="override the recipe's MLP method. " + _describe(MLP_METHODS))
 
     ev = p.add_argument_group("quality check and output")
     ev.add_argument("--eval-tokens", type=int, default=0, metavar="N",
-                    help="after solving, measure perplexity of dense and compressed on N held-out tokens and put it in the model card (default: 0 = skip)")
-    ev.add_argument("--eval-data", default="wiki:heldout", metavar="SOURCE", help="held-out text for --eval-tokens (default: wiki:heldout; never the calibration text)")
+                    help="after solving, measure perplexity of dense and compressed on N held-out tokens and put it in "
+                         "the model card (default: 0 = skip)")
+    ev.add_argument("--eval-data", default="wiki:heldout", metavar="SOURCE",
+                    help="held-out text for --eval-tokens (default: wiki:heldout; never the calibration text)")
     ev.add_argument("--eval-seqlen", type=int, default=512, help="window length for --eval-tokens (default: 512)")
-    ev.add_argument("--no-verify", action="store_true", help="skip loading the written checkpoint (and a forward pass) before it is moved into place")
+    ev.add_argument("--no-verify", action="store_true",
+                    help="skip loading the written checkpoint (and a forward pass) before it is moved into place")
     ev.add_argument("--dry-run", action="store_true",
-                    help="check every input, print the planned dims, parameter and KV-cache savings and the estimated time and memory, "
-                         "and stop (nothing is computed or written)")
+                    help="check every input, print the planned dims, parameter and KV-cache savings and the estimated "
+                         "time and memory, and stop (nothing is computed or written)")
     ev.add_argument("--json", metavar="FILE", help="also write the export report as JSON to FILE ('-' for stdout)")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; errors only")
     ev.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -142,8 +165,8 @@ def _dims_line(s: dict) -> str:
     if not layers:
         return (f"QK head {s['head_dim']} -> {s['qk_head_dim']}, VO head {s['head_dim']} -> {s['v_head_dim']}, "
                 f"MLP {s['intermediate_size']} -> {s['new_intermediate_size']}")
-    return (f"per layer: QK head {s['head_dim']} -> {dim_span(layers, 0)}, VO head {s['head_dim']} -> {dim_span(layers, 1)}, "
-            f"MLP {s['intermediate_size']} -> {dim_span(layers, 2)} (config.json layer_* lists)")
+    return (f"per layer: QK head {s['head_dim']} -> {dim_span(layers, 0)}, VO head {s['head_dim']} -> "
+            f"{dim_span(layers, 1)}, MLP {s['intermediate_size']} -> {dim_span(layers, 2)} (config.json layer_* lists)")
 
 
 def format_summary(report: dict) -> str:
@@ -151,23 +174,30 @@ def format_summary(report: dict) -> str:
     t = report["timings"]
     lines = [
         f"A3 export done: {report['output']}",
-        f"  source      {report['source']['name']} ({report['source']['architecture']}, {report['source']['attention']})",
+        f"  source      {report['source']['name']} ({report['source']['architecture']}, "
+        f"{report['source']['attention']})",
         f"  dims        {_dims_line(s)}",
-        f"  params      decoder linear {s['linear_params_before']:,} -> {s['linear_params_after']:,}; all {s['params_before']:,} -> {s['params_after']:,}",
-        f"  KV cache    {s['kv_bytes_per_token_before']:,} -> {s['kv_bytes_per_token_after']:,} bytes/token ({s['kv_dtype']}), "
-        f"x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB",
+        f"  params      decoder linear {s['linear_params_before']:,} -> {s['linear_params_after']:,}; all "
+        f"{s['params_before']:,} -> {s['params_after']:,}",
+        f"  KV cache    {s['kv_bytes_per_token_before']:,} -> {s['kv_bytes_per_token_after']:,} bytes/token "
+        f"({s['kv_dtype']}), x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB",
         f"  CR          target {s['target_cr']:.3f}, achieved {s['achieved_cr']:.4f}",
-        f"  methods     recipe {report.get('recipe', 'custom')}: qk={report['methods']['qk']} ov={report['methods']['ov']} mlp={report['methods']['mlp']} "
+        f"  methods     recipe {report.get('recipe', 'custom')}: qk={report['methods']['qk']} "
+        f"ov={report['methods']['ov']} mlp={report['methods']['mlp']} "
         f"allocation={report.get('allocation', 'uniform')}; components {','.join(s['components'])}",
-        f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from {report['calibration']['description']}"
-        f" ({report['calibration'].get('statistics', 'original')} statistics)",
-        f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve {t['solve_s']:.1f}, write + verify{' + eval' if report.get('quality') else ''} {t['write_s']:.1f}); peak RSS {report['peak_rss_mb']:.0f} MB",
+        f"  calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens from "
+        f"{report['calibration']['description']} ({report['calibration'].get('statistics', 'original')} statistics)",
+        f"  time        {t['total_s']:.1f} s (load {t['load_s']:.1f}, calibration {t['calibration_s']:.1f}, solve "
+        f"{t['solve_s']:.1f}, write + verify{' + eval' if report.get('quality') else ''} {t['write_s']:.1f}); peak RSS "
+        f"{report['peak_rss_mb']:.0f} MB",
     ]
     if report.get("resumed"):
-        lines.append("  resumed     from an interrupted run: calibration and solve times include that run's finished layers")
+        lines.append("  resumed     from an interrupted run: calibration and solve times include that run's finished "
+                     "layers")
     q = report.get("quality")
     if q:
-        lines.append(f"  perplexity  dense {q['dense_ppl']:.3f} -> compressed {q['compressed_ppl']:.3f} on {q['n_tokens']:,} held-out tokens of {q['data']}")
+        lines.append(f"  perplexity  dense {q['dense_ppl']:.3f} -> compressed {q['compressed_ppl']:.3f} on "
+                     f"{q['n_tokens']:,} held-out tokens of {q['data']}")
     for note in s.get("notes", []):
         lines.append(f"  note        {note}")
     return "\n".join(lines)
@@ -189,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, save_dtype=args.save_dtype, head_multiple=args.head_multiple,
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
             methods=_methods(args), recipe=args.recipe, damp=args.damp, stats=args.stats,
-            overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
-            verify=not args.no_verify, max_shard_size=args.max_shard_size, stream=not args.in_memory, resume=not args.no_resume, dry_run=args.dry_run,
+            overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens,
+            eval_seqlen=args.eval_seqlen, verify=not args.no_verify, max_shard_size=args.max_shard_size,
+            stream=not args.in_memory, resume=not args.no_resume, dry_run=args.dry_run,
         )
         report = run_export(opts, progress=not args.quiet)
         if report.get("dry_run"):
@@ -205,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(text + "\n")
         return 0
 
-    return run_cli(command, interrupted="interrupted; nothing was written to --out (re-run the same command to resume a streamed export)")
+    return run_cli(command, interrupted="interrupted; nothing was written to --out (re-run the same command to resume "
+                                        "a streamed export)")
 
 
 if __name__ == "__main__":

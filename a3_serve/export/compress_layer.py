@@ -41,7 +41,8 @@ from a3_serve.solvers import ov as ov_solver
 from a3_serve.solvers import qk as qk_solver
 from a3_serve.solvers.linalg import all_finite
 
-LAYER_TENSORS = ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b", "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
+LAYER_TENSORS = ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "o_b", "gate_w", "gate_b", "up_w", "up_b", "down_w",
+                 "down_b")
 
 
 #: the norm weights of a decoder layer, copied unchanged into the compressed checkpoint
@@ -147,7 +148,8 @@ def solve_ov(w: dict, st: LayerStats, arch: SourceArch, r: int, method: str, eps
     if w["v_b"] is not None:
         new_vb = (T.transpose(1, 2) @ w["v_b"].to(torch.float64).reshape(hkv, dh, 1)).reshape(hkv * r)
     new_o = res.Wo_new.reshape(hq, r, d).permute(2, 0, 1).reshape(d, hq * r)
-    new = {"v_w": new_v.to(dtype), "v_b": new_vb.to(dtype) if new_vb is not None else None, "o_w": new_o.to(dtype), "o_b": w["o_b"]}
+    new = {"v_w": new_v.to(dtype), "v_b": new_vb.to(dtype) if new_vb is not None else None,
+           "o_w": new_o.to(dtype), "o_b": w["o_b"]}
     return new, {"loss": res.loss.sum().item(), "total": res.total.sum().item(), **extra}
 
 
@@ -248,7 +250,8 @@ def compress_layer_into(
         if t is None:
             continue
         if not all_finite(t):
-            raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more calibration text")
+            raise NumericalError(f"layer {i}: solved {key} contains NaN/Inf; raise --damp (e.g. 1e-4) or use more "
+                                 "calibration text")
         base, kind = key.split("_")
         new_state[prefix + PROJECTIONS[base] + (".weight" if kind == "w" else ".bias")] = t
     new_state[prefix + "self_attn." + ROPE_INDEX_NAME] = rope_index
@@ -257,7 +260,8 @@ def compress_layer_into(
     return rep
 
 
-def compressed_layer(dense: torch.nn.Module, a3_config: dict[str, Any], i: int, new_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def compressed_layer(dense: torch.nn.Module, a3_config: dict[str, Any], i: int,
+                     new_state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The compressed decoder layer ``i`` as an A3 module on the dense layer's device and dtype, with the dense
     layer's norms (for propagating calibration activations; ``a3_config`` is the compressed config dict)."""
     cfg = A3LlamaConfig.from_dict(a3_config)

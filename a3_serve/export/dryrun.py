@@ -93,14 +93,15 @@ def dry_run_report(job) -> dict[str, Any]:
 
     kv_before = shape.kv_bytes_per_token(dh, dh, bpe)
     kv_after = plan.kv_bytes_per_token(shape, bpe)
-    dims = f"QK head {dh} -> {plan.qk_head_dim}, VO head {dh} -> {plan.v_head_dim}, MLP {dint} -> {plan.intermediate_size}"
+    dims = (f"QK head {dh} -> {plan.qk_head_dim}, VO head {dh} -> {plan.v_head_dim}, "
+            f"MLP {dint} -> {plan.intermediate_size}")
     rep = {
         "dry_run": True,
         "source": str(opts.model), "out": str(opts.out),
         "recipe": opts.recipe, "methods": opts.methods.as_dict(), "allocation": opts.methods.allocation,
         "target_cr": opts.cr, "achieved_cr": plan.achieved_cr,
-        "dims": {"qk_head_dim": plan.qk_head_dim, "v_head_dim": plan.v_head_dim, "intermediate_size": plan.intermediate_size,
-                 "per_layer_after_calibration": allocate},
+        "dims": {"qk_head_dim": plan.qk_head_dim, "v_head_dim": plan.v_head_dim,
+                 "intermediate_size": plan.intermediate_size, "per_layer_after_calibration": allocate},
         "linear_params_before": lin_before, "linear_params_after": lin_after,
         "params_before": lin_before + other, "params_after": lin_after + other,
         "weight_bytes_after": (lin_after + other) * bpe, "save_dtype": dtype_name(save_dtype),
@@ -113,10 +114,11 @@ def dry_run_report(job) -> dict[str, Any]:
     }
     rep["lines"] = [
         f"a3-export dry run: {opts.model} -> {opts.out} (nothing computed, nothing written)",
-        f"  dims        {dims}" + (" (uniform; the loss-aware allocation sets per-layer dims with the same parameter count "
-                                   "after its calibration pass)" if allocate else ""),
-        f"  params      decoder linear {lin_before:,} -> {lin_after:,} (CR {plan.achieved_cr:.4f}); all {lin_before + other:,} -> "
-        f"{lin_after + other:,}; {fmt_bytes((lin_after + other) * bpe)} as {dtype_name(save_dtype)}",
+        f"  dims        {dims}" + (" (uniform; the loss-aware allocation sets per-layer dims with the same parameter "
+                                   "count after its calibration pass)" if allocate else ""),
+        f"  params      decoder linear {lin_before:,} -> {lin_after:,} (CR {plan.achieved_cr:.4f}); all "
+        f"{lin_before + other:,} -> {lin_after + other:,}; {fmt_bytes((lin_after + other) * bpe)} as "
+        f"{dtype_name(save_dtype)}",
         f"  KV cache    {kv_before:,} -> {kv_after:,} bytes/token, x{kv_before / kv_after:.2f} more tokens per GB",
         f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
         f"{passes:.1f} forward-pass equivalents",

@@ -74,7 +74,8 @@ def remove_stale_partials(out_dir: Path) -> None:
 
 
 def populate_folder(
-    folder: Path, source_dir: Path, config: dict[str, Any], modeling_files: list[Path], model_card: str, report: dict[str, Any],
+    folder: Path, source_dir: Path, config: dict[str, Any], modeling_files: list[Path], model_card: str,
+    report: dict[str, Any],
 ) -> None:
     """Write everything but the weights into ``folder``: config, modeling code, tokenizer files, card, report."""
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -46,7 +46,8 @@ def check_weights_finite(model: torch.nn.Module) -> None:
     """Refuse a source whose weights hold NaN or Inf (a corrupt download or conversion)."""
     for name, p in model.named_parameters():
         if not all_finite(p):
-            raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or re-convert it")
+            raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or "
+                                 "re-convert it")
 
 
 def compress_model(
@@ -117,7 +118,8 @@ def build_a3_model(config: dict[str, Any], state: dict[str, torch.Tensor]) -> to
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"compressed state does not match the A3 model: missing={missing[:5]} unexpected={unexpected[:5]}")
+        raise RuntimeError(f"compressed state does not match the A3 model: missing={missing[:5]} "
+                           f"unexpected={unexpected[:5]}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
@@ -128,7 +130,8 @@ def _load_dense(job) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(str(job.model_dir), dtype=job.dtype)
     except Exception as err:  # noqa: BLE001
         raise InputError(f"cannot load the model weights of {str(job.model_dir)!r}: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200] if str(err) else ''}; re-download or re-convert the model") from None
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}; re-download or re-convert the "
+                         "model") from None
     model.to(job.device).eval()
     check_weights_finite(model)
     return model
@@ -143,12 +146,13 @@ def _first_pass(job, model: torch.nn.Module, progress: bool) -> list | None:
     if passes.first_whole_model:
         desc = "calibrating" if passes.solve_from_first else "calibrating (allocation pass)"
         with progress_bar(total=job.opts.nsamples, desc=desc, unit="seq", force=force) as bar:
-            return collect_stats(model, job.batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, progress=bar.update,
-                                 request=passes.first_request)
+            return collect_stats(model, job.batches, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                 progress=bar.update, request=passes.first_request)
     kept = CompactStatsList()
     with progress_bar(total=arch.num_layers, desc="calibrating (all statistics)", unit="layer", force=force) as bar:
         sequential_calibrate(model, job.batches, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                             lambda _i, st: kept.append(st), mode="original", request=passes.first_request, progress=bar.update)
+                             lambda _i, st: kept.append(st), mode="original", request=passes.first_request,
+                             progress=bar.update)
     return kept
 
 
@@ -165,7 +169,8 @@ def run_in_memory(job, progress: bool = True) -> dict[str, Any]:
     t_first = time.perf_counter() - t0
     plan = job.plan
     if passes.allocate:
-        plan = allocate_plan(model, stats, arch, opts.cr, opts.methods, tuple(opts.components), opts.head_multiple, opts.damp)
+        plan = allocate_plan(model, stats, arch, opts.cr, opts.methods, tuple(opts.components),
+                             opts.head_multiple, opts.damp)
     dims = plan.dim_lists(arch.num_layers)
     t0 = time.perf_counter()
     if passes.solve_from_first:
@@ -183,9 +188,11 @@ def run_in_memory(job, progress: bool = True) -> dict[str, Any]:
         t_calib = time.perf_counter() - t0 - t_solve + t_first
 
     new_state = {k: (v.to(job.save_dtype) if v.is_floating_point() else v).detach().cpu() for k, v in new_state.items()}
-    digest = rope_digest(arch.head_dim, [new_state[f"model.layers.{i}.self_attn.{ROPE_INDEX_NAME}"] for i in range(arch.num_layers)])
-    config, report = build_report(job, plan, layer_reports, src_params, count_params(new_state, arch.tie_word_embeddings),
-                                  digest, source_fingerprint(job.model_dir, job.src_cfg))
+    digest = rope_digest(arch.head_dim,
+                         [new_state[f"model.layers.{i}.self_attn.{ROPE_INDEX_NAME}"] for i in range(arch.num_layers)])
+    config, report = build_report(job, plan, layer_reports, src_params,
+                                  count_params(new_state, arch.tie_word_embeddings), digest,
+                                  source_fingerprint(job.model_dir, job.src_cfg))
     eval_windows = dense_ppl = None
     if opts.eval_tokens:
         eval_windows = heldout_windows(job)

@@ -119,26 +119,32 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
         arch.intermediate_size, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.cr, plan.achieved_cr,
     )
     if opts.methods.allocation == "loss" and opts.layer_dims is None:
-        log.info("those are the uniform dims; the loss-aware allocation replaces them with per-layer dims after calibration")
+        log.info("those are the uniform dims; the loss-aware allocation replaces them with per-layer dims after "
+                 "calibration")
 
     # calibration text -> tokens (fails fast on too little text, before loading the model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(opts.model))
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is a broken folder for the user
-        raise InputError(f"cannot load the tokenizer of {str(opts.model)!r} ({type(err).__name__}); the folder needs tokenizer files") from None
+        raise InputError(f"cannot load the tokenizer of {str(opts.model)!r} ({type(err).__name__}); the folder needs "
+                         "tokenizer files") from None
     tokens = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
     calib_desc = describe_source(opts.calib, opts.calib_split)
     if opts.eval_tokens and sources_overlap(opts.calib, opts.calib_split, opts.eval_data, None):
-        raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as wiki:heldout")
+        raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as "
+                         "wiki:heldout")
 
     streamed = opts.stream and has_safetensors
     if opts.stream and not streamed and not opts.dry_run:
-        log.info("the source has no safetensors files: loading the whole model (the streamed export reads safetensors lazily)")
-    calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc, "nsamples": opts.nsamples,
-                   "seqlen": opts.seqlen, "seed": opts.seed, "n_tokens": int(tokens.numel()), "statistics": opts.stats}
+        log.info("the source has no safetensors files: loading the whole model (the streamed export reads safetensors "
+                 "lazily)")
+    calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc,
+                   "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": opts.seed,
+                   "n_tokens": int(tokens.numel()), "statistics": opts.stats}
     n_batches = -(-int(tokens.shape[0]) // opts.batch_size)
     # the dry run estimates the streamed export's passes, whatever the source format
-    passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, n_batches, opts.stats, streamed or opts.dry_run)
+    passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, n_batches, opts.stats,
+                         streamed or opts.dry_run)
     return ExportJob(opts=opts, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens, tokenizer=tokenizer,
                      calibration=calibration, device=device, dtype=dtype, save_dtype=resolve_save_dtype(opts, src_cfg),
                      streamed=streamed, passes=passes, t_start=t_start)

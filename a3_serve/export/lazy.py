@@ -48,7 +48,8 @@ class SafetensorsSource:
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:
-            raise InputError(f"{str(folder)!r} has no *.safetensors weights; convert the checkpoint with save_pretrained(safe_serialization=True)")
+            raise InputError(f"{str(folder)!r} has no *.safetensors weights; convert the checkpoint with "
+                             "save_pretrained(safe_serialization=True)")
         self.file_of: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
@@ -64,7 +65,8 @@ class SafetensorsSource:
                         self.shape[key] = tuple(sl.get_shape())
                         self.dtype[key] = sl.get_dtype()
             except Exception as err:  # noqa: BLE001 - a corrupt shard is the user's to fix
-                raise InputError(f"cannot read the safetensors file {path} ({type(err).__name__}: {err}); re-download it") from None
+                raise InputError(f"cannot read the safetensors file {path} ({type(err).__name__}: {err}); re-download "
+                                 "it") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -78,13 +80,15 @@ class SafetensorsSource:
             n *= s
         return n
 
-    def read(self, names: list[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The named tensors (copied out of the files, cast to ``dtype``, moved to ``device``), grouped by shard."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.file_of]
         if missing:
-            raise InputError(f"the checkpoint in {str(self.folder)!r} lacks tensor {missing[0]!r}; the weights do not match config.json")
+            raise InputError(f"the checkpoint in {str(self.folder)!r} lacks tensor {missing[0]!r}; the weights do not "
+                             "match config.json")
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
         for n in names:
@@ -101,7 +105,8 @@ class SafetensorsSource:
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not all_finite(t):
-        raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or re-convert it")
+        raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or "
+                             "re-convert it")
 
 
 def empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
@@ -112,7 +117,8 @@ def empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def fill_module(model: nn.Module, prefix: str, source: SafetensorsSource, dtype: torch.dtype, device: torch.device) -> None:
+def fill_module(model: nn.Module, prefix: str, source: SafetensorsSource, dtype: torch.dtype,
+                device: torch.device) -> None:
     """Load every parameter of the submodule at ``prefix`` (e.g. ``model.layers.3``) from the checkpoint, one
     tensor at a time (only one source tensor is ever held in both dtypes)."""
     module = model.get_submodule(prefix)
@@ -163,7 +169,8 @@ def return_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def skeleton_with_embeddings(model_dir: Path, source: SafetensorsSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def skeleton_with_embeddings(model_dir: Path, source: SafetensorsSource, dtype: torch.dtype,
+                             device: torch.device) -> nn.Module:
     """:func:`empty_model` with the input embeddings and the final norm loaded (what layer 0's inputs need) and
     the buffers (RoPE tables) on ``device``."""
     model = empty_model(model_dir, dtype)
@@ -191,7 +198,8 @@ def check_checkpoint_structure(folder: Path) -> None:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:
-        raise RuntimeError(f"the written checkpoint does not match its config: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise RuntimeError(f"the written checkpoint does not match its config: missing {missing[:3]}, unexpected "
+                           f"{extra[:3]}")
     for name, shape in expected.items():
         if got[name] != shape:
             raise RuntimeError(f"the written tensor {name} has shape {got[name]} but the config implies {shape}")

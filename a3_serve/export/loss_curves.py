@@ -72,7 +72,8 @@ def allocate_plan(
     min_head_dim: int = MIN_HEAD_DIM,
 ) -> DimPlan:
     """Per-layer dims for ``cr`` by loss-aware allocation over the loaded dense ``model``'s layers and ``stats``."""
-    curves = [layer_curves(layer_tensors(layer), st, arch, methods, eps) for layer, st in zip(model.model.layers, stats)]
+    curves = [layer_curves(layer_tensors(layer), st, arch, methods, eps)
+              for layer, st in zip(model.model.layers, stats)]
     return plan_from_curves(curves, arch, cr, components, head_multiple, min_head_dim)
 
 

@@ -23,9 +23,11 @@ QK_METHODS = {
     "weight-norm": "pair score from weight norms only, ‖W_q[c]‖²·‖W_k[c]‖² (no calibration data)",
 }
 OV_METHODS = {
-    "a3": "MHA: per-head closed form whitened by E[o oᵀ] (attention-weighted, 'axkv'); GQA: joint SVD whitened by E[v vᵀ] ('xkv')",
+    "a3": "MHA: per-head closed form whitened by E[o oᵀ] (attention-weighted, 'axkv'); "
+          "GQA: joint SVD whitened by E[v vᵀ] ('xkv')",
     "xkv": "closed form whitened by E[v vᵀ] for every model (cheaper ablation of 'a3')",
-    "a3-avg": "closed form whitened by the group-averaged attention-weighted moment mean_i E[o_i o_iᵀ] (GQA; MHA: = a3)",
+    "a3-avg": "closed form whitened by the group-averaged attention-weighted moment mean_i E[o_i o_iᵀ] (GQA; MHA: = "
+              "a3)",
     "a3-shrink": "a3-avg's moment shrunk toward E[v vᵀ], (1-β)·G_o + β·(tr G_o/tr G_v)·G_v, β per value head chosen "
                  "on held-out calibration batches (METHOD.md §3.5-§3.6)",
     "svd": "plain SVD of W_v W_o without whitening (CLOVER-like baseline)",
@@ -84,13 +86,15 @@ class Methods:
 
 #: name -> (methods, one-line description)
 RECIPES: dict[str, tuple[Methods, str]] = {
-    "paper": (Methods("a3", "a3", "a3"), "A3 as published: paper pair score, xkv/axkv OV closed form, rxx-w MLP selection"),
+    "paper": (Methods("a3", "a3", "a3"),
+              "A3 as published: paper pair score, xkv/axkv OV closed form, rxx-w MLP selection"),
     "best": (Methods("energy", "a3-shrink", "a3-refit", "loss"),
-             "exact RoPE pair energy, shrunk group-averaged OV moment, MLP least-squares refit where it helps on held-out "
-             "calibration batches, and loss-aware per-layer head sizes and MLP widths"),
+             "exact RoPE pair energy, shrunk group-averaged OV moment, MLP least-squares refit where it helps on "
+             "held-out calibration batches, and loss-aware per-layer head sizes and MLP widths"),
     "best-uniform": (Methods("energy", "a3-shrink", "a3-refit"),
                      "best's solvers with the paper's uniform dims (one head size and MLP width for every layer)"),
-    "paper+alloc": (Methods("a3", "a3", "a3", "loss"), "paper, with loss-aware per-layer allocation of head sizes and MLP widths"),
+    "paper+alloc": (Methods("a3", "a3", "a3", "loss"),
+                    "paper, with loss-aware per-layer allocation of head sizes and MLP widths"),
     "paper+energy": (Methods("energy", "a3", "a3"), "paper, with the exact all-pairs RoPE energy score"),
     "paper+energy-causal": (Methods("energy-causal", "a3", "a3"), "paper, with the causal RoPE energy score"),
     "paper+ov-avg": (Methods("a3", "a3-avg", "a3"), "paper, with the group-averaged attention-weighted OV moment"),

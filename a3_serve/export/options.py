@@ -66,20 +66,25 @@ def validate_options(opts: ExportOptions) -> None:
     lo_ok = opts.cr >= 0 if (opts.allow_zero_cr or opts.layer_dims is not None) else opts.cr > 0
     if not (lo_ok and opts.cr < 1):
         raise InputError(
-            f"--cr must be between 0 and 1 (exclusive), got {opts.cr:g}; e.g. --cr 0.1 removes 10% of the decoder's linear-layer parameters"
+            f"--cr must be between 0 and 1 (exclusive), got {opts.cr:g}; e.g. --cr 0.1 removes 10% of the decoder's "
+            "linear-layer parameters"
         )
     if opts.nsamples < 1 or opts.seqlen < 2:
-        raise InputError(f"--nsamples ({opts.nsamples}) must be >= 1 and --seqlen ({opts.seqlen}) >= 2; e.g. --nsamples 64 --seqlen 512")
+        raise InputError(f"--nsamples ({opts.nsamples}) must be >= 1 and --seqlen ({opts.seqlen}) >= 2; e.g. "
+                         "--nsamples 64 --seqlen 512")
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.head_multiple < 2 or opts.head_multiple % 2:
         raise InputError(
-            f"--head-multiple must be an even number >= 2 (RoPE dims come in pairs), got {opts.head_multiple}; use 16 for vLLM on CPU, 8 for GPU"
+            f"--head-multiple must be an even number >= 2 (RoPE dims come in pairs), got {opts.head_multiple}; use 16 "
+            "for vLLM on CPU, 8 for GPU"
         )
     bad = [c for c in opts.components if c not in COMPONENTS]
     if bad or not opts.components:
-        raise InputError(f"--components takes a comma-separated subset of qk,ov,mlp, got {','.join(opts.components) or 'nothing'}")
-    for comp, table, value in (("qk", QK_METHODS, opts.methods.qk), ("ov", OV_METHODS, opts.methods.ov), ("mlp", MLP_METHODS, opts.methods.mlp)):
+        raise InputError("--components takes a comma-separated subset of qk,ov,mlp, got "
+                         f"{','.join(opts.components) or 'nothing'}")
+    for comp, table, value in (("qk", QK_METHODS, opts.methods.qk), ("ov", OV_METHODS, opts.methods.ov),
+                               ("mlp", MLP_METHODS, opts.methods.mlp)):
         if value not in table:
             raise InputError(f"--{comp}-method {value!r} is unknown; choose one of {', '.join(table)}")
     if opts.methods.allocation not in ALLOCATIONS:

@@ -29,7 +29,8 @@ from a3_serve.solvers.budget import DimPlan
 FORMAT_VERSION = 1
 
 
-def compressed_config(src_cfg: dict[str, Any], arch, plan: DimPlan, a3_block: dict[str, Any], save_dtype: torch.dtype) -> dict[str, Any]:
+def compressed_config(src_cfg: dict[str, Any], arch, plan: DimPlan, a3_block: dict[str, Any],
+                      save_dtype: torch.dtype) -> dict[str, Any]:
     """The ``a3_llama`` config dict of a checkpoint compressed from ``src_cfg`` (``arch``: its
     :class:`~a3_serve.export.architectures.SourceArch`) with ``plan``'s dims."""
     cfg = dict(src_cfg)
@@ -62,7 +63,8 @@ def compressed_config(src_cfg: dict[str, Any], arch, plan: DimPlan, a3_block: di
 
 def count_params(state: dict[str, torch.Tensor], tied: bool) -> int:
     """Parameters of a checkpoint state dict (a tied LM head counted once; RoPE index buffers not counted)."""
-    return sum(t.numel() for k, t in state.items() if not (tied and k == "lm_head.weight") and not k.endswith(ROPE_INDEX_NAME))
+    return sum(t.numel() for k, t in state.items() if not (tied and k == "lm_head.weight")
+               and not k.endswith(ROPE_INDEX_NAME))
 
 
 def rss_mb() -> float:
@@ -142,7 +144,8 @@ def timings(load_s: float, calibration_s: float, solve_s: float, n_tokens: int) 
             "calibration_tokens_per_s": n_tokens / calibration_s if calibration_s > 0 else None}
 
 
-def finish_report(report: dict[str, Any], out: Path, t_write0: float, t_start: float, device: torch.device) -> dict[str, Any]:
+def finish_report(report: dict[str, Any], out: Path, t_write0: float, t_start: float,
+                  device: torch.device) -> dict[str, Any]:
     """Add the write time, total time and peak memory, and refresh ``a3_report.json`` in the finished folder."""
     report["timings"]["write_s"] = time.perf_counter() - t_write0
     report["timings"]["total_s"] = time.perf_counter() - t_start

@@ -44,7 +44,8 @@ def parse_size(text: str) -> int:
     if not m:
         raise InputError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}[unit]
     n = int(float(m.group(1)) * scale)
     if n < 1:
         raise InputError(f"--max-shard-size {text!r} must be positive; e.g. 5GB")
@@ -138,7 +139,8 @@ class PreallocatedShards:
                     raise KeyError(f"tensor {name} is not part of the planned checkpoint")
                 fname, offset, spec = self.where[name]
                 if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-                    raise ValueError(f"tensor {name}: {tuple(t.shape)} {t.dtype} written, {spec.shape} {spec.dtype} planned")
+                    raise ValueError(f"tensor {name}: {tuple(t.shape)} {t.dtype} written, {spec.shape} {spec.dtype} "
+                                     "planned")
                 if fname not in touched:
                     touched[fname] = os.open(self.folder / fname, os.O_WRONLY)
                 data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -120,8 +120,9 @@ def resume_key(job) -> str:
     fields = {
         "a3_serve": a3_serve.__version__, "workdir_format": WORKDIR_FORMAT, "source": str(Path(opts.model).resolve()),
         "config": job.src_cfg, "weights": weights_stamp(opts.model), "calibration_tokens": job.tokens_digest,
-        "cr": opts.cr, "calib": opts.calib, "calib_split": opts.calib_split, "nsamples": opts.nsamples, "seqlen": opts.seqlen,
-        "seed": opts.seed, "batch_size": opts.batch_size, "dtype": dtype_name(job.dtype), "device": job.device.type,
+        "cr": opts.cr, "calib": opts.calib, "calib_split": opts.calib_split, "nsamples": opts.nsamples,
+        "seqlen": opts.seqlen, "seed": opts.seed, "batch_size": opts.batch_size, "dtype": dtype_name(job.dtype),
+        "device": job.device.type,
         "save_dtype": opts.save_dtype, "head_multiple": opts.head_multiple, "components": list(opts.components),
         "methods": [opts.methods.qk, opts.methods.ov, opts.methods.mlp, opts.methods.allocation], "damp": opts.damp,
         "layer_dims": opts.layer_dims, "stats": opts.stats,
@@ -173,7 +174,8 @@ class _StreamedRun:
         self.t_load = time.perf_counter() - t0
 
     def bar(self, desc: str, start: int):
-        return progress_bar(total=self.L, initial=start, desc=desc, unit="layer", force=None if self.progress else False)
+        return progress_bar(total=self.L, initial=start, desc=desc, unit="layer",
+                            force=None if self.progress else False)
 
     def load(self, i: int) -> None:
         fill_module(self.model, f"model.layers.{i}", self.source, self.job.dtype, self.job.device)
@@ -215,9 +217,10 @@ class _StreamedRun:
                 work.finish_layer("alloc", i, nxt, {"cached_stats": keep})
 
         with self.bar("calibrating (all statistics)" if keep else "allocation pass", start) as bar:
-            sequential_calibrate(self.model, self.batches, self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim,
-                                 on_layer, mode="original", request=passes.first_request, progress=bar.update,
-                                 start=start, hidden=hidden, before_layer=self.load, after_layer=after_layer)
+            sequential_calibrate(self.model, self.batches, self.arch.num_heads, self.arch.num_kv_heads,
+                                 self.arch.head_dim, on_layer, mode="original", request=passes.first_request,
+                                 progress=bar.update, start=start, hidden=hidden, before_layer=self.load,
+                                 after_layer=after_layer)
         plan = plan_from_curves([LayerCurves(qk=c["qk"], ov=c["ov"], mlp=c["mlp"]) for c in curves], self.arch, opts.cr,
                                  tuple(opts.components), opts.head_multiple)
         t_alloc = self.timings["alloc_s"] = t_before + time.perf_counter() - ta
@@ -285,9 +288,9 @@ class _StreamedRun:
 
             with self.bar(f"calibrating + solving ({opts.stats} statistics)", start) as bar:
                 sequential_calibrate(self.model, self.batches, self.arch.num_heads, self.arch.num_kv_heads,
-                                     self.arch.head_dim, solve_and_write, mode=opts.stats, request=job.passes.solve_request,
-                                     progress=bar.update, start=start, hidden=hidden, before_layer=self.load,
-                                     after_layer=after_layer)
+                                     self.arch.head_dim, solve_and_write, mode=opts.stats,
+                                     request=job.passes.solve_request, progress=bar.update, start=start,
+                                     hidden=hidden, before_layer=self.load, after_layer=after_layer)
         return reports, float(self.timings.get("solve_pass_s", 0.0))
 
     # -- step 4 ----------------------------------------------------------------------------------------------------
@@ -297,7 +300,8 @@ class _StreamedRun:
         for name in [n for n in shards.where if not n.startswith("model.layers.")]:
             v = self.source.read([name], dtype=self.job.dtype)[name]
             if not all_finite(v):
-                raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: re-download or re-convert it")
+                raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: "
+                                     "re-download or re-convert it")
             shards.write({name: v.to(self.job.save_dtype) if v.is_floating_point() else v}, sync=False)
             del v
         shards.sync()
@@ -319,14 +323,16 @@ def _export_into(job, work: WorkDir, progress: bool) -> dict[str, Any]:
         st["plan"] = asdict(plan)
         work.save_state()
 
-    specs = checkpoint_specs(compressed_config(job.src_cfg, job.arch, plan, {}, job.dtype), job.save_dtype, layer_order=run.L)
+    specs = checkpoint_specs(compressed_config(job.src_cfg, job.arch, plan, {}, job.dtype),
+                             job.save_dtype, layer_order=run.L)
     shards = PreallocatedShards(work.path, specs, parse_size(opts.max_shard_size))
     shards.create()
     reports, t_pass = run.solve_pass(plan, shards)
     run.copy_rest(shards)
     t_solve = sum(r["seconds"] for r in reports)
     params_after = sum(int(torch.Size(s.shape).numel()) for s in specs if not s.name.endswith(ROPE_INDEX_NAME))
-    digest = rope_digest(job.arch.head_dim, [shards.read(f"model.layers.{i}.self_attn.{ROPE_INDEX_NAME}") for i in range(run.L)])
+    digest = rope_digest(job.arch.head_dim,
+                         [shards.read(f"model.layers.{i}.self_attn.{ROPE_INDEX_NAME}") for i in range(run.L)])
 
     config, report = build_report(job, plan, reports, run.params_before, params_after, digest,
                                   source_fingerprint(job.model_dir, job.src_cfg))
@@ -339,7 +345,8 @@ def _export_into(job, work: WorkDir, progress: bool) -> dict[str, Any]:
         dense_ppl = perplexity(dense, eval_windows, opts.batch_size)
         del dense
     populate_folder(work.path, job.model_dir, config, modeling_source_files(), render_model_card(report), report)
-    verify_and_measure(work.path, job, report, eval_windows, dense_ppl, full=shards.total_bytes <= FULL_VERIFY_MAX_BYTES)
+    verify_and_measure(work.path, job, report, eval_windows, dense_ppl,
+                       full=shards.total_bytes <= FULL_VERIFY_MAX_BYTES)
     return report
 
 
@@ -373,5 +380,5 @@ def run_streamed(job, progress: bool = True) -> dict[str, Any]:
 
 
 def _kept_note(work: WorkDir) -> str:
-    return (f"the unfinished export is kept in {work.path} ({fmt_bytes(folder_size(work.path))}): re-run the same command "
-            "to resume, or delete that folder")
+    return (f"the unfinished export is kept in {work.path} ({fmt_bytes(folder_size(work.path))}): re-run the same "
+            "command to resume, or delete that folder")

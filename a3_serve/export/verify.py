@@ -31,7 +31,8 @@ class BrokenCheckpointError(RuntimeError):
 
 
 def heldout_windows(job) -> torch.Tensor:
-    """Evaluation windows ``[n, eval_seqlen]`` from ``--eval-data`` (checked up front not to overlap the calibration text)."""
+    """Evaluation windows ``[n, eval_seqlen]`` from ``--eval-data`` (checked up front not to overlap the calibration
+    text)."""
     opts = job.opts
     return eval_windows(job.tokenizer, load_texts(opts.eval_data), opts.eval_seqlen, opts.eval_tokens)
 
@@ -41,8 +42,8 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -
     return float(evaluate_ppl(model, windows, batch_size=batch_size)["ppl"])
 
 
-def verify_and_measure(tmp: Path, job, report: dict[str, Any], eval_windows: torch.Tensor | None, dense_ppl: float | None,
-                       full: bool) -> None:
+def verify_and_measure(tmp: Path, job, report: dict[str, Any], eval_windows: torch.Tensor | None,
+                       dense_ppl: float | None, full: bool) -> None:
     """Check the finished folder ``tmp``; measure quality; refresh the card and the report in it.
 
     ``full``: load it through the Auto classes and run a forward pass; otherwise (a checkpoint too large to load
@@ -62,10 +63,12 @@ def verify_and_measure(tmp: Path, job, report: dict[str, Any], eval_windows: tor
         with torch.no_grad():
             logits = comp(input_ids=probe).logits
         if not torch.isfinite(logits).all():
-            raise NumericalError("the compressed model produces NaN/Inf logits; raise --damp or use more calibration text")
+            raise NumericalError("the compressed model produces NaN/Inf logits; raise --damp or use more calibration "
+                                 "text")
         if eval_windows is not None:
-            report["quality"] = {"data": opts.eval_data, "seqlen": opts.eval_seqlen, "n_tokens": int(eval_windows.numel()),
-                                 "dense_ppl": dense_ppl, "compressed_ppl": perplexity(comp, eval_windows, opts.batch_size)}
+            report["quality"] = {"data": opts.eval_data, "seqlen": opts.eval_seqlen,
+                                 "n_tokens": int(eval_windows.numel()), "dense_ppl": dense_ppl,
+                                 "compressed_ppl": perplexity(comp, eval_windows, opts.batch_size)}
         del comp
         report["verified"] = "loaded with transformers, forward pass finite"
     else:

@@ -126,7 +126,8 @@ class WorkDir:
     def load_tensors(self, name: str) -> Any:
         return torch.load(self.path / name, weights_only=True)
 
-    def finish_layer(self, pass_name: str, idx: int, hidden: list[torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+    def finish_layer(self, pass_name: str, idx: int, hidden: list[torch.Tensor],
+                     extra: dict[str, Any] | None = None) -> None:
         """Record that layer ``idx`` of ``pass_name`` is done: activations first, then the state that points at them."""
         self.save_tensors(HIDDEN_FILE, [h.detach().cpu() for h in hidden])
         self.state.update(extra or {})

@@ -61,7 +61,8 @@ def rope_index_problem(index: torch.Tensor, expected_shape: tuple[int, int], hea
     """What is wrong with one layer's ``rope_freq_index`` (None if valid): shape ``[h_kv, r_qk/2]``, an integer
     dtype, values in ``[0, head_dim/2)``, strictly ascending within each KV head (as the exporter writes it)."""
     if tuple(index.shape) != tuple(expected_shape):
-        return f"has shape {list(index.shape)}, expected {list(expected_shape)} ([num_key_value_heads, qk_head_dim // 2])"
+        return (f"has shape {list(index.shape)}, expected {list(expected_shape)} "
+                "([num_key_value_heads, qk_head_dim // 2])")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
         return f"has dtype {index.dtype}, expected an integer dtype (int32)"
     if index.device.type != "meta" and index.numel():
@@ -96,8 +97,9 @@ def rope_digest_problem(config, indexes: list[torch.Tensor]) -> str | None:
     if not recorded:
         return None
     if rope_digest(config.head_dim, indexes) != recorded:
-        return (f"config.json's head_dim ({config.head_dim}) or a layer's {ROPE_INDEX_NAME} differs from what a3-export "
-                "wrote (a3.rope_digest does not match); the folder was edited or mixed with another export: re-export it")
+        return (f"config.json's head_dim ({config.head_dim}) or a layer's {ROPE_INDEX_NAME} differs from what "
+                "a3-export wrote (a3.rope_digest does not match); the folder was edited or mixed with another export: "
+                "re-export it")
     return None
 
 
@@ -299,7 +301,8 @@ class A3LlamaPreTrainedModel(PreTrainedModel):
             if not isinstance(module, A3LlamaAttention):
                 continue
             idx = module.rope_freq_index
-            problem = rope_index_problem(idx, (module.num_key_value_heads, module.qk_head_dim // 2), self.config.head_dim)
+            problem = rope_index_problem(idx, (module.num_key_value_heads, module.qk_head_dim // 2),
+                                         self.config.head_dim)
             if problem is not None:
                 raise ValueError(
                     f"A3 checkpoint tensor `{name}.{ROPE_INDEX_NAME}` {problem}. Re-export the checkpoint."

@@ -43,4 +43,5 @@ __all__ = [
     "rope_pair_scores",
     "select_rope_pairs",
     "selection_matrix",
+    "select_neurons",
 ]

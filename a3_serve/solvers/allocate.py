@@ -37,7 +37,8 @@ from a3_serve.errors import BudgetError
 from a3_serve.solvers.budget import DimPlan, ModelShape, plan_per_layer
 from a3_serve.solvers.linalg import as_f64, check_finite
 
-__all__ = ["LayerCurves", "tail_curve", "drop_curve", "pair_drop_curve", "lower_hull", "greedy_allocate", "allocate_dims"]
+__all__ = ["LayerCurves", "tail_curve", "drop_curve", "pair_drop_curve", "lower_hull",
+           "greedy_allocate", "allocate_dims"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def greedy_allocate(items: list[tuple[list[int], list[float]]], budget: int) -> 
     if floor > budget:
         raise BudgetError(f"the smallest allowed sizes still need {floor:,} parameters, over the budget of {budget:,}; "
                           "use a smaller --cr")
-    hulls = [lower_hull(p, l) for p, l in items]
+    hulls = [lower_hull(p, losses) for p, losses in items]
     pos = [0] * len(items)
     total = sum(p[0] for p, _ in items)
     heap: list[tuple[float, int, int]] = []
@@ -146,9 +147,9 @@ def greedy_allocate(items: list[tuple[list[int], list[float]]], budget: int) -> 
     def push(k: int) -> None:
         h = hulls[k]
         if pos[k] + 1 < len(h):
-            p, l = items[k]
+            p, losses = items[k]
             a, b = h[pos[k]], h[pos[k] + 1]
-            slope = (l[b] - l[a]) / (p[a] - p[b])
+            slope = (losses[b] - losses[a]) / (p[a] - p[b])
             heapq.heappush(heap, (slope, k, b))
 
     for k in range(len(items)):
@@ -162,13 +163,13 @@ def greedy_allocate(items: list[tuple[list[int], list[float]]], budget: int) -> 
     # the last cut may overshoot (a whole head step): give back the slack, best loss saved per parameter first
     while True:
         best = None
-        for k, (p, l) in enumerate(items):
+        for k, (p, losses) in enumerate(items):
             if pos[k] == 0:
                 continue
             a, b = hulls[k][pos[k] - 1], hulls[k][pos[k]]
             cost = p[a] - p[b]
             if total + cost <= budget:
-                gain = (l[b] - l[a]) / cost
+                gain = (losses[b] - losses[a]) / cost
                 if best is None or gain > best[0]:
                     best = (gain, k, cost)
         if best is None:
@@ -204,12 +205,14 @@ def allocate_dims(
         raise ValueError(f"need one LayerCurves per layer ({shape.num_layers}), got {len(curves)}")
     if not 0.0 <= float(cr) < 1.0 or math.isnan(float(cr)):
         raise BudgetError(f"--cr must be in [0, 1), got {cr!r}")
-    d, hq, hkv, dh, d_int = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
+    d, hq, hkv, dh, d_int = (shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                             shape.intermediate_size)
     m = head_multiple
     lo = max(min_head_dim, m)
     if lo > dh:
         raise BudgetError(f"head dim {dh} is smaller than the minimum reduced size {lo}; use a smaller --head-multiple")
-    head_sizes = sorted({dh, *range(m * math.ceil(lo / m), dh + 1, m)}, reverse=True)  # the full size, then multiples of m
+    # the full size, then multiples of m
+    head_sizes = sorted({dh, *range(m * math.ceil(lo / m), dh + 1, m)}, reverse=True)
     mlp_sizes = list(range(d_int, 0, -1))
     per_head = d * (hq + hkv)
     comps = set(components)

@@ -44,14 +44,16 @@ class ModelShape:
     n_mlp_mats: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "n_mlp_mats"):
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "n_mlp_mats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"model config field {name} must be a positive integer (got {v!r}); check the source config.json")
+                raise InputError(f"model config field {name} must be a positive integer (got {v!r}); check the source "
+                                 "config.json")
         if self.num_heads % self.num_kv_heads:
             raise InputError(
-                f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads}); "
-                "check the source config.json"
+                f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads "
+                f"({self.num_kv_heads}); check the source config.json"
             )
 
     def layer_linear_params(self, r_qk: int | None = None, r_vo: int | None = None, r_int: int | None = None) -> int:
@@ -111,7 +113,8 @@ class DimPlan:
 
     def kv_bytes_per_token(self, shape: ModelShape, bytes_per_elem: int = 2) -> int:
         """KV-cache bytes per token of the planned model: ``Σ_l h_kv·(r_qk,l + r_vo,l)·bytes_per_elem``."""
-        return sum(shape.num_kv_heads * (a + b) * bytes_per_elem for a, b, _ in map(self.layer_dims, range(shape.num_layers)))
+        return sum(shape.num_kv_heads * (a + b) * bytes_per_elem
+                   for a, b, _ in map(self.layer_dims, range(shape.num_layers)))
 
 
 def _normalise_components(components) -> tuple[str, ...]:
@@ -120,9 +123,11 @@ def _normalise_components(components) -> tuple[str, ...]:
     comps = [str(c).strip().lower() for c in components]
     unknown = [c for c in comps if c not in COMPONENTS]
     if unknown:
-        raise BudgetError(f"unknown component(s) {', '.join(unknown)}; choose from qk, ov, mlp (e.g. --components qk,ov,mlp)")
+        raise BudgetError(f"unknown component(s) {', '.join(unknown)}; choose from qk, ov, mlp (e.g. --components "
+                          "qk,ov,mlp)")
     if not comps:
-        raise BudgetError("no component selected for compression; choose one or more of qk, ov, mlp (e.g. --components qk,ov,mlp)")
+        raise BudgetError("no component selected for compression; choose one or more of qk, ov, mlp (e.g. --components "
+                          "qk,ov,mlp)")
     return tuple(c for c in COMPONENTS if c in comps)
 
 
@@ -156,10 +161,12 @@ def plan_dims(
     except (TypeError, ValueError):
         raise BudgetError(f"--cr must be a number in [0, 1) (got {cr!r}); e.g. --cr 0.1") from None
     if not (0.0 <= cr_f < 1.0):  # also rejects NaN
-        raise BudgetError(f"--cr must be in [0, 1) (got {cr!r}); it is the fraction of linear-layer parameters removed, e.g. --cr 0.1")
+        raise BudgetError(f"--cr must be in [0, 1) (got {cr!r}); it is the fraction of linear-layer parameters "
+                          "removed, e.g. --cr 0.1")
     m = head_multiple
     if isinstance(m, bool) or not isinstance(m, int) or m < 2 or m % 2:
-        raise BudgetError(f"--head-multiple must be an even positive integer (got {m!r}) so heads keep whole RoPE pairs; e.g. 16 or 8")
+        raise BudgetError(f"--head-multiple must be an even positive integer (got {m!r}) so heads keep whole RoPE "
+                          "pairs; e.g. 16 or 8")
     if isinstance(min_head_dim, bool) or not isinstance(min_head_dim, int) or min_head_dim < 1:
         raise BudgetError(f"the minimum head dim must be a positive integer (got {min_head_dim!r})")
 
@@ -182,7 +189,8 @@ def plan_dims(
         r = _floor(exact / m) * m
         minimum = max(min_head_dim, m)
         if r < minimum:
-            got = f"{exact:.1f} dims" if exact < minimum else f"{exact:.1f} dims ({r} after rounding down to a multiple of {m})"
+            got = (f"{exact:.1f} dims" if exact < minimum
+                   else f"{exact:.1f} dims ({r} after rounding down to a multiple of {m})")
             raise BudgetError(
                 f"--cr {cr_f:.2f} shrinks attention heads from {d_h} to {got}, below the {minimum}-dim minimum; "
                 "use a smaller --cr, a smaller --head-multiple, or compress only the MLP (--components mlp)"
@@ -206,7 +214,8 @@ def plan_dims(
         if _floor(x) > d_int and r + m <= d_h and _floor(solve_int(r + m)) >= 1:
             # r + m > (1-cr)·d_h, so the MLP now has to give up parameters: r_int <= d_int.
             notes.append(
-                f"rounding heads down to {r} removed more than the budget; heads raised to {r + m} and the MLP re-solved"
+                f"rounding heads down to {r} removed more than the budget; heads raised to {r + m} and the MLP "
+                "re-solved"
             )
             r = r + m
             r_qk = r_vo = r
@@ -233,26 +242,28 @@ def plan_dims(
         raise BudgetError(
             f"--cr {cr_f:.2f} shrinks the MLP from {d_int} to {x:.2f} neurons, below 1; use a smaller --cr"
         )
-    notes.append(f"each selected component is cut by {cr_f:g}; the MLP width is not re-solved (not all components compressed)")
+    notes.append(f"each selected component is cut by {cr_f:g}; the MLP width is not re-solved (not all components "
+                 "compressed)")
     return plan(r_qk, r_vo, r_int)
 
 
 def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, target_cr: float | None = None) -> DimPlan:
     """A plan from explicit per-layer ``(r_qk, r_vo, r_int)`` (e.g. from a loss-aware allocation).
 
-    Each ``r_qk``/``r_vo`` must be ``d_h`` (unchanged) or a multiple of ``head_multiple`` in ``[head_multiple, d_h)`` and each ``r_int`` in
-    ``[1, d_int]``; otherwise :class:`BudgetError`. ``achieved_cr`` is computed from the sum over layers;
-    ``target_cr`` defaults to it. Layers that are all equal give a uniform plan (``layers=None``).
+    Each ``r_qk``/``r_vo`` must be ``d_h`` (unchanged) or a multiple of ``head_multiple`` in ``[head_multiple, d_h)``
+    and each ``r_int`` in ``[1, d_int]``; otherwise :class:`BudgetError`. ``achieved_cr`` is computed from the sum over
+    layers; ``target_cr`` defaults to it. Layers that are all equal give a uniform plan (``layers=None``).
     """
     dims = [tuple(int(v) for v in t) for t in layer_dims]
     if len(dims) != shape.num_layers or any(len(t) != 3 for t in dims):
-        raise BudgetError(f"per-layer dims need one (r_qk, r_vo, r_int) triple per layer ({shape.num_layers}), got {len(dims)}")
+        raise BudgetError(f"per-layer dims need one (r_qk, r_vo, r_int) triple per layer ({shape.num_layers}), got "
+                          f"{len(dims)}")
     for i, (a, b, m) in enumerate(dims):
         for name, r in (("r_qk", a), ("r_vo", b)):
             if r != shape.head_dim and (r % head_multiple or not head_multiple <= r < shape.head_dim):
                 raise BudgetError(
-                    f"layer {i}: {name} = {r} must be a multiple of {head_multiple} between {head_multiple} and {shape.head_dim} "
-                    "(or the original head dim)"
+                    f"layer {i}: {name} = {r} must be a multiple of {head_multiple} between {head_multiple} and "
+                    f"{shape.head_dim} (or the original head dim)"
                 )
         if not 1 <= m <= shape.intermediate_size:
             raise BudgetError(f"layer {i}: r_int = {m} must be between 1 and {shape.intermediate_size}")
@@ -262,7 +273,8 @@ def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, targe
                   if any(t[k] != (shape.head_dim if k < 2 else shape.intermediate_size) for t in dims)) or COMPONENTS
     uniform = all(t == dims[0] for t in dims)
     return DimPlan(
-        qk_head_dim=max(t[0] for t in dims), v_head_dim=max(t[1] for t in dims), intermediate_size=max(t[2] for t in dims),
+        qk_head_dim=max(t[0] for t in dims), v_head_dim=max(t[1] for t in dims),
+        intermediate_size=max(t[2] for t in dims),
         target_cr=achieved if target_cr is None else float(target_cr), achieved_cr=achieved, components=comps,
         notes=[] if uniform else ["per-layer dims"], layers=None if uniform else tuple(dims),
     )

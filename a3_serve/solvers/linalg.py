@@ -129,5 +129,6 @@ def top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
 def check_rank(r: int, full: int, what: str) -> int:
     """``r`` as an int in ``[1, full]``, else :class:`BudgetError` naming the ``what`` being reduced."""
     if isinstance(r, bool) or int(r) != r or not 1 <= int(r) <= full:
-        raise BudgetError(f"cannot reduce a {full}-dim {what} to {r} dims; the reduced dim must be between 1 and {full}")
+        raise BudgetError(f"cannot reduce a {full}-dim {what} to {r} dims; the reduced dim must be between 1 and "
+                          f"{full}")
     return int(r)

@@ -285,7 +285,8 @@ def mlp_greedy_select(
       ``P ← P − P[:, c] P[c, :] / P_cc``, ``B ← B − P[:, c] B[c, :] / P_cc`` (drop row/col c);
     * forward selection (pivoted-Cholesky style): residuals ``A_res = A − A_{:,S} A_SS^{-1} A_{S,:}``,
       ``M_res = M − A_{:,S} A_SS^{-1} M_S``; adding c lowers the objective by ``‖M_res,c‖² / A_res,cc``; add the
-      argmax, then ``A_res ← A_res − A_res[:, c] A_res[c, :] / A_res,cc``, ``M_res ← M_res − A_res[:, c] M_res,c / A_res,cc``.
+      argmax, then ``A_res ← A_res − A_res[:, c] A_res[c, :] / A_res,cc``,
+      ``M_res ← M_res − A_res[:, c] M_res,c / A_res,cc``.
 
     Ties go to the lower index (forward) / remove the lower index first (backward). Cost: one
     O(d_int²) rank-1 update per step (``d_int − r`` steps backward, ``r`` forward) plus an O(d_int³)
@@ -318,7 +319,8 @@ def mlp_greedy_select(
         alive = torch.ones(d_int, dtype=torch.bool, device=dev)
         inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
         for _ in range(d_int - r):
-            cost = torch.linalg.vector_norm(B, dim=1).square() / torch.diagonal(P).clamp_min(torch.finfo(torch.float64).tiny)
+            cost = (torch.linalg.vector_norm(B, dim=1).square()
+                    / torch.diagonal(P).clamp_min(torch.finfo(torch.float64).tiny))
             c = int(torch.where(alive, cost, inf).argmin())
             _drop_neuron(P, B, c)
             alive[c] = False

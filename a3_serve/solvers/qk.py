@@ -276,7 +276,8 @@ def qk_closed_form(Gq: torch.Tensor, Gk: torch.Tensor, r: int, eps: float = 1e-6
     """
     Gq, Gk = as_f64(Gq), as_f64(Gk)
     if Gq.shape != Gk.shape:
-        raise ValueError(f"Gq and Gk must have the same shape [n, d_h, d_h], got {tuple(Gq.shape)} and {tuple(Gk.shape)}")
+        raise ValueError(f"Gq and Gk must have the same shape [n, d_h, d_h], got {tuple(Gq.shape)} and "
+                         f"{tuple(Gk.shape)}")
     check_finite("the query second moments Gq", Gq)
     check_finite("the key second moments Gk", Gk)
     r = check_rank(r, Gq.shape[-1], "query/key head")

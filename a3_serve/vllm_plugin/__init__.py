@@ -12,8 +12,9 @@ MODEL_CLASS = "a3_serve.vllm_plugin.model:A3LlamaForCausalLM"
 
 def register() -> None:
     """Entry point of ``vllm.general_plugins``: register the config with transformers and the model with vLLM."""
-    import a3_serve  # noqa: F401  (registers model_type "a3_llama" with transformers' AutoConfig)
     from vllm import ModelRegistry
+
+    import a3_serve  # noqa: F401  (registers model_type "a3_llama" with transformers' AutoConfig)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

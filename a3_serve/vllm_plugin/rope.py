@@ -69,7 +69,8 @@ def rope_gather_index(local_index: torch.Tensor, head_rows: list[int], head_dim:
     return torch.cat((cos2.reshape(-1), sin2.reshape(-1)))
 
 
-def apply_rope_gathered(x: torch.Tensor, table_rows: torch.Tensor, gather: torch.Tensor, head_size: int) -> torch.Tensor:
+def apply_rope_gathered(x: torch.Tensor, table_rows: torch.Tensor, gather: torch.Tensor,
+                        head_size: int) -> torch.Tensor:
     """Rotate ``x`` ``[T, H * r]`` (H heads of size r, e.g. q and k heads side by side) with per-head frequencies.
 
     ``table_rows``: ``[T, 3d/2]`` rows of :func:`extended_table` at the token positions; ``gather`` from

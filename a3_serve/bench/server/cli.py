@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="a3-bench-server", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface, then set a token)")
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface, then set "
+                        "a token)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
     p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                    help=f"folder for the run database (runs.sqlite3) and each run's reports and logs "
@@ -75,23 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "several; relative request paths are looked up under each (default: the current folder and "
                         f"{default_model_roots()[1]})")
     p.add_argument("--token", default=None,
-                   help=f"require 'Authorization: Bearer TOKEN' on every endpoint except /healthz (default: ${TOKEN_ENV}; "
-                        "none: no auth)")
+                   help="require 'Authorization: Bearer TOKEN' on every endpoint except /healthz (default: "
+                        f"${TOKEN_ENV}; none: no auth)")
     p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=None, metavar="NAME",
-                   help="a further name that requests may carry in their Host header (a DNS name the service is reached "
-                        "by, e.g. behind a proxy); repeat for several; '*' turns the check off (default: "
-                        f"${ALLOWED_HOSTS_ENV}, comma-separated; the --host address, localhost, 127.0.0.1 and [::1] are "
-                        "always allowed, and any IP address when --host is 0.0.0.0 or ::)")
+                   help="a further name that requests may carry in their Host header (a DNS name the service is "
+                        "reached by, e.g. behind a proxy); repeat for several; '*' turns the check off (default: "
+                        f"${ALLOWED_HOSTS_ENV}, comma-separated; the --host address, localhost, 127.0.0.1 and [::1] "
+                        "are always allowed, and any IP address when --host is 0.0.0.0 or ::)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
-                   help=f"largest request body in bytes; larger ones get HTTP 413 unread (default {DEFAULT_MAX_BODY_BYTES})")
+                   help="largest request body in bytes; larger ones get HTTP 413 unread (default "
+                        f"{DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--queue-size", type=int, default=8, metavar="N",
                    help="runs that may wait behind the running one; more get HTTP 429 (default 8)")
     p.add_argument("--run-timeout", type=float, default=6 * 3600.0, metavar="SECONDS",
-                   help="seconds a run may take before its worker is killed and the run fails; also the most a request's "
-                        "timeout_s may ask for (default 21600)")
+                   help="seconds a run may take before its worker is killed and the run fails; also the most a "
+                        "request's timeout_s may ask for (default 21600)")
     p.add_argument("--kill-grace", type=float, default=10.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when a run is cancelled or times out (default 10)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], metavar="LEVEL",
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   metavar="LEVEL",
                    help="critical, error, warning, info (default) or debug: log level of the service and uvicorn")
     return p
 
@@ -105,7 +108,8 @@ def _port_free(host: str, port: int) -> Optional[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        return f"--host {host!r} is not an address of this machine ({err.strerror}); use 127.0.0.1, 0.0.0.0 or an interface address"
+        return (f"--host {host!r} is not an address of this machine ({err.strerror}); use 127.0.0.1, 0.0.0.0 or an "
+                "interface address")
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -151,7 +155,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     roots = args.model_roots or default_model_roots()
     for root in args.model_roots or []:
         if not root.expanduser().is_dir():
-            return _fail(f"--model-root {str(root)!r} is not an existing folder; create it or pass the folder your models are in")
+            return _fail(f"--model-root {str(root)!r} is not an existing folder; create it or pass the folder your "
+                         "models are in")
     roots = [r for r in roots if r.expanduser().is_dir()] or [Path.cwd()]
     data_dir = (args.data_dir or default_data_dir()).expanduser()
     try:

@@ -8,7 +8,7 @@ latency and memory with the compressed / dense ratio, plus the full metric table
 scripts can read what was drawn. ``#charts`` gets ``data-state="drawn"`` and ``data-run`` once it is complete.
 """
 
-PAGE = r"""<!doctype html>
+PAGE = (r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -40,7 +40,8 @@ PAGE = r"""<!doctype html>
   .badge.queued { background: #8c8c8c; } .badge.running { background: #1f77b4; }
   .badge.succeeded { background: var(--good); } .badge.failed { background: var(--bad); }
   .badge.cancelled { background: #9a6700; } .badge.interrupted { background: #6f42c1; }
-  .bar-outer { width: 140px; height: 8px; background: var(--line); border-radius: 4px; overflow: hidden; display: inline-block; vertical-align: middle; }
+  .bar-outer { width: 140px; height: 8px; background: var(--line); border-radius: 4px; overflow: hidden;
+               display: inline-block; vertical-align: middle; }
   .bar-inner { height: 100%; background: var(--compressed); }
   .error { color: var(--bad); }
   .good { fill: var(--good); color: var(--good); } .bad { fill: var(--bad); color: var(--bad); }
@@ -51,12 +52,14 @@ PAGE = r"""<!doctype html>
   svg.chart text.ratio { font-weight: 700; font-size: 12px; }
   .legend span { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 12px; vertical-align: middle; }
   .links a { margin-right: 14px; }
-  button { font: inherit; padding: 2px 10px; border: 1px solid var(--line); background: #fff; border-radius: 4px; cursor: pointer; }
+  button { font: inherit; padding: 2px 10px; border: 1px solid var(--line); background: #fff; border-radius: 4px;
+           cursor: pointer; }
   button:hover { background: var(--panel); }
   form.new-run { display: grid; grid-template-columns: repeat(4, minmax(140px, 1fr)); gap: 8px 12px; padding: 10px 0; }
   form.new-run label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); }
   form.new-run label.wide { grid-column: span 2; }
-  form.new-run input, form.new-run select { font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-radius: 4px; color: var(--fg); }
+  form.new-run input, form.new-run select { font: inherit; padding: 3px 6px; border: 1px solid var(--line);
+                                            border-radius: 4px; color: var(--fg); }
   details summary { cursor: pointer; font-weight: 600; margin-top: 16px; }
   dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0 10px; }
   dl.meta dt { color: var(--muted); } dl.meta dd { margin: 0; }
@@ -71,23 +74,28 @@ PAGE = r"""<!doctype html>
     <h2>Runs</h2>
     <table id="runs">
       <thead><tr><th>run</th><th>status</th><th>models</th><th>engine</th><th>created</th><th>progress</th>
-        <th class="num">output tok/s</th><th class="num">KV capacity</th><th class="num">peak RSS</th><th></th></tr></thead>
+        <th class="num">output tok/s</th><th class="num">KV capacity</th><th class="num">peak RSS</th><th></th></tr>
+      </thead>
       <tbody></tbody>
     </table>
-    <p id="runs-empty" class="muted" hidden>No runs yet: start one below, or <code>POST /runs</code> (see <a href="/docs">/docs</a>).</p>
+    <p id="runs-empty" class="muted" hidden>No runs yet: start one below, or <code>POST /runs</code>
+      (see <a href="/docs">/docs</a>).</p>
   </section>
   <details id="new-run">
     <summary>New run</summary>
     <form class="new-run" id="new-run-form">
       <label class="wide">dense model folder<input name="dense" required placeholder="/path/to/dense"></label>
-      <label class="wide">compressed model folder<input name="compressed" required placeholder="/path/to/compressed"></label>
+      <label class="wide">compressed model folder<input name="compressed" required
+                                                        placeholder="/path/to/compressed"></label>
       <label>engine<select name="engine"><option>vllm</option><option>hf</option></select></label>
       <label>prompts<input name="num_prompts" type="number" min="1" value="32"></label>
       <label>input tokens<input name="input_len" type="number" min="1" value="128"></label>
       <label>output tokens<input name="output_len" type="number" min="1" value="128"></label>
       <label>repeats<input name="repeats" type="number" min="1" value="2"></label>
       <label>label<input name="label" maxlength="200"></label>
-      <label title="measure the two folders even if their tokenizers or vocabularies differ or the compressed model is not an export of the dense one">allow mismatch<input name="allow_mismatch" type="checkbox"></label>
+      <label title="measure the two folders even if their tokenizers or vocabularies differ or the compressed """
+    # the title attribute cannot wrap: the page continues in the next literal, with no byte added
+    r"""model is not an export of the dense one">allow mismatch<input name="allow_mismatch" type="checkbox"></label>
       <label>&nbsp;<button type="submit">Start</button></label>
     </form>
     <p id="new-run-msg"></p>
@@ -98,11 +106,14 @@ PAGE = r"""<!doctype html>
     <p id="detail-progress"></p>
     <p id="detail-error" class="error" hidden></p>
     <p class="links" id="detail-links"></p>
-    <div class="legend muted" id="legend" hidden>compressed / dense ratio above each chart; bars are medians, dots single repeats
-      <span style="background: var(--dense)"></span>dense<span style="background: var(--compressed)"></span>compressed</div>
+    <div class="legend muted" id="legend" hidden>compressed / dense ratio above each chart; bars are medians, dots
+      single repeats
+      <span style="background: var(--dense)"></span>dense<span
+        style="background: var(--compressed)"></span>compressed</div>
     <div id="charts" data-state="empty"></div>
     <table id="metrics-table" hidden>
-      <thead><tr><th>metric</th><th class="num">dense</th><th class="num">compressed</th><th class="num">compressed / dense</th></tr></thead>
+      <thead><tr><th>metric</th><th class="num">dense</th><th class="num">compressed</th>
+        <th class="num">compressed / dense</th></tr></thead>
       <tbody></tbody>
     </table>
   </section>
@@ -114,7 +125,8 @@ const ACTIVE = new Set(["queued", "running"]);
 const GROUPS = [
   ["Throughput", ["output_tokens_per_s", "total_tokens_per_s", "requests_per_s"]],
   ["Latency", ["ttft_ms_median", "tpot_ms_median", "itl_ms_median", "elapsed_s"]],
-  ["Memory", ["peak_rss_bytes", "kv_cache_tokens", "max_concurrency", "weight_bytes", "kv_bytes_per_token", "peak_gpu_bytes"]],
+  ["Memory", ["peak_rss_bytes", "kv_cache_tokens", "max_concurrency", "weight_bytes", "kv_bytes_per_token",
+              "peak_gpu_bytes"]],
   ["Quality", ["perplexity"]],
 ];
 let runs = [];
@@ -132,7 +144,8 @@ function el(tag, attrs, ...kids) {
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v);
   }
-  for (const kid of kids) if (kid !== null && kid !== undefined) e.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  for (const kid of kids)
+    if (kid !== null && kid !== undefined) e.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
   return e;
 }
 function svgEl(tag, attrs, text) {
@@ -142,19 +155,22 @@ function svgEl(tag, attrs, text) {
   return e;
 }
 async function api(path, opts) {
-  const resp = await fetch(path, Object.assign({credentials: "same-origin", headers: {"Accept": "application/json"}}, opts || {}));
+  const resp = await fetch(path, Object.assign({credentials: "same-origin", headers: {"Accept": "application/json"}},
+                                               opts || {}));
   if (resp.status === 401) { $("#auth-msg").hidden = false; throw new Error("unauthorized"); }
   let body = null;
   try { body = await resp.json(); } catch (e) { body = null; }
   if (!resp.ok) {
-    const msg = body ? (body.message || (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail))) : resp.statusText;
+    const msg = body ? (body.message || (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)))
+                     : resp.statusText;
     throw new Error(msg || ("HTTP " + resp.status));
   }
   return body;
 }
 function fmtValue(meta, v) {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";
-  if (meta && meta.unit === "bytes") return v < 2 ** 30 ? (v / 2 ** 20).toFixed(1) + " MiB" : (v / 2 ** 30).toFixed(2) + " GiB";
+  if (meta && meta.unit === "bytes")
+    return v < 2 ** 30 ? (v / 2 ** 20).toFixed(1) + " MiB" : (v / 2 ** 30).toFixed(2) + " GiB";
   const a = Math.abs(v);
   const digits = a >= 1000 ? 0 : a >= 100 ? 1 : a >= 10 ? 2 : 3;
   return v.toLocaleString("en-US", {maximumFractionDigits: digits});
@@ -175,7 +191,8 @@ function progressCell(run) {
   if (run.status === "running" || run.status === "queued") {
     const frac = p.total ? Math.min(1, p.done / p.total) : 0;
     return el("td", {class: "progress"},
-      el("span", {class: "bar-outer"}, el("span", {class: "bar-inner", style: "width:" + (100 * frac).toFixed(1) + "%; display:block"})),
+      el("span", {class: "bar-outer"},
+         el("span", {class: "bar-inner", style: "width:" + (100 * frac).toFixed(1) + "%; display:block"})),
       " ", p.total ? p.done + "/" + p.total : "", " ", el("span", {class: "muted"}, p.message || ""));
   }
   if (run.error) return el("td", {class: "error"}, run.error.length > 140 ? run.error.slice(0, 140) + "…" : run.error);
@@ -193,12 +210,15 @@ function renderList() {
   $("#runs-empty").hidden = runs.length > 0;
   for (const run of runs) {
     const actions = el("td", {});
-    if (ACTIVE.has(run.status)) actions.append(el("button", {class: "cancel", onclick: (ev) => { ev.stopPropagation(); cancelRun(run.id); }}, "cancel"));
-    const tr = el("tr", {class: "run" + (run.id === selected ? " selected" : ""), "data-run": run.id, "data-status": run.status,
-                         onclick: () => select(run.id)},
+    if (ACTIVE.has(run.status))
+      actions.append(el("button", {class: "cancel", onclick: (ev) => { ev.stopPropagation(); cancelRun(run.id); }},
+                        "cancel"));
+    const tr = el("tr", {class: "run" + (run.id === selected ? " selected" : ""), "data-run": run.id,
+                         "data-status": run.status, onclick: () => select(run.id)},
       el("td", {}, el("code", {}, run.id), run.label ? el("div", {class: "muted"}, run.label) : null),
       el("td", {}, el("span", {class: "badge " + run.status}, run.status)),
-      el("td", {class: "path", title: run.dense + "\n" + run.compressed}, shortPath(run.dense), " → ", shortPath(run.compressed)),
+      el("td", {class: "path", title: run.dense + "\n" + run.compressed}, shortPath(run.dense), " → ",
+         shortPath(run.compressed)),
       el("td", {}, run.engine),
       el("td", {class: "muted"}, when(run.created)),
       progressCell(run),
@@ -228,7 +248,8 @@ async function refreshList() {
   listTimer = setTimeout(refreshList, busy ? 3000 : 15000);
 }
 async function cancelRun(id) {
-  try { await api("/runs/" + id + "/cancel", {method: "POST"}); } catch (err) { alert("cancel failed: " + err.message); }
+  try { await api("/runs/" + id + "/cancel", {method: "POST"}); }
+  catch (err) { alert("cancel failed: " + err.message); }
   refreshList();
 }
 function select(id) {
@@ -243,11 +264,13 @@ function select(id) {
 async function showDetail(id, force) {
   let run;
   try { run = await api("/runs/" + id); } catch (err) { return; }
-  const rev = run.id + ":" + run.status + ":" + (run.progress && run.progress.done) + ":" + (run.progress && run.progress.message);
+  const rev = run.id + ":" + run.status + ":" + (run.progress && run.progress.done) + ":" +
+              (run.progress && run.progress.message);
   if (!force && rev === shownRevision) return;
   shownRevision = rev;
   $("#detail").hidden = false;
-  $("#detail-title").replaceChildren("Run ", el("code", {}, run.id), " ", el("span", {class: "badge " + run.status}, run.status),
+  $("#detail-title").replaceChildren("Run ", el("code", {}, run.id), " ",
+                                     el("span", {class: "badge " + run.status}, run.status),
                                      run.label ? " " + run.label : "");
   const w = run.request.workload || {};
   const meta = $("#detail-meta");
@@ -257,7 +280,8 @@ async function showDetail(id, force) {
                  w.repeats + " repeat(s), engine " + run.engine + ", dtype " + w.dtype],
     ["created", when(run.created)], ["finished", when(run.finished)]];
   if (run.results && run.results.environment) rows.push(["machine", run.results.environment.machine || "?"]);
-  for (const [k, v] of rows) meta.append(el("dt", {}, k), el("dd", {class: k === "dense" || k === "compressed" ? "path" : ""}, v));
+  for (const [k, v] of rows)
+    meta.append(el("dt", {}, k), el("dd", {class: k === "dense" || k === "compressed" ? "path" : ""}, v));
   const p = run.progress || {};
   $("#detail-progress").textContent = ACTIVE.has(run.status)
     ? "progress: " + (p.total ? p.done + "/" + p.total : "starting") + (p.message ? " · " + p.message : "") : "";
@@ -266,7 +290,8 @@ async function showDetail(id, force) {
   const links = $("#detail-links");
   links.replaceChildren();
   if (run.status === "succeeded") {
-    links.append(el("a", {href: run.links.report_json}, "report.json"), el("a", {href: run.links.report_md}, "report.md"),
+    links.append(el("a", {href: run.links.report_json}, "report.json"),
+                 el("a", {href: run.links.report_md}, "report.md"),
                  el("a", {href: run.links.report_png}, "report.png"));
   }
   links.append(el("a", {href: run.links.log}, "worker log"));
@@ -305,7 +330,8 @@ function drawResults(run) {
     if (!present.length) continue;
     const group = el("div", {class: "charts", "data-group": title.toLowerCase()});
     for (const k of present) {
-      group.append(chart(metas[k], d.median[k], c.median[k], (d.runs || []).map((r) => r[k]), (c.runs || []).map((r) => r[k])));
+      group.append(chart(metas[k], d.median[k], c.median[k], (d.runs || []).map((r) => r[k]),
+                         (c.runs || []).map((r) => r[k])));
       drawn++;
     }
     box.append(el("h3", {}, title), group);
@@ -318,7 +344,8 @@ function drawResults(run) {
       el("td", {}, meta.label + (unit ? " (" + unit + ")" : "")),
       el("td", {class: "num"}, fmtValue(meta, d.median[meta.key])),
       el("td", {class: "num"}, fmtValue(meta, c.median[meta.key])),
-      el("td", {class: "num " + (r === undefined ? "muted" : ratioIsGood(meta, r) ? "good" : "bad")}, r === undefined ? "–" : r.toFixed(3) + "x")));
+      el("td", {class: "num " + (r === undefined ? "muted" : ratioIsGood(meta, r) ? "good" : "bad")},
+         r === undefined ? "–" : r.toFixed(3) + "x")));
   }
   table.hidden = false;
   $("#legend").hidden = drawn === 0;
@@ -334,18 +361,21 @@ function chart(meta, dense, comp, denseRuns, compRuns) {
   const ratio = dense ? comp / dense : NaN;
   const svg = svgEl("svg", {class: "chart", width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img",
     "aria-label": meta.label + ": dense " + fmtValue(meta, dense) + ", compressed " + fmtValue(meta, comp),
-    "data-metric": meta.key, "data-dense": dense, "data-compressed": comp, "data-ratio": Number.isFinite(ratio) ? ratio : "",
+    "data-metric": meta.key, "data-dense": dense, "data-compressed": comp,
+    "data-ratio": Number.isFinite(ratio) ? ratio : "",
     "data-better": meta.better});
   const unit = unitOf(meta);
   const fullTitle = meta.label + (unit ? " (" + unit + ")" : "");
   svg.append(svgEl("title", {}, fullTitle));
-  svg.append(svgEl("text", {class: "title", x: 10, y: 16}, fullTitle.length > 36 ? fullTitle.slice(0, 34) + "…" : fullTitle));
+  svg.append(svgEl("text", {class: "title", x: 10, y: 16},
+                   fullTitle.length > 36 ? fullTitle.slice(0, 34) + "…" : fullTitle));
   if (Number.isFinite(ratio)) {
     svg.append(svgEl("text", {class: "ratio " + (ratioIsGood(meta, ratio) ? "good" : "bad"), x: 10, y: 33},
       ratio.toFixed(2) + "x " + (meta.better === "lower" ? "(lower is better)" : "(higher is better)")));
   }
   const base = H - bottom;
-  const models = [["dense", dense, "var(--dense)", "#8c8c8c", denseRuns], ["compressed", comp, "var(--compressed)", "#1f77b4", compRuns]];
+  const models = [["dense", dense, "var(--dense)", "#8c8c8c", denseRuns],
+                  ["compressed", comp, "var(--compressed)", "#1f77b4", compRuns]];
   models.forEach(([name, v, _css, color, reps], i) => {
     const h = Math.max(1, v * scale);
     svg.append(svgEl("rect", {class: "bar bar-" + name, "data-model": name, "data-value": v, x: xs[i], y: base - h,
@@ -355,8 +385,8 @@ function chart(meta, dense, comp, denseRuns, compRuns) {
     reps.forEach((rv, j) => {
       if (typeof rv !== "number") return;
       const off = reps.length > 1 ? (j / (reps.length - 1) - 0.5) * (barW * 0.5) : 0;
-      svg.append(svgEl("circle", {class: "pt", "data-model": name, cx: xs[i] + barW / 2 + off, cy: base - rv * scale, r: 2.5,
-                                  fill: "#1d2430", "fill-opacity": 0.55}));
+      svg.append(svgEl("circle", {class: "pt", "data-model": name, cx: xs[i] + barW / 2 + off, cy: base - rv * scale,
+                                  r: 2.5, fill: "#1d2430", "fill-opacity": 0.55}));
     });
   });
   svg.append(svgEl("line", {x1: 20, x2: W - 20, y1: base, y2: base, stroke: "#98a2b3"}));
@@ -374,7 +404,8 @@ $("#new-run-form").addEventListener("submit", async (ev) => {
   if (f.get("allow_mismatch")) body.allow_mismatch = true;
   const msg = $("#new-run-msg");
   try {
-    const run = await api("/runs", {method: "POST", headers: {"Content-Type": "application/json", "Accept": "application/json"},
+    const run = await api("/runs", {method: "POST",
+                                    headers: {"Content-Type": "application/json", "Accept": "application/json"},
                                     body: JSON.stringify(body)});
     msg.className = "muted"; msg.textContent = "queued run " + run.id;
     select(run.id);
@@ -391,13 +422,13 @@ refreshList();
 </script>
 </body>
 </html>
-"""
+""")
 
 UNAUTHORIZED_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>a3-bench-server: token needed</title></head>
 <body style="font: 15px system-ui, sans-serif; margin: 40px">
 <h1 style="font-size: 18px">a3-bench-server needs its token</h1>
-<p>Open <code>/?token=YOUR_TOKEN</code> once (the server's <code>--token</code> or <code>A3_BENCH_TOKEN</code>); the page then
-remembers it in a cookie. API clients send <code>Authorization: Bearer YOUR_TOKEN</code>.</p>
+<p>Open <code>/?token=YOUR_TOKEN</code> once (the server's <code>--token</code> or <code>A3_BENCH_TOKEN</code>); the
+page then remembers it in a cookie. API clients send <code>Authorization: Bearer YOUR_TOKEN</code>.</p>
 </body></html>
 """

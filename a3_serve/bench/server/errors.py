@@ -88,6 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 if match != Match.NONE:
                     methods |= set(getattr(route, "methods", None) or ())
             if methods:
-                return JSONResponse({"detail": f"method {request.method} not allowed here; use {', '.join(sorted(methods))}"},
+                return JSONResponse({"detail": f"method {request.method} not allowed here; use "
+                                               f"{', '.join(sorted(methods))}"},
                                     status_code=405, headers={"Allow": ", ".join(sorted(methods))})
         return await http_exception_handler(request, exc)

@@ -39,7 +39,8 @@ class Workload(_Strict):
 
     num_prompts: int = Field(32, ge=1, le=100_000, description="requests per measurement (--num-prompts)")
     input_len: int = Field(128, ge=1, le=1_048_576, description="prompt tokens per request (--input-len)")
-    output_len: int = Field(128, ge=1, le=1_048_576, description="generated tokens per request, EOS ignored (--output-len)")
+    output_len: int = Field(128, ge=1, le=1_048_576,
+                            description="generated tokens per request, EOS ignored (--output-len)")
     repeats: int = Field(2, ge=1, le=100, description="alternating measurements per model (--repeats)")
     max_model_len: int = Field(0, ge=0, le=10_000_000,
                                description="engine context length; 0: input_len + output_len (--max-model-len)")
@@ -68,12 +69,17 @@ class EngineOptions(_Strict):
 
     mode: Optional[Literal["offline", "server"]] = Field(
         None, description="engine vllm: offline engine (default) or `vllm serve` + HTTP requests (--mode)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$", description="engine hf: cpu, cuda, cuda:N or auto (--device)")
-    batch_size: int = Field(0, ge=0, le=100_000, description="engine hf: prompts per batch; 0: all at once (--batch-size)")
-    kv_cache_gib: float = Field(1.0, gt=0, le=4096, description="vLLM on CPU: KV-cache GiB for each model (--kv-cache-gib)")
-    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="vLLM on GPU (--gpu-memory-utilization)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$",
+                        description="engine hf: cpu, cuda, cuda:N or auto (--device)")
+    batch_size: int = Field(0, ge=0, le=100_000,
+                            description="engine hf: prompts per batch; 0: all at once (--batch-size)")
+    kv_cache_gib: float = Field(1.0, gt=0, le=4096,
+                                description="vLLM on CPU: KV-cache GiB for each model (--kv-cache-gib)")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1,
+                                                    description="vLLM on GPU (--gpu-memory-utilization)")
     enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs (--enforce-eager)")
-    max_concurrency: int = Field(0, ge=0, le=100_000, description="server mode: requests in flight; 0: all (--max-concurrency)")
+    max_concurrency: int = Field(0, ge=0, le=100_000,
+                                 description="server mode: requests in flight; 0: all (--max-concurrency)")
     measurement_timeout: float = Field(1800.0, gt=0, le=7 * 86400,
                                        description="seconds one measurement may take before it fails (--timeout)")
 
@@ -83,17 +89,20 @@ class RunCreate(_Strict):
     (relative paths are looked up under each root in turn)."""
 
     dense: str = Field(min_length=1, max_length=MAX_TEXT, description="dense Hugging Face model folder (--dense)")
-    compressed: str = Field(min_length=1, max_length=MAX_TEXT, description="compressed (a3-export) model folder (--compressed)")
-    engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (default) or hf, the transformers reference (--engine)")
+    compressed: str = Field(min_length=1, max_length=MAX_TEXT,
+                            description="compressed (a3-export) model folder (--compressed)")
+    engine: Literal["vllm", "hf"] = Field("vllm",
+                                          description="vllm (default) or hf, the transformers reference (--engine)")
     workload: Workload = Field(default_factory=Workload)
     engine_options: EngineOptions = Field(default_factory=EngineOptions)
     timeout_s: Optional[float] = Field(None, gt=0, le=30 * 86400,
-                                       description="wall-clock limit of the whole run; default and maximum: the service's --run-timeout")
+                                       description="wall-clock limit of the whole run; default and maximum: the "
+                                                   "service's --run-timeout")
     label: Optional[str] = Field(None, max_length=200, description="free text shown in the run list")
     allow_mismatch: bool = Field(
         False, description="measure the two folders even when they are not comparable (different tokenizer or "
-                           "vocabulary, or a compressed model exported from another source); by default such a "
-                           "request is refused with 422, with this set the report lists the problems (--allow-mismatch)")
+                           "vocabulary, or a compressed model exported from another source); by default such a request "
+                           "is refused with 422, with this set the report lists the problems (--allow-mismatch)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunCreate":
@@ -163,7 +172,8 @@ class Run(RunSummary):
     request: dict[str, Any] = Field(description="the request as run (model paths resolved)")
     command: list[str] = Field(description="the worker's command line")
     exit_code: Optional[int] = Field(None, description="the worker's exit status; negative: killed by that signal")
-    results: Optional[dict[str, Any]] = Field(None, description="the throughput.json document (schema a3-serve/throughput/1)")
+    results: Optional[dict[str, Any]] = Field(None,
+                                              description="the throughput.json document (schema a3-serve/throughput/1)")
 
 
 class RunList(BaseModel):

@@ -65,7 +65,8 @@ def summary_dict(row: dict[str, Any]) -> dict[str, Any]:
 
 def run_dict(row: dict[str, Any]) -> dict[str, Any]:
     out = summary_dict(row)
-    out.update(request=row["request"], command=row["command"], exit_code=row.get("exit_code"), results=row.get("results"))
+    out.update(request=row["request"], command=row["command"], exit_code=row.get("exit_code"),
+               results=row.get("results"))
     return out
 
 
@@ -76,7 +77,8 @@ def comparability(dense: str, compressed: str) -> list[str]:
     try:
         return comparability_problems(dense, compressed)
     except OSError as err:
-        why = f"{err.strerror or type(err).__name__}: {err.filename}" if err.filename else str(err) or type(err).__name__
+        why = (f"{err.strerror or type(err).__name__}: {err.filename}" if err.filename
+               else str(err) or type(err).__name__)
         return [f"the folders could not be compared ({why})"]
 
 
@@ -158,7 +160,8 @@ def runs_router(svc: "Service", settings: Settings, auth: TokenAuth) -> APIRoute
     def cancel(run_id: str) -> dict[str, Any]:
         row = get_row(run_id)
         if RunStatus(row["status"]) in FINAL:
-            raise HTTPException(409, f"run {run_id} has already {row['status']}; only queued or running runs can be cancelled")
+            raise HTTPException(409, f"run {run_id} has already {row['status']}; only queued or running runs can be "
+                                     "cancelled")
         runner().cancel(run_id)
         # wait (in this worker thread) until the worker is gone, so the answer shows the final state
         deadline = time.monotonic() + settings.kill_grace + 5
@@ -213,17 +216,21 @@ def runs_router(svc: "Service", settings: Settings, auth: TokenAuth) -> APIRoute
         row = get_row(run_id)
         if row["status"] != RunStatus.succeeded.value or not row.get("results"):
             why = f": {row['error']}" if row.get("error") else ""
-            raise HTTPException(409, f"run {run_id} is {row['status']}{why}; a report exists once the run has succeeded")
+            raise HTTPException(409,
+                                f"run {run_id} is {row['status']}{why}; a report exists once the run has succeeded")
         return row
 
     @api.get("/runs/{run_id}/report.json", tags=["reports"], summary="The throughput.json document",
-             responses={**error_responses(404, 409), 200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
+             responses={**error_responses(404, 409),
+                        200: {"content": {"application/json": {"schema": {"type": "object"}}}}})
     def report_json(run_id: str) -> JSONResponse:
         row = finished_row(run_id)
         return JSONResponse(row["results"], headers=_inline(f"a3-bench-{run_id}.json"))
 
-    @api.get("/runs/{run_id}/report.md", tags=["reports"], summary="The Markdown table", response_class=PlainTextResponse,
-             responses={**error_responses(404, 409), 200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}})
+    @api.get("/runs/{run_id}/report.md", tags=["reports"], summary="The Markdown table",
+             response_class=PlainTextResponse,
+             responses={**error_responses(404, 409),
+                        200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}})
     def report_md(run_id: str) -> Response:
         row = finished_row(run_id)
         path = Path(row["run_dir"]) / "throughput.md"

@@ -78,7 +78,8 @@ def public_router(svc: "Service", settings: Settings, auth: TokenAuth) -> APIRou
                                              "to / so the token leaves the address bar"},
                         401: {"description": "missing or wrong token", "content": {"text/html": {}}}})
     def dashboard(request: Request, token: Optional[str] = Query(None, max_length=4096,
-                                                                 description="the bearer token; sets a cookie and redirects")):
+                                                                 description="the bearer token; sets a cookie and "
+                                                                             "redirects")):
         if token is not None:  # never leave the token in the address bar (or in the history / a Referer)
             if settings.token and not auth.ok(token):
                 return HTMLResponse(UNAUTHORIZED_PAGE, status_code=401, headers={"Cache-Control": "no-store"})
@@ -105,9 +106,10 @@ def protected_router(svc: "Service", auth: TokenAuth) -> APIRouter:
 
     @api.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
-        kw = {"swagger_js_url": "/docs/assets/swagger-ui-bundle.js", "swagger_css_url": "/docs/assets/swagger-ui.css"} if assets else {}
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="a3-bench-server: API", swagger_favicon_url="data:,",
-                                   **kw)
+        kw = {"swagger_js_url": "/docs/assets/swagger-ui-bundle.js",
+              "swagger_css_url": "/docs/assets/swagger-ui.css"} if assets else {}
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="a3-bench-server: API",
+                                   swagger_favicon_url="data:,", **kw)
 
     @api.get("/docs/assets/{name}", include_in_schema=False)
     def docs_asset(name: str) -> FileResponse:

@@ -108,7 +108,8 @@ def signal_run(run_id: str, pgid: Optional[int], sig: int) -> int:
 
 
 def reap_leftovers(run_id: str, pgid: Optional[int], grace: float = 3.0) -> int:
-    """Stop what is left of a run whose service died: SIGTERM, then SIGKILL after ``grace`` s. Returns processes found."""
+    """Stop what is left of a run whose service died: SIGTERM, then SIGKILL after ``grace`` s. Returns processes
+    found."""
     found = len(marked_pids(run_id))
     if not found:
         return 0
@@ -217,7 +218,8 @@ class Runner:
             self._queue.clear()
             self._cv.notify_all()
         for run_id in queued:
-            self.store.finish(run_id, RunStatus.interrupted, error=f"{reason} while the run was queued; submit it again")
+            self.store.finish(run_id, RunStatus.interrupted,
+                              error=f"{reason} while the run was queued; submit it again")
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.settings.kill_grace + 10)
@@ -241,7 +243,8 @@ class Runner:
                 log.exception("run %s: the runner failed", run_id)
                 if act.proc is not None:
                     signal_run(run_id, act.proc.pid, signal.SIGKILL)
-                self.store.finish(run_id, RunStatus.failed, error=f"internal error of the service: {type(err).__name__}: {err}")
+                self.store.finish(run_id, RunStatus.failed,
+                                  error=f"internal error of the service: {type(err).__name__}: {err}")
             finally:
                 with self._cv:
                     self._current = None
@@ -261,8 +264,8 @@ class Runner:
                                   "the service stopped before the run started; submit it again")
                 return
             with open(run_dir / WORKER_LOG, "wb") as errf:
-                act.proc = subprocess.Popen(run["command"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf,
-                                            cwd=str(run_dir), env=env, start_new_session=True)
+                act.proc = subprocess.Popen(run["command"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=errf, cwd=str(run_dir), env=env, start_new_session=True)
         proc = act.proc
         log.info("run %s: started worker pid %d", run_id, proc.pid)
         self.store.update(run_id, status=RunStatus.running, started=time.time(), pgid=proc.pid,

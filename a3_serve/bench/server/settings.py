@@ -75,8 +75,9 @@ def resolve_under_roots(raw: str, roots: tuple[Path, ...], what: str) -> Path:
     inside = [c for c in candidates if _inside(c, roots)]
     if not inside:
         shown = candidates[0] if candidates else raw
-        raise PathRejected(403, f"{what} {raw[:200]!r} resolves to {str(shown)[:300]!r}, outside the allowed model roots "
-                                f"({roots_txt}); move or link the model under a root, or start the server with --model-root", what)
+        raise PathRejected(403, f"{what} {raw[:200]!r} resolves to {str(shown)[:300]!r}, outside the allowed model "
+                                f"roots ({roots_txt}); move or link the model under a root, or start the server with "
+                                "--model-root", what)
     try:
         return next((c for c in inside if c.exists()), inside[0])
     except (OSError, ValueError):
@@ -88,13 +89,15 @@ def check_model_dir(raw: str, roots: tuple[Path, ...], what: str) -> Path:
     path = resolve_under_roots(raw, roots, what)
     try:
         if not path.is_dir():
-            raise PathRejected(422, f"{what} {raw[:200]!r} ({path}) " + ("is a file, not a model folder" if path.exists()
-                                    else "does not exist") + "; pass a Hugging Face model folder with config.json and weights", what)
+            raise PathRejected(422, f"{what} {raw[:200]!r} ({path}) "
+                               + ("is a file, not a model folder" if path.exists() else "does not exist")
+                               + "; pass a Hugging Face model folder with config.json and weights", what)
         if not (path / "config.json").is_file():
             raise PathRejected(422, f"{what} {raw[:200]!r} ({path}) has no config.json; pass the folder that holds "
                                     "config.json and the *.safetensors weights", what)
         if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
-            raise PathRejected(422, f"{what} {raw[:200]!r} ({path}) has a config.json but no *.safetensors/*.bin weights", what)
+            raise PathRejected(422, f"{what} {raw[:200]!r} ({path}) has a config.json but no *.safetensors/*.bin "
+                                    "weights", what)
     except OSError as err:
         raise PathRejected(422, f"{what} {raw[:200]!r} cannot be read: {err}", what) from None
     return path
@@ -110,19 +113,21 @@ BUILTIN_TEXTS = _builtin_texts()  # wiki, austen, pydoc, mix
 
 
 def check_text_source(spec: str, roots: tuple[Path, ...]) -> str:
-    """``ppl_data``: built-in corpora (``wiki``, ``austen``, ``pydoc``, ``mix``, each ``[:split]``), ``hf:...`` datasets, or files under the roots;
-    ``+`` joins several. Returns the spec with file parts replaced by resolved absolute paths."""
+    """``ppl_data``: built-in corpora (``wiki``, ``austen``, ``pydoc``, ``mix``, each ``[:split]``), ``hf:...``
+    datasets, or files under the roots; ``+`` joins several. Returns the spec with file parts replaced by resolved
+    absolute paths."""
     parts = []
     for part in spec.split("+"):
         part = part.strip()
         if not part:
-            raise PathRejected(422, f"ppl_data {spec[:200]!r} has an empty part; write e.g. 'wiki:heldout' or 'wiki+austen'", "ppl_data")
+            raise PathRejected(422, f"ppl_data {spec[:200]!r} has an empty part; write e.g. 'wiki:heldout' or "
+                                    "'wiki+austen'", "ppl_data")
         if part.split(":", 1)[0] in BUILTIN_TEXTS or part.startswith("hf:"):
             parts.append(part)
             continue
         path = resolve_under_roots(part, roots, "ppl_data")
         if not path.exists():
-            raise PathRejected(422, f"ppl_data {part[:200]!r} ({path}) does not exist; use 'wiki:heldout', 'austen' or a "
-                                    ".txt/.jsonl file or folder under a model root", "ppl_data")
+            raise PathRejected(422, f"ppl_data {part[:200]!r} ({path}) does not exist; use 'wiki:heldout', 'austen' or "
+                                    "a .txt/.jsonl file or folder under a model root", "ppl_data")
         parts.append(str(path))
     return "+".join(parts)
