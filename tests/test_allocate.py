@@ -148,6 +148,77 @@ def test_untied_qk_and_ov_and_partial_components():
     assert 0.79 * 4 * 3 * SHAPE.hidden_size * 256 <= mlp_params <= 0.8 * 4 * 3 * SHAPE.hidden_size * 256
 
 
+def _attn_loss(curves: list[LayerCurves], plan) -> float:
+    return sum(float(c.qk[plan.layer_dims(i)[0] // 2] + c.ov[plan.layer_dims(i)[1]]) for i, c in enumerate(curves))
+
+
+def _total_loss(curves: list[LayerCurves], plan) -> float:
+    return _attn_loss(curves, plan) + sum(float(c.mlp[plan.layer_dims(i)[2]]) for i, c in enumerate(curves))
+
+
+@pytest.mark.parametrize("kv_cr", [0.1, 0.25, 0.4])
+def test_kv_mode_meets_the_kv_target_with_heads_only(kv_cr):
+    """`--kv-cr` alone: only head sizes change, at least kv_cr of the KV bytes go, and no head is cut that the
+    target does not need (giving any one layer its next head size back would miss the target)."""
+    curves = _curves([1, 4, 0.25, 1], [1, 1, 4, 0.25])
+    plan = allocate_dims(SHAPE, curves, 0.0, head_multiple=16, kv_cr=kv_cr)
+    dims = [plan.layer_dims(i) for i in range(4)]
+    assert all(d[2] == 256 and d[0] == d[1] and d[0] % 16 == 0 and d[0] >= 32 for d in dims)
+    assert plan.achieved_kv_cr(SHAPE) >= kv_cr and plan.target_kv_cr == kv_cr
+    budget = (1 - kv_cr) * 4 * 64
+    assert all(sum(d[0] for d in dims) + 16 > budget for i in range(4) if dims[i][0] < 64)
+    # the cheapest attention (layer 2, scale 0.25) is cut at least as much as the dearest (layer 1, scale 4)
+    assert dims[2][0] <= dims[1][0]
+
+
+def test_kv_mode_is_optimal_among_head_choices():
+    """Exhaustive search over every head-size combination that meets the KV target: the greedy's attention loss is
+    the optimum (attention curves are convex here, and the KV budget is a budget on Σ r)."""
+    curves = _curves([1, 4, 0.25, 1], [1, 1, 1, 1])
+    sizes = (64, 48, 32)
+    for kv_cr in (0.1, 0.2, 0.3, 0.45):
+        plan = allocate_dims(SHAPE, curves, 0.0, head_multiple=16, kv_cr=kv_cr)
+        best = min(sum(float(c.qk[r // 2] + c.ov[r]) for c, r in zip(curves, combo))
+                   for combo in itertools.product(sizes, repeat=4) if sum(combo) <= (1 - kv_cr) * 4 * 64 + 1e-9)
+        assert _attn_loss(curves, plan) <= best + 1e-9
+
+
+@pytest.mark.parametrize("cr, kv_cr", [(0.1, 0.3), (0.2, 0.2), (0.3, 0.1), (0.2, 0.5)])
+def test_joint_mode_meets_both_budgets(cr, kv_cr):
+    curves = _curves([1, 4, 0.25, 1], [1, 1, 4, 0.25])
+    plan = allocate_dims(SHAPE, curves, cr, head_multiple=16, kv_cr=kv_cr)
+    assert plan.achieved_kv_cr(SHAPE) >= kv_cr
+    assert plan.achieved_cr >= cr and plan.linear_params(SHAPE) <= (1 - cr) * SHAPE.linear_params() + 1
+    free = allocate_dims(SHAPE, curves, cr, head_multiple=16)
+    if free.achieved_kv_cr(SHAPE) >= kv_cr:  # the KV target does not bind: the same plan as without it
+        assert [plan.layer_dims(i) for i in range(4)] == [free.layer_dims(i) for i in range(4)]
+    else:  # it binds: at most one head step beyond it, and the predicted loss can only be higher
+        assert plan.achieved_kv_cr(SHAPE) < kv_cr + 16 / (4 * 64) + 1e-9
+        assert _total_loss(curves, plan) >= _total_loss(curves, free) - 1e-9
+
+
+def test_impossible_kv_targets_name_the_fix():
+    curves = _curves([1] * 4, [1] * 4)
+    with pytest.raises(BudgetError, match="32-dim minimum.*smaller --kv-cr"):
+        allocate_dims(SHAPE, curves, 0.0, head_multiple=16, kv_cr=0.6)
+    with pytest.raises(BudgetError, match="add qk,ov to --components"):
+        allocate_dims(SHAPE, curves, 0.2, components=("mlp",), head_multiple=16, kv_cr=0.2)
+    with pytest.raises(BudgetError, match="minimum.*smaller --kv-cr"):
+        plan_dims(SHAPE, 0.0, head_multiple=16, kv_cr=0.8)
+    with pytest.raises(BudgetError, match="add qk,ov"):
+        plan_dims(SHAPE, 0.2, components="mlp", kv_cr=0.1)
+
+
+def test_uniform_plan_with_a_kv_target():
+    kv_only = plan_dims(SHAPE, 0.0, head_multiple=16, kv_cr=0.25)
+    assert (kv_only.qk_head_dim, kv_only.v_head_dim, kv_only.intermediate_size) == (48, 48, 256)
+    joint = plan_dims(SHAPE, 0.1, head_multiple=16, kv_cr=0.45)  # heads 64 -> 32 for the KV target; MLP re-solved
+    assert joint.qk_head_dim == 32 and joint.achieved_kv_cr(SHAPE) == 0.5
+    assert joint.intermediate_size == 256 and joint.achieved_cr > 0.1  # the heads alone remove more than --cr
+    both = plan_dims(SHAPE, 0.3, head_multiple=16, kv_cr=0.1)  # --cr's heads already meet the KV target
+    assert both.qk_head_dim == plan_dims(SHAPE, 0.3, head_multiple=16).qk_head_dim
+
+
 def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random_models, tmp_path):
     """End to end on a random GQA model: the exporter's loss-aware plan has a smaller total predicted loss than the
     uniform plan at the same CR, meets the budget within 1%, and the checkpoint records and serves its per-layer

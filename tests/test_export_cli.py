@@ -162,3 +162,39 @@ def test_out_must_not_be_the_source(capsys, tmp_path, random_models):
         code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--overwrite", *QUICK)
         assert_one_line_error(code, err, "source folder")
     assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_kv_cache_targets_bad_input(capsys, tmp_path, random_models):
+    src = random_models["llama2-mha"]
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "--model", src, "--out", out, *QUICK)
+    assert_one_line_error(code, err, "give --cr", "--kv-cr")
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--kv-cr", "0.2", "--components", "mlp", "--out", out,
+                        *QUICK)
+    assert_one_line_error(code, err, "--kv-cr 0.2", "add qk,ov to --components")
+    code, _, err = _run(capsys, "--model", src, "--kv-cr", "0.8", "--out", out, *QUICK)
+    assert_one_line_error(code, err, "--kv-cr 0.8", "minimum", "smaller --kv-cr")
+    code, _, err = _run(capsys, "--model", src, "--kv-cr", "1.5", "--out", out, *QUICK)
+    assert_one_line_error(code, err, "--kv-cr must be in [0, 1)")
+    assert not out.exists()
+
+
+def test_kv_cache_mode_and_joint_mode(capsys, tmp_path, random_models):
+    """`--kv-cr` alone shrinks only the heads; with `--cr` both targets hold; the default KV target is --cr."""
+    src = random_models["llama3-gqa"]  # 2 layers, 64-dim heads
+    code, stdout, _ = _run(capsys, "--model", src, "--kv-cr", "0.25", "--out", tmp_path / "kv", "--nsamples", "4",
+                           "--seqlen", "32", "--device", "cpu", "--json", "-")
+    rep = json.loads(stdout[stdout.index("{"):])
+    cfg = json.loads((tmp_path / "kv" / "config.json").read_text())
+    assert code == 0 and rep["summary"]["achieved_kv_cr"] >= 0.25 and cfg["a3"]["target_kv_cr"] == 0.25
+    layers = cfg.get("layer_intermediate_sizes") or [cfg["intermediate_size"]] * 2
+    assert layers == [512, 512]  # the MLP is untouched
+    assert "KV cache" in (tmp_path / "kv" / "README.md").read_text()
+    code, stdout, _ = _run(capsys, "--model", src, "--cr", "0.1", "--kv-cr", "0.5", "--out", tmp_path / "both",
+                           "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--json", "-")
+    rep = json.loads(stdout[stdout.index("{"):])
+    assert code == 0 and rep["summary"]["achieved_kv_cr"] >= 0.5 and rep["summary"]["achieved_cr"] >= 0.1
+    code, stdout, _ = _run(capsys, "--model", src, "--cr", "0.2", "--out", tmp_path / "default", "--nsamples", "4",
+                           "--seqlen", "32", "--device", "cpu", "--json", "-")
+    rep = json.loads(stdout[stdout.index("{"):])
+    assert code == 0 and rep["summary"]["target_kv_cr"] == 0.2 and rep["summary"]["achieved_kv_cr"] >= 0.2

@@ -51,7 +51,7 @@ PROMPTS = [
     "specialised cells contain many chloroplasts. In the first stage, light energy is absorbed and used to split "
     "water molecules; in the second stage, the energy stored in ATP and NADPH is used to",
 ]
-PARITY = ["smol-cr0.1", "smol-cr0.2", "mha", "gqa", "bias", "smol-per-layer"]
+PARITY = ["smol-cr0.1", "smol-cr0.2", "mha", "gqa", "bias", "smol-per-layer", "smol-kv0.25"]
 # per-layer sizes (what a loss-aware allocation writes): even layers keep 64-dim heads and lose MLP width, odd
 # layers keep the MLP and get 32-dim heads; K = V per layer, multiples of 16 (vLLM's CPU attention)
 PER_LAYER = tuple((64, 64, 1280) if i % 2 == 0 else (32, 32, 1536) for i in range(30))
@@ -120,6 +120,8 @@ def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01, smol_a3_cr0
         "gqa": _export(random_models["llama3-gqa"], root / "gqa", 0.2),  # GQA + llama3 rope scaling
         "bias": _export(random_models["qwen2-bias"], root / "bias", 0.2),  # q/k/v bias
         "smol-per-layer": _export(demo_model, root / "smol-per-layer", 0.0, layer_dims=PER_LAYER),
+        # `a3-export --kv-cr 0.25`: the KV-cache mode (per-layer heads, the MLP untouched)
+        "smol-kv0.25": _export(demo_model, root / "smol-kv0.25", 0.0, kv_cr=0.25),
         "dense": demo_model,
     }
     c["rotated-index"] = _edit_tensors(c["smol-cr0.1"], root / "rotated-index", _rotate_index)
@@ -244,6 +246,16 @@ def test_kv_cache_capacity_scales_with_head_size(ckpts, vllm_results):
         assert comp["block_size"] == dense["block_size"]
         expected = dense["num_blocks"] * ratio
         assert abs(comp["num_blocks"] - expected) <= 1, (name, comp["num_blocks"], dense["num_blocks"], ratio)
+
+
+def test_kv_cache_mode_capacity_is_what_was_asked(ckpts, vllm_results):
+    """`a3-export --kv-cr 0.25`: the engine's own KV capacity is within 2% of 1/(1 - 0.25) of the dense model's."""
+    dense, comp = vllm_results["dense"], vllm_results["smol-kv0.25"]
+    assert "error" not in comp, comp.get("error")
+    cfg = json.loads((ckpts["smol-kv0.25"] / "config.json").read_text())
+    assert cfg["a3"]["target_kv_cr"] == 0.25 and set(cfg.get("layer_intermediate_sizes") or [1536]) == {1536}
+    ratio = comp["kv_cache_tokens"] / dense["kv_cache_tokens"]
+    assert abs(ratio / (1 / 0.75) - 1) <= 0.02, ratio
 
 
 def test_kv_cache_capacity_with_per_layer_head_sizes(ckpts, vllm_results):

@@ -39,7 +39,8 @@ def render_model_card(report: dict[str, Any]) -> str:
         "tags: [a3, a3-serve, low-rank, compressed, kv-cache-compression]",
         "---",
         "",
-        f"# {src['name']}: A3-compressed (CR {s['target_cr']:.2f})",
+        f"# {src['name']}: A3-compressed (CR {s['target_cr']:.2f}"
+        + (f", KV cache -{s['achieved_kv_cr']:.0%})" if s.get("achieved_kv_cr") else ")"),
         "",
         f"This checkpoint was produced by a3-serve {report['a3_serve_version']} from `{src['name']}` "
         f"({src['architecture']}, {src['attention']}) with **A3**, an analytical post-training low-rank method: every "
@@ -57,6 +58,10 @@ def render_model_card(report: dict[str, Any]) -> str:
         f"| all parameters | {_fmt_int(s['params_before'])} | {_fmt_int(s['params_after'])} |",
         f"| KV cache per token ({s['kv_dtype']}) | {_fmt_int(s['kv_bytes_per_token_before'])} B | "
         f"{_fmt_int(s['kv_bytes_per_token_after'])} B |",
+        "",
+        f"KV-cache target: at least {s.get('target_kv_cr', 0.0):.3f} of the bytes per token removed; achieved "
+        f"{s.get('achieved_kv_cr', 0.0):.4f}, so the same cache memory holds "
+        f"{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f}x the tokens.",
         "",
         f"Target compression ratio {s['target_cr']:.3f}; achieved {s['achieved_cr']:.4f} of the decoder's linear "
         "parameters "

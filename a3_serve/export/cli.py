@@ -32,11 +32,18 @@ size (a multiple of --head-multiple, K = V) and MLP width, written as per-layer 
 With --allocation uniform (recipes paper, best-uniform) every layer gets the same sizes: heads rounded
 DOWN to --head-multiple and the MLP re-solved to meet the target (SmolLM2 at --cr 0.1: heads 64 -> 48,
 MLP 1536 -> 1459).
+
+KV-CR is the fraction of the KV cache's bytes per token removed (K and V head sizes); the same cache memory
+then holds 1/(1 - KV-CR) times the tokens. It defaults to CR: the export never trades the KV cache away to
+meet the parameter budget (--kv-cr 0 lets the allocation choose freely). --kv-cr alone is the KV-cache
+compression mode: only the QK/OV head sizes change, the MLP is untouched. With both, both targets hold.
 """
 
 EPILOG = """\
 examples:
   a3-export --model ./Llama-3.1-8B --cr 0.1 --out ./compressed
+  a3-export --model ./Llama-3.1-8B --kv-cr 0.25 --out ./kv-compressed     # KV cache only: 1.33x more tokens
+  a3-export --model ./Llama-3.1-8B --cr 0.1 --kv-cr 0.33 --out ./both      # 10% of the parameters, 1.5x the tokens
   a3-export --model "$(a3-demo-model)" --cr 0.2 --out ./smol-a3 --nsamples 64 --seqlen 512 --eval-tokens 16384
   a3-export --model ./m --cr 0.2 --out ./m-ov --components ov          # ablation: only VO dims
   a3-export --model ./m --cr 0.2 --out ./m-paper --recipe paper       # reproduce the publication
@@ -71,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dense Hugging Face model folder (config.json, *.safetensors, tokenizer)")
     io.add_argument("--out", required=True, metavar="DIR",
                     help="folder to create for the compressed checkpoint (must not exist unless --overwrite)")
-    io.add_argument("--cr", required=True, type=float, metavar="RATIO",
-                    help="compression ratio in (0, 1): fraction of decoder linear parameters to remove, e.g. 0.1")
+    io.add_argument("--cr", type=float, default=None, metavar="RATIO",
+                    help="compression ratio in (0, 1): fraction of decoder linear parameters to remove, e.g. 0.1 "
+                         "(give --cr, --kv-cr or both)")
+    io.add_argument("--kv-cr", type=float, default=None, metavar="RATIO",
+                    help="KV-cache target in [0, 1): at least this fraction of the KV cache's bytes per token removed "
+                         "(0.25: 1.33x more tokens in the same memory). Default: --cr. Alone: only QK/OV head sizes "
+                         "change (the MLP is untouched); 0: no KV target")
     io.add_argument("--overwrite", action="store_true",
                     help="replace --out if it exists (the old folder is removed only after the new one is complete)")
     io.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -180,7 +192,8 @@ def format_summary(report: dict) -> str:
         f"  params      decoder linear {s['linear_params_before']:,} -> {s['linear_params_after']:,}; all "
         f"{s['params_before']:,} -> {s['params_after']:,}",
         f"  KV cache    {s['kv_bytes_per_token_before']:,} -> {s['kv_bytes_per_token_after']:,} bytes/token "
-        f"({s['kv_dtype']}), x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB",
+        f"({s['kv_dtype']}), x{s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.2f} more tokens per GB "
+        f"(target >= {s.get('target_kv_cr', 0.0):.3f} removed, achieved {s.get('achieved_kv_cr', 0.0):.4f})",
         f"  CR          target {s['target_cr']:.3f}, achieved {s['achieved_cr']:.4f}",
         f"  methods     recipe {report.get('recipe', 'custom')}: qk={report['methods']['qk']} "
         f"ov={report['methods']['ov']} mlp={report['methods']['mlp']} "
@@ -208,13 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(0 if args.quiet else (2 if args.verbose else 1))
 
     def command() -> int:
+        from a3_serve.errors import InputError
         from a3_serve.export.pipeline import ExportOptions, run_export
         from a3_serve.folders import check_output_file
 
+        if args.cr is None and args.kv_cr is None:
+            raise InputError("give --cr (parameters removed), --kv-cr (KV cache removed) or both, e.g. --cr 0.1")
         if args.json and args.json != "-":  # checked now: a bad path must not cost the export
             check_output_file(Path(args.json), "--json", (("--model", Path(args.model)), ("--out", Path(args.out))))
         opts = ExportOptions(
-            model=Path(args.model), out=Path(args.out), cr=args.cr, calib=args.calib, calib_split=args.calib_split,
+            model=Path(args.model), out=Path(args.out), cr=0.0 if args.cr is None else args.cr, kv_cr=args.kv_cr,
+            calib=args.calib, calib_split=args.calib_split,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device,
             dtype=args.dtype, save_dtype=args.save_dtype, head_multiple=args.head_multiple,
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),

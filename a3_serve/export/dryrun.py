@@ -106,6 +106,8 @@ def dry_run_report(job) -> dict[str, Any]:
         "params_before": lin_before + other, "params_after": lin_after + other,
         "weight_bytes_after": (lin_after + other) * bpe, "save_dtype": dtype_name(save_dtype),
         "kv_bytes_per_token_before": kv_before, "kv_bytes_per_token_after": kv_after,
+        "target_kv_cr": plan.target_kv_cr, "achieved_kv_cr": plan.achieved_kv_cr(arch),
+        "kv_capacity_ratio": kv_before / kv_after,
         "calibration": {"description": calib_desc, "nsamples": opts.nsamples, "seqlen": opts.seqlen, "n_tokens": N,
                         "statistics": opts.stats},
         "device": str(device), "compute_dtype": dtype_name(dtype),
@@ -114,12 +116,14 @@ def dry_run_report(job) -> dict[str, Any]:
     }
     rep["lines"] = [
         f"a3-export dry run: {opts.model} -> {opts.out} (nothing computed, nothing written)",
-        f"  dims        {dims}" + (" (uniform; the loss-aware allocation sets per-layer dims with the same parameter "
-                                   "count after its calibration pass)" if allocate else ""),
+        f"  dims        {dims}" + (" (uniform; the loss-aware allocation sets per-layer dims meeting the same budgets "
+                                   "after its calibration pass)" if allocate else ""),
         f"  params      decoder linear {lin_before:,} -> {lin_after:,} (CR {plan.achieved_cr:.4f}); all "
         f"{lin_before + other:,} -> {lin_after + other:,}; {fmt_bytes((lin_after + other) * bpe)} as "
         f"{dtype_name(save_dtype)}",
-        f"  KV cache    {kv_before:,} -> {kv_after:,} bytes/token, x{kv_before / kv_after:.2f} more tokens per GB",
+        f"  KV cache    {kv_before:,} -> {kv_after:,} bytes/token, x{kv_before / kv_after:.2f} more tokens per GB "
+        f"(target >= {plan.target_kv_cr:.3f} removed, planned {plan.achieved_kv_cr(arch):.4f}"
+        + ("; the allocation meets the target with per-layer heads)" if allocate else ")"),
         f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
         f"{passes:.1f} forward-pass equivalents",
         f"  estimate    {_fmt_s(est_s)} on {device} in {dtype_name(dtype)} ({flops / 1e12:.2f} TFLOP at a probed "

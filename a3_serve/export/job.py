@@ -32,7 +32,7 @@ from a3_serve.export.architectures import (
 )
 from a3_serve.export.folder import check_destination
 from a3_serve.export.lazy import SafetensorsSource
-from a3_serve.export.options import ExportOptions, resolve_save_dtype, validate_options
+from a3_serve.export.options import ExportOptions, resolve_kv_cr, resolve_save_dtype, validate_options
 from a3_serve.export.passes import CalibrationPasses, plan_passes
 from a3_serve.runtime import (
     check_context_length,
@@ -63,6 +63,11 @@ class ExportJob:
     streamed: bool
     passes: CalibrationPasses
     t_start: float
+
+    @property
+    def kv_cr(self) -> float:
+        """The KV-cache target (:func:`~a3_serve.export.options.resolve_kv_cr`)."""
+        return resolve_kv_cr(self.opts)
 
     @property
     def model_dir(self) -> Path:
@@ -109,14 +114,17 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     if opts.layer_dims is not None:
         plan = plan_per_layer(arch, opts.layer_dims, head_multiple=opts.head_multiple)
     else:
-        plan = plan_dims(arch, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple)
+        plan = plan_dims(arch, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple,
+                         kv_cr=resolve_kv_cr(opts))
     check_destination(Path(opts.out), opts.overwrite, Path(opts.model))
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     log.info(
-        "%s (%s, %d layers, %d/%d heads of %d, MLP %d) -> heads %d/%d, MLP %d (target CR %.3f, achieved %.4f)",
+        "%s (%s, %d layers, %d/%d heads of %d, MLP %d) -> heads %d/%d, MLP %d (target CR %.3f, achieved %.4f; "
+        "KV cache target %.3f, achieved %.4f)",
         opts.model, arch.model_type, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
         arch.intermediate_size, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.cr, plan.achieved_cr,
+        plan.target_kv_cr, plan.achieved_kv_cr(arch),
     )
     if opts.methods.allocation == "loss" and opts.layer_dims is None:
         log.info("those are the uniform dims; the loss-aware allocation replaces them with per-layer dims after "

@@ -52,6 +52,7 @@ class ExportOptions:
     eval_tokens: int = 0
     eval_seqlen: int = 512
     layer_dims: tuple | None = None  # Python API: explicit per-layer (r_qk, r_vo, r_int), overriding cr
+    kv_cr: float | None = None  # KV-cache bytes per token removed, at least; None: the same as cr (0 frees it)
     stats: str = "original"  # "original" (the paper) or "propagated" (through the compressed earlier layers)
     verify: bool = True  # load the written folder and run a forward pass before it is renamed into place
     allow_zero_cr: bool = False  # Python API only: CR 0 runs the whole pipeline without removing anything
@@ -63,7 +64,13 @@ class ExportOptions:
 
 def validate_options(opts: ExportOptions) -> None:
     """One-line errors for option values that can never work."""
-    lo_ok = opts.cr >= 0 if (opts.allow_zero_cr or opts.layer_dims is not None) else opts.cr > 0
+    kv_mode = opts.kv_cr is not None and opts.kv_cr > 0
+    lo_ok = opts.cr >= 0 if (opts.allow_zero_cr or opts.layer_dims is not None or kv_mode) else opts.cr > 0
+    if opts.kv_cr is not None and not 0 <= opts.kv_cr < 1:
+        raise InputError(f"--kv-cr must be in [0, 1), got {opts.kv_cr:g}; e.g. --kv-cr 0.25 removes a quarter of the "
+                         "KV-cache bytes per token (1.33x more tokens in the same memory)")
+    if opts.layer_dims is not None and kv_mode:
+        raise InputError("explicit per-layer dims (layer_dims) fix the KV cache themselves; drop kv_cr")
     if not (lo_ok and opts.cr < 1):
         raise InputError(
             f"--cr must be between 0 and 1 (exclusive), got {opts.cr:g}; e.g. --cr 0.1 removes 10% of the decoder's "
@@ -106,3 +113,14 @@ def resolve_save_dtype(opts: ExportOptions, src_cfg: dict[str, Any]) -> torch.dt
         name = str(src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "float32")
         return DTYPES.get(name, torch.float32)
     return DTYPES[opts.save_dtype]
+
+
+def resolve_kv_cr(opts: ExportOptions) -> float:
+    """The KV-cache target of an export: ``kv_cr`` when given, else ``cr`` (the default never trades the KV cache
+    away: the cache shrinks at least as much as the parameters) when both head sizes are compressed; none with
+    explicit per-layer dims."""
+    if opts.layer_dims is not None:
+        return 0.0
+    if opts.kv_cr is None:
+        return float(opts.cr) if {"qk", "ov"} <= set(opts.components) else 0.0
+    return float(opts.kv_cr)

@@ -98,6 +98,8 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
         "kv_dtype": dtype_name(job.save_dtype),
         "kv_bytes_per_token_before": arch.kv_bytes_per_token(arch.head_dim, arch.head_dim, bpe),
         "kv_bytes_per_token_after": plan.kv_bytes_per_token(arch, bpe),
+        "target_kv_cr": plan.target_kv_cr,
+        "achieved_kv_cr": plan.achieved_kv_cr(arch),
         "notes": list(plan.notes),
         "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
     }
@@ -111,6 +113,8 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
         "source_fingerprint": source_fingerprint,
         "target_cr": opts.cr,
         "achieved_cr": plan.achieved_cr,
+        "target_kv_cr": plan.target_kv_cr,
+        "achieved_kv_cr": plan.achieved_kv_cr(arch),
         "components": list(opts.components),
         "recipe": recipe,
         "methods": methods,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from a3_serve.errors import BudgetError
-from a3_serve.solvers.budget import DimPlan, ModelShape, plan_per_layer
+from a3_serve.solvers.budget import DimPlan, ModelShape, check_kv_cr, plan_per_layer
 from a3_serve.solvers.linalg import as_f64, check_finite
 
 __all__ = ["LayerCurves", "tail_curve", "drop_curve", "pair_drop_curve", "lower_hull",
@@ -125,14 +125,17 @@ def lower_hull(params: list[int], losses: list[float]) -> list[int]:
     return hull
 
 
-def greedy_allocate(items: list[tuple[list[int], list[float]]], budget: int) -> list[int]:
+def greedy_allocate(
+    items: list[tuple[list[int], list[float]]], budget: int, start: list[int] | None = None
+) -> list[int]:
     """Pick one option per item minimising the summed loss with ``Σ params <= budget``.
 
     ``items``: per item ``(params, losses)``, options ordered by strictly decreasing params (option 0 is the
-    starting point). Greedy on each item's :func:`lower_hull`: repeatedly move the item whose next hull option
+    full size). Greedy on each item's :func:`lower_hull`: repeatedly move the item whose next hull option
     has the smallest ``Δloss / Δparams`` until the budget is met; then undo cuts that fit in the overshoot (largest
     loss saved per parameter first), so the result lies within one smallest step of the budget when small steps
-    exist (MLP neurons). Returns the chosen option index per item.
+    exist (MLP neurons). ``start`` (hull options, e.g. an earlier allocation's result) is where each item begins and
+    the largest option the undo may return it to. Returns the chosen option index per item.
     Raises :class:`BudgetError` when even the smallest options exceed the budget.
     """
     floor = sum(p[-1] for p, _ in items)
@@ -140,8 +143,14 @@ def greedy_allocate(items: list[tuple[list[int], list[float]]], budget: int) -> 
         raise BudgetError(f"the smallest allowed sizes still need {floor:,} parameters, over the budget of {budget:,}; "
                           "use a smaller --cr")
     hulls = [lower_hull(p, losses) for p, losses in items]
-    pos = [0] * len(items)
-    total = sum(p[0] for p, _ in items)
+    if start is None:
+        pos = [0] * len(items)
+    else:
+        if any(s not in h for s, h in zip(start, hulls)):
+            raise ValueError("start options must lie on their items' lower hulls")
+        pos = [h.index(s) for s, h in zip(start, hulls)]
+    lowest = list(pos)
+    total = sum(p[h[k]] for (p, _), h, k in zip(items, hulls, pos))
     heap: list[tuple[float, int, int]] = []
 
     def push(k: int) -> None:
@@ -164,7 +173,7 @@ def greedy_allocate(items: list[tuple[list[int], list[float]]], budget: int) -> 
     while True:
         best = None
         for k, (p, losses) in enumerate(items):
-            if pos[k] == 0:
+            if pos[k] == lowest[k]:
                 continue
             a, b = hulls[k][pos[k] - 1], hulls[k][pos[k]]
             cost = p[a] - p[b]
@@ -188,8 +197,10 @@ def allocate_dims(
     head_multiple: int = 16,
     min_head_dim: int = 32,
     tie_qk_ov: bool = True,
+    kv_cr: float = 0.0,
 ) -> DimPlan:
-    """Per-layer ``(r_qk, r_vo, r_int)`` meeting ``cr`` (on decoder linear parameters) with the least predicted loss.
+    """Per-layer ``(r_qk, r_vo, r_int)`` meeting ``cr`` (on decoder linear parameters) and ``kv_cr`` (on KV-cache
+    bytes per token) with the least predicted loss.
 
     Options per layer: head dims ``r ∈ {max(min_head_dim, m), …, d_h}`` in steps of ``m = head_multiple``; the
     default minimum 32 is the smallest head vLLM's CPU attention runs (a uniform plan never goes that low at the
@@ -200,11 +211,20 @@ def allocate_dims(
     n_mlp·d·n``. The budget is ``floor((1 − cr) · P)`` with ``P`` the original parameters of the compressed
     components (the whole decoder when all three are); the result meets it, overshooting by at most one step
     (``≤ d·m·2(h_q + h_kv)`` parameters). Returns a :class:`DimPlan` (``layers`` set unless all layers agree).
+
+    The KV-cache target (``kv_cr > 0``, docs/METHOD.md §6.6): a layer's KV bytes and its attention parameters are both
+    proportional to ``r_qk + r_vo``, so "at least ``kv_cr`` of the KV bytes removed" is a budget on the attention
+    items alone. It is met first (the greedy over the attention items with that budget: the least loss for the KV
+    target), then the parameter budget from there (attention items may be cut further, never given back above the
+    KV allocation). On convex loss curves this is the optimum of both constraints: all attention items end at one
+    marginal loss per parameter, the larger of the two budgets' thresholds. ``cr == 0`` with ``kv_cr > 0`` is the
+    KV-cache-compression mode: only head sizes change.
     """
     if len(curves) != shape.num_layers:
         raise ValueError(f"need one LayerCurves per layer ({shape.num_layers}), got {len(curves)}")
     if not 0.0 <= float(cr) < 1.0 or math.isnan(float(cr)):
         raise BudgetError(f"--cr must be in [0, 1), got {cr!r}")
+    kv = check_kv_cr(kv_cr, components)
     d, hq, hkv, dh, d_int = (shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim,
                              shape.intermediate_size)
     m = head_multiple
@@ -239,9 +259,24 @@ def allocate_dims(
         if not all(math.isfinite(x) for x in losses):
             raise BudgetError("the allocation losses contain NaN or Inf; check the calibration statistics")
 
-    # CR applies to the compressed components (all of them: the whole decoder), as in plan_dims
-    budget = math.floor((1.0 - float(cr)) * sum(p[0] for p, _ in items) + 1e-6)
-    choice = greedy_allocate(items, budget)
+    attn_items = [k for k, (_, what, _) in enumerate(slots) if what != "mlp"]
+    start = None
+    if kv > 0:
+        attn = [items[k] for k in attn_items]
+        kv_budget = math.floor((1.0 - kv) * sum(p[0] for p, _ in attn) + 1e-6)
+        smallest = sum(p[-1] for p, _ in attn)
+        if smallest > kv_budget:
+            raise BudgetError(f"--kv-cr {kv:g} (its default is --cr) needs heads below the {head_sizes[-1]}-dim "
+                              "minimum the serving backend runs; use a smaller --kv-cr")
+        start = [0] * len(items)
+        for k, option in zip(attn_items, greedy_allocate(attn, kv_budget)):
+            start[k] = option
+    if float(cr) == 0.0:  # the KV-cache mode: nothing else is cut
+        choice = start if start is not None else [0] * len(items)
+    else:
+        # CR applies to the compressed components (all of them: the whole decoder), as in plan_dims
+        budget = math.floor((1.0 - float(cr)) * sum(p[0] for p, _ in items) + 1e-6)
+        choice = greedy_allocate(items, budget, start)
     dims = [[dh, dh, d_int] for _ in range(shape.num_layers)]
     for (li, what, sizes), k in zip(slots, choice):
         size = sizes[k]
@@ -249,6 +284,7 @@ def allocate_dims(
             dims[li][0] = dims[li][1] = size
         else:
             dims[li][{"qk": 0, "ov": 1, "mlp": 2}[what]] = size
-    plan = plan_per_layer(shape, dims, head_multiple=m, target_cr=float(cr))
-    plan.notes.append("loss-aware allocation across layers and components")
+    plan = plan_per_layer(shape, dims, head_multiple=m, target_cr=float(cr), target_kv_cr=kv)
+    plan.notes.append("loss-aware allocation across layers and components"
+                      + (f" under a KV-cache target (at least {kv:g} removed)" if kv > 0 else ""))
     return plan

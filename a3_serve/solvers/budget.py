@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from a3_serve.errors import BudgetError, InputError
 
-__all__ = ["COMPONENTS", "ModelShape", "DimPlan", "plan_dims", "plan_per_layer"]
+__all__ = ["COMPONENTS", "ModelShape", "DimPlan", "plan_dims", "plan_per_layer", "kv_head_cap", "check_kv_cr"]
 
 COMPONENTS = ("qk", "ov", "mlp")
 
@@ -95,6 +95,8 @@ class DimPlan:
     notes: list[str] = field(default_factory=list)
     #: per-layer ``(r_qk, r_vo, r_int)`` when layers differ (then the scalar fields hold the maxima); None: uniform
     layers: tuple[tuple[int, int, int], ...] | None = None
+    #: the KV-cache target: at least this fraction of the KV bytes per token removed (0: none)
+    target_kv_cr: float = 0.0
 
     def layer_dims(self, i: int) -> tuple[int, int, int]:
         """``(r_qk, r_vo, r_int)`` of layer ``i``."""
@@ -116,6 +118,10 @@ class DimPlan:
         return sum(shape.num_kv_heads * (a + b) * bytes_per_elem
                    for a, b, _ in map(self.layer_dims, range(shape.num_layers)))
 
+    def achieved_kv_cr(self, shape: ModelShape) -> float:
+        """The fraction of the original KV-cache bytes per token removed (``1 − Σ_l (r_qk + r_vo) / (2·L·d_h)``)."""
+        return 1.0 - self.kv_bytes_per_token(shape, 1) / shape.kv_bytes_per_token(bytes_per_elem=1)
+
 
 def _normalise_components(components) -> tuple[str, ...]:
     if isinstance(components, str):
@@ -131,12 +137,42 @@ def _normalise_components(components) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if c in comps)
 
 
+def kv_head_cap(shape: ModelShape, kv_cr: float, head_multiple: int, min_head_dim: int) -> int:
+    """The largest head size (K = V, a multiple of ``head_multiple``) whose KV cache removes at least ``kv_cr`` of
+    the original bytes per token: ``floor((1 − kv_cr)·d_h / m)·m``; :class:`BudgetError` below the minimum."""
+    exact = (1.0 - kv_cr) * shape.head_dim
+    r = _floor(exact / head_multiple) * head_multiple
+    minimum = max(min_head_dim, head_multiple)
+    if r < minimum:
+        raise BudgetError(
+            f"--kv-cr {kv_cr:g} (its default is --cr) needs heads of at most {exact:.1f} dims (of {shape.head_dim}), "
+            f"below the {minimum}-dim minimum the serving backend runs; use a smaller --kv-cr"
+        )
+    return r
+
+
+def check_kv_cr(kv_cr: float, components) -> float:
+    """``kv_cr`` as a float in ``[0, 1)``; a KV target needs both head sizes compressed (K and V are cached)."""
+    try:
+        kv = float(kv_cr)
+    except (TypeError, ValueError):
+        raise BudgetError(f"--kv-cr must be a number in [0, 1) (got {kv_cr!r}); e.g. --kv-cr 0.25") from None
+    if not 0.0 <= kv < 1.0:
+        raise BudgetError(f"--kv-cr must be in [0, 1) (got {kv_cr!r}); it is the fraction of KV-cache bytes per token "
+                          "removed, e.g. --kv-cr 0.25 holds 1.33x more tokens")
+    if kv > 0 and not {"qk", "ov"} <= set(components):
+        raise BudgetError(f"--kv-cr {kv:g} shrinks the cached K and V heads, but --components {','.join(components)} "
+                          "leaves them whole; add qk,ov to --components or drop --kv-cr")
+    return kv
+
+
 def plan_dims(
     shape: ModelShape,
     cr: float,
     components=COMPONENTS,
     head_multiple: int = 16,
     min_head_dim: int = 16,
+    kv_cr: float = 0.0,
 ) -> DimPlan:
     """Map a target compression ratio to reduced ``(r_qk, r_vo, r_int)``.
 
@@ -151,11 +187,16 @@ def plan_dims(
       at ``d_int`` with a note that the achieved CR exceeds the target.
     * MLP with only part of the attention: ``r_int = floor((1−cr)·d_int)`` (each selected component is cut by cr).
     * ``r_int < 1`` raises :class:`BudgetError`.
+    * KV-cache target ``kv_cr > 0`` (docs/METHOD.md §5.6): heads are at most :func:`kv_head_cap` (K = V), so at
+      least ``kv_cr`` of the KV bytes per token go; with ``cr == 0`` that is the KV-cache-compression mode (only the
+      head sizes change, the MLP is untouched), with ``cr > 0`` the MLP is re-solved for ``cr`` around the smaller
+      heads (capped at ``d_int``: both targets hold, the achieved CR may exceed ``cr``).
 
     ``components`` is an iterable of names from ``("qk", "ov", "mlp")`` or a comma-separated string.
     Returns a :class:`DimPlan`; ``achieved_cr = 1 − params(new)/params(orig)``.
     """
     comps = _normalise_components(components)
+    kv = check_kv_cr(kv_cr, comps)
     try:
         cr_f = float(cr)
     except (TypeError, ValueError):
@@ -176,9 +217,14 @@ def plan_dims(
 
     def plan(r_qk: int, r_vo: int, r_int: int) -> DimPlan:
         achieved = 1.0 - shape.layer_linear_params(r_qk, r_vo, r_int) / orig
-        return DimPlan(r_qk, r_vo, r_int, cr_f, achieved, comps, notes)
+        return DimPlan(r_qk, r_vo, r_int, cr_f, achieved, comps, notes, target_kv_cr=kv)
 
+    r_cap = kv_head_cap(shape, kv, m, min_head_dim) if kv > 0 else d_h
     if cr_f == 0.0:
+        if kv > 0:
+            notes.append(f"KV-cache mode: heads {d_h} -> {r_cap} (at least {kv:g} of the KV cache removed), "
+                         "MLP unchanged")
+            return plan(r_cap, r_cap, d_int)
         notes.append("cr 0: all dims unchanged")
         return plan(d_h, d_h, d_int)
 
@@ -197,6 +243,9 @@ def plan_dims(
             )
         if r != exact:
             notes.append(f"attention head dim {exact:g} rounded down to {r} (multiple of {m})")
+        if r > r_cap:
+            notes.append(f"heads {r} -> {r_cap} for the KV-cache target (at least {kv:g} of the KV bytes removed)")
+            r = r_cap
     r_qk = r if "qk" in comps else d_h
     r_vo = r if "ov" in comps else d_h
 
@@ -211,7 +260,7 @@ def plan_dims(
             return (target - shape.layer_linear_params(rr, rr, 0)) / (n_mlp * d)
 
         x = solve_int(r)
-        if _floor(x) > d_int and r + m <= d_h and _floor(solve_int(r + m)) >= 1:
+        if _floor(x) > d_int and r + m <= r_cap and _floor(solve_int(r + m)) >= 1:
             # r + m > (1-cr)·d_h, so the MLP now has to give up parameters: r_int <= d_int.
             notes.append(
                 f"rounding heads down to {r} removed more than the budget; heads raised to {r + m} and the MLP "
@@ -226,6 +275,9 @@ def plan_dims(
             notes.append(
                 f"MLP width capped at its original {d_int}: the head rounding alone removes more than the target, "
                 "so the achieved CR exceeds the target"
+                if r_cap == d_h or r < r_cap else
+                f"MLP width capped at its original {d_int}: the KV-cache target alone removes more than --cr, so the "
+                "achieved CR exceeds the target"
             )
         elif r_int < 1:
             raise BudgetError(
@@ -247,7 +299,8 @@ def plan_dims(
     return plan(r_qk, r_vo, r_int)
 
 
-def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, target_cr: float | None = None) -> DimPlan:
+def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, target_cr: float | None = None,
+                   target_kv_cr: float = 0.0) -> DimPlan:
     """A plan from explicit per-layer ``(r_qk, r_vo, r_int)`` (e.g. from a loss-aware allocation).
 
     Each ``r_qk``/``r_vo`` must be ``d_h`` (unchanged) or a multiple of ``head_multiple`` in ``[head_multiple, d_h)``
@@ -277,4 +330,5 @@ def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, targe
         intermediate_size=max(t[2] for t in dims),
         target_cr=achieved if target_cr is None else float(target_cr), achieved_cr=achieved, components=comps,
         notes=[] if uniform else ["per-layer dims"], layers=None if uniform else tuple(dims),
+        target_kv_cr=float(target_kv_cr),
     )
