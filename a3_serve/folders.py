@@ -123,9 +123,10 @@ def check_destination(out_dir: Path, overwrite: bool, sources: tuple[Path, ...] 
 
 
 def check_output_file(path: Path, flag: str, folders: tuple[tuple[str, Path], ...] = ()) -> Path:
-    """A file a command writes next to its main output (e.g. ``--json FILE``), checked before any work starts: its
-    folder must exist and be writable, it must not be a folder, and it must not lie inside any of ``folders``
-    (``(flag, path)`` pairs: the source model, the checkpoint being written), whose files it would replace."""
+    """A file a command writes next to its main output (e.g. ``--json FILE``), checked before any work starts: it
+    must not be a folder, must not lie inside any of ``folders`` (``(flag, path)`` pairs: the source model, the
+    checkpoint being written), whose files it would replace, and its folder must be writable or creatable (the
+    nearest existing ancestor a writable folder; :func:`write_output_file` creates the rest)."""
     given = Path(path).expanduser()
     target = given.resolve()
     if target.is_dir():
@@ -134,13 +135,24 @@ def check_output_file(path: Path, flag: str, folders: tuple[tuple[str, Path], ..
         if contains(Path(folder).expanduser(), target):
             raise InputError(f"{flag} {str(path)!r} lies inside {other_flag} {str(folder)!r} and would replace its "
                              "files; write it elsewhere")
-    parent = target.parent
-    if not parent.is_dir():
-        raise InputError(f"{flag} {str(path)!r}: the folder {str(parent)!r} does not exist; create it or choose "
-                         "another path")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {str(path)!r}: {str(ancestor)!r} is a file, not a folder; choose another path")
+    if not os.access(ancestor, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise InputError(f"{flag} {str(path)!r} is not writable; choose a path you can write to")
     return target
+
+
+def write_output_file(path: Path, text: str) -> None:
+    """Write a file checked by :func:`check_output_file`, creating its folder, atomically (a temporary file beside
+    it, then a rename)."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def check_replaceable(out: Path, shown: str | None = None, flag: str = "--out",

@@ -171,17 +171,22 @@ def test_destination_rules_never_lose_data(tmp_path_factory, monkeypatch, cwd, m
 
 
 def test_json_report_path_is_checked_before_the_export(capsys, tmp_path, random_models):
-    """`--json` into a missing folder gave a traceback after the checkpoint was written; into the source folder it
-    would have replaced the source's files."""
+    """`--json` into a missing folder gave a traceback after the checkpoint was written (now the folder is created);
+    a path that can never be written, or one inside the source folder (it would replace the source's files), is
+    refused before the export starts."""
     src = copy_model(random_models["llama2-mha"], tmp_path / "src")
     before = tree_digest(src)
     out = tmp_path / "out"
+    (tmp_path / "a-file").write_text("x")
     code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--json",
-                        tmp_path / "nope" / "r.json", *QUICK)
-    assert_one_line_error(code, err, "does not exist")
+                        tmp_path / "a-file" / "r.json", *QUICK)
+    assert_one_line_error(code, err, "is a file, not a folder")
     code, _, err = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--json", src / "config.json", *QUICK)
     assert_one_line_error(code, err, "inside --model")
     assert not out.exists() and tree_digest(src) == before
+    code, _, _ = _run(capsys, "--model", src, "--cr", "0.2", "--out", out, "--json", tmp_path / "new" / "r.json",
+                      *QUICK)
+    assert code == 0 and json.loads((tmp_path / "new" / "r.json").read_text())["output"] == str(out.resolve())
 
 
 # --- 2. resume must never mix two models ------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_ppl(args: argparse.Namespace) -> int:
     from a3_serve.eval.ppl import evaluate_folder, format_result
+    from a3_serve.folders import check_output_file, write_output_file
 
     max_tokens: Optional[int] = args.max_tokens
     if max_tokens is not None and max_tokens < 0:
@@ -115,11 +116,7 @@ def _run_ppl(args: argparse.Namespace) -> int:
     if max_tokens == 0:
         max_tokens = None
     if args.json and args.json != "-":
-        out = Path(args.json).expanduser()
-        if out.is_dir():
-            raise InputError(f"--json {args.json} is a folder; give a file name")
-        if not out.parent.exists():
-            raise InputError(f"--json {args.json}: folder {out.parent} does not exist; create it or pick another path")
+        check_output_file(Path(args.json), "--json", (("--model", Path(args.model)),))
     res = evaluate_folder(
         args.model, data=args.data, split=args.split, seqlen=args.seqlen, max_tokens=max_tokens,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -133,7 +130,7 @@ def _run_ppl(args: argparse.Namespace) -> int:
     else:
         print(line)
         if args.json:
-            Path(args.json).expanduser().write_text(json.dumps(_json_safe(res), indent=2) + "\n")
+            write_output_file(Path(args.json), json.dumps(_json_safe(res), indent=2) + "\n")
     return 0
 
 

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         from a3_serve.errors import InputError
         from a3_serve.export.pipeline import ExportOptions, run_export
-        from a3_serve.folders import check_output_file
+        from a3_serve.folders import check_output_file, write_output_file
 
         if args.cr is None and args.kv_cr is None:
             raise InputError("give --cr (parameters removed), --kv-cr (KV cache removed) or both, e.g. --cr 0.1")
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json == "-":
                 print(text)
             else:
-                Path(args.json).write_text(text + "\n")
+                write_output_file(Path(args.json), text + "\n")
         return 0
 
     return run_cli(command, interrupted="interrupted; nothing was written to --out (re-run the same command to resume "
