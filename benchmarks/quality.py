@@ -8,6 +8,11 @@ the calibration tokens, so the export cost can be read as a ratio.
 
     python benchmarks/quality.py                      # SmolLM2 demo, CR 0.1/0.2/0.3, all recipes
     python benchmarks/quality.py --crs 0.2 --recipes a3,wanda --eval-tokens 8192
+    python benchmarks/quality.py --crs 0,0.1,0.2 --kv-crs 0,0.1,0.2,0.25,0.33,0.4,0.5 --recipes best,paper   # KV axis
+
+The KV axis (``--kv-crs``): every (CR, KV-CR) pair of the grid is one model (``default`` = the exporter's default,
+KV-CR = CR; CR 0 with KV-CR > 0 is the KV-cache-compression mode: only head sizes change); the rows carry the
+achieved KV-cache reduction and capacity ratio, and the Markdown adds a quality-vs-capacity table.
 
 Writes ``<out-dir>/quality.json``, ``quality.md`` and ``quality.png``.
 """
@@ -27,6 +32,7 @@ import torch
 import a3_serve
 from a3_serve.calibration.sources import calibration_windows, describe_source, eval_windows, load_texts, sources_overlap
 from a3_serve.calibration.stats import collect_stats
+from a3_serve.errors import A3Error
 from a3_serve.eval.ppl import evaluate_ppl
 from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.card import dim_span
@@ -56,6 +62,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="dense model folder (default: the built-in SmolLM2 demo model)")
     p.add_argument("--crs", default="0.1,0.2,0.3", help="comma-separated compression ratios")
+    p.add_argument("--kv-crs", default="default",
+                   help="comma-separated KV-cache targets (fraction of KV bytes per token removed); 'default' = the "
+                        "exporter's default (KV-CR = CR); each (CR, KV-CR) pair is one model")
     p.add_argument("--recipes", default=",".join(DEFAULT_GRID), help=f"comma-separated subset of {','.join(RECIPES)}")
     p.add_argument("--calib", default="mix", help="calibration source (default: built-in mix = wiki + austen + pydoc "
                    "in equal shares, calibration split, as a3-export; e.g. wiki for the paper's setting)")
@@ -78,6 +87,7 @@ def main() -> int:
         args.model = str(build_demo_model())
     evals = args.evals or ["wiki:heldout", "austen:heldout"]
     crs = [float(c) for c in args.crs.split(",")]
+    kv_crs = [None if k == "default" else float(k) for k in args.kv_crs.split(",")]
     recipes = [r for r in args.recipes.split(",") if r]
     for r in recipes:
         if r.split("@")[0] not in RECIPES or r.split("@")[1:] not in ([], ["propagated"]):
@@ -133,18 +143,25 @@ def main() -> int:
     rows = []
     dense = {spec: evaluate_ppl(model, w, batch_size=args.batch_size, progress=False)["ppl"]
              for spec, w in windows.items()}
-    rows.append({"cr": 0.0, "recipe": "dense", "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size],
-                 "achieved_cr": 0.0, "ppl": dense, "solve_s": 0.0})
+    rows.append({"cr": 0.0, "kv_cr": 0.0, "recipe": "dense",
+                 "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size], "achieved_cr": 0.0,
+                 "achieved_kv_cr": 0.0, "kv_capacity": 1.0, "ppl": dense, "solve_s": 0.0})
     print(f"dense: {dense}", flush=True)
-    grid = [(cr, r) for r in recipes for cr in crs]  # recipe-major: the first recipes are complete early
-    for cr, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
+    # recipe-major: the first recipes are complete early; (0, 0) and (0, default) would be the dense model: skipped
+    grid = [(cr, kv, r) for r in recipes for cr in crs for kv in kv_crs if cr > 0 or (kv or 0) > 0]
+    for cr, kv_target, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
         base, _, stats_mode = recipe.partition("@")
         components, methods, _ = RECIPES[base]
+        kv = kv_target if kv_target is not None else (cr if {"qk", "ov"} <= set(components) else 0.0)
         t0 = time.perf_counter()
-        if methods.allocation == "loss":
-            plan = allocate_plan(model, stats, arch, cr, methods, components, args.head_multiple)
-        else:
-            plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple)
+        try:
+            if methods.allocation == "loss":
+                plan = allocate_plan(model, stats, arch, cr, methods, components, args.head_multiple, kv_cr=kv)
+            else:
+                plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple, kv_cr=kv)
+        except A3Error as err:  # e.g. a KV target below the minimum head size: a gap in the grid, said so
+            print(f"skipped CR {cr} KV-CR {kv} {recipe}: {err}", flush=True)
+            continue
         cfg = compressed_config(src_cfg, arch, plan, {}, torch.float32)
         dims = plan.dim_lists(arch.num_layers)
         if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
@@ -156,9 +173,12 @@ def main() -> int:
         small = build_a3_model(cfg, state)
         ppl = {spec: evaluate_ppl(small, w, batch_size=args.batch_size, progress=False)["ppl"]
                for spec, w in windows.items()}
-        row = {"cr": cr, "recipe": recipe, "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
+        achieved_kv = plan.achieved_kv_cr(arch)
+        row = {"cr": cr, "kv_cr": kv, "recipe": recipe,
+               "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
                "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
-               "achieved_cr": plan.achieved_cr, "ppl": ppl, "solve_s": solve_s}
+               "achieved_cr": plan.achieved_cr, "achieved_kv_cr": achieved_kv, "kv_capacity": 1.0 / (1.0 - achieved_kv),
+               "ppl": ppl, "solve_s": solve_s}
         rows.append(row)
         print(json.dumps(row), flush=True)
         save(rows)
@@ -177,12 +197,13 @@ def render_markdown(result: dict, evals: list[str]) -> str:
         + ", ".join(f"{s} ({result['evaluation'][s]['tokens']:,} tokens)" for s in evals) + ".",
         f"Command: `{result['command']}`",
         "",
-        "| CR | recipe | QK/VO/MLP dims | achieved CR | " + " | ".join(f"ppl {s}" for s in evals) + " |",
-        "|---|---|---|---|" + "---|" * len(evals),
+        "| CR | KV-CR | recipe | QK/VO/MLP dims | achieved CR | KV capacity | " + " | ".join(f"ppl {s}" for s in evals)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(evals),
     ]
     lines[0] += " Cells: perplexity (increase over dense, and the share of the paper recipe's increase removed)."
     dense = result["rows"][0]["ppl"]
-    paper = {(r["cr"], s): r["ppl"][s] for r in result["rows"] if r["recipe"] == "paper" for s in evals}
+    paper = {(r["cr"], r.get("kv_cr"), s): r["ppl"][s] for r in result["rows"] if r["recipe"] == "paper" for s in evals}
     for r in result["rows"]:
         cells = []
         for s in evals:
@@ -191,13 +212,33 @@ def render_markdown(result: dict, evals: list[str]) -> str:
                 cells.append(f"{v:.2f}")
                 continue
             cell = f"{v:.2f} ({v - dense[s]:+.2f}"
-            p_ = paper.get((r["cr"], s))
+            p_ = paper.get((r["cr"], r.get("kv_cr"), s))
             if p_ is not None and r["recipe"] != "paper" and p_ > dense[s]:
                 cell += f", {100 * (p_ - v) / (p_ - dense[s]):+.0f}% vs paper"
             cells.append(cell + ")")
-        lines.append(f"| {r['cr']:.1f} | {r['recipe']} | {_dims_cell(r)} | {r['achieved_cr']:.3f} | "
-                     + " | ".join(cells) + " |")
+        kv = r.get("kv_cr")
+        lines.append(f"| {r['cr']:.2f} | {'' if kv is None else f'{kv:.2f}'} | {r['recipe']} | {_dims_cell(r)} | "
+                     f"{r['achieved_cr']:.3f} | {r.get('kv_capacity', 1.0):.2f}x | " + " | ".join(cells) + " |")
+    if len({r.get("kv_cr") for r in result["rows"]}) > 2:
+        lines += ["", "Quality vs KV capacity (geometric mean of perplexity / dense over the held-out texts):", "",
+                  "| series | " + " | ".join(["KV capacity", "geo-mean ppl ratio"]) + " |", "|---|---|---|"]
+        for name, pts in _capacity_series(result, evals).items():
+            for cap, g in pts:
+                lines.append(f"| {name} | {cap:.2f}x | {g:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _capacity_series(result: dict, evals: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """Per (recipe, CR): (KV capacity ratio, geometric-mean perplexity ratio over ``evals``) points, sorted."""
+    import math
+
+    dense = result["rows"][0]["ppl"]
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in result["rows"][1:]:
+        name = f"{r['recipe']} CR {r['cr']:g}" if r["cr"] > 0 else f"{r['recipe']} KV mode"
+        g = math.exp(sum(math.log(r["ppl"][s] / dense[s]) for s in evals) / len(evals))
+        out.setdefault(name, []).append((r.get("kv_capacity", 1.0), g))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def _dims_cell(row: dict) -> str:
@@ -216,6 +257,18 @@ def plot(result: dict, evals: list[str], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: skipping the plot (pip install matplotlib)", file=sys.stderr)
+        return
+    if len({r.get("kv_cr") for r in result["rows"]}) > 2:  # the KV axis: quality vs capacity
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, pts in _capacity_series(result, evals).items():
+            ax.plot([1.0] + [c for c, _ in pts], [1.0] + [g for _, g in pts], marker="o", label=name)
+        ax.set_xlabel("KV-cache capacity ratio (tokens in the same memory, vs dense)")
+        ax.set_ylabel("perplexity / dense (geometric mean over held-out texts)")
+        ax.set_title(f"{Path(result['model']).name}: quality vs KV capacity")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
         return
     spec = evals[0]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -308,8 +308,9 @@ class _StreamedRun:
         shards.write_index()
 
 
-def _export_into(job, work: WorkDir, progress: bool) -> dict[str, Any]:
-    """Steps 1-5 of the module docstring in ``work``; returns the report (the folder is still ``work.path``)."""
+def _export_into(job, work: WorkDir, progress: bool) -> tuple[dict[str, Any], float]:
+    """Steps 1-5 of the module docstring in ``work``; returns the report (the folder is still ``work.path``) and
+    when its writing phase began."""
     opts = job.opts
     run = _StreamedRun(job, work, progress)
     st = run.st
@@ -338,6 +339,7 @@ def _export_into(job, work: WorkDir, progress: bool) -> dict[str, Any]:
                                   source_fingerprint(job.model_dir, job.src_cfg))
     report["resumed"] = work.resumed
     report["timings"] = timings(run.t_load, t_pass - t_solve + t_alloc, t_solve, job.tokens.numel())
+    t_write0 = time.perf_counter()  # write_s: the eval, the folder's other files, the check and the move
     eval_windows = dense_ppl = None
     if opts.eval_tokens:
         eval_windows = heldout_windows(job)
@@ -347,7 +349,7 @@ def _export_into(job, work: WorkDir, progress: bool) -> dict[str, Any]:
     populate_folder(work.path, job.model_dir, config, modeling_source_files(), render_model_card(report), report)
     verify_and_measure(work.path, job, report, eval_windows, dense_ppl,
                        full=shards.total_bytes <= FULL_VERIFY_MAX_BYTES)
-    return report
+    return report, t_write0
 
 
 def run_streamed(job, progress: bool = True) -> dict[str, Any]:
@@ -360,8 +362,7 @@ def run_streamed(job, progress: bool = True) -> dict[str, Any]:
     remove_stale_partials(job.out_dir)  # left by killed in-memory exports
     work = WorkDir(job.out_dir, resume_key(job), resume=job.opts.resume)
     try:
-        report = _export_into(job, work, progress)
-        t0 = time.perf_counter()
+        report, t0 = _export_into(job, work, progress)
         work.clear_work_files()
         move_into_place(work.path, job.out_dir, job.opts.overwrite)
     except (A3Error, BrokenCheckpointError):
