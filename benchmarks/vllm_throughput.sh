@@ -13,6 +13,8 @@ KV_GIB=${KV_GIB:-1}; DTYPE=${DTYPE:-float32}; WORK=${WORK:-/tmp/a3-vllm-bench}
 OUT_JSON=${OUT_JSON:-benchmarks/results/vllm_throughput.json}
 mkdir -p "$WORK" "$(dirname "$OUT_JSON")"
 DENSE=$(a3-demo-model)
+KV_BYTES=$(python -c "import sys; print(int(float(sys.argv[1]) * 2**30))" "$KV_GIB")
+PRELOAD=$(python -m a3_serve.bench.preload)${LD_PRELOAD:+:$LD_PRELOAD}
 COMP=${1:-$WORK/smollm2-a3-cr0.1}
 if [ ! -f "$COMP/config.json" ]; then
   a3-export --model "$DENSE" --cr 0.1 --out "$COMP" --nsamples 8 --seqlen 256 --device cpu --overwrite
@@ -22,9 +24,11 @@ for round in $(seq "$ROUNDS"); do
     model=$DENSE; [ "$kind" = compressed ] && model=$COMP
     log="$WORK/$kind.$round.log"
     echo "[bench] round $round: $kind ($model)"
-    VLLM_CPU_KVCACHE_SPACE=$KV_GIB vllm bench throughput --model "$model" --dtype "$DTYPE" \
+    # KV cache in bytes (the legacy VLLM_CPU_KVCACHE_SPACE takes whole GiB only and would override it); tcmalloc and
+    # Intel OpenMP preloaded as vLLM's CPU guide asks (a3_serve/bench/preload.py)
+    env -u VLLM_CPU_KVCACHE_SPACE LD_PRELOAD="$PRELOAD" vllm bench throughput --model "$model" --dtype "$DTYPE" \
       --dataset-name random --random-input-len "$IN_LEN" --random-output-len "$OUT_LEN" \
-      --num-prompts "$NUM_PROMPTS" --max-model-len 512 --seed 0 > "$log" 2>&1
+      --num-prompts "$NUM_PROMPTS" --max-model-len 512 --seed 0 --kv-cache-memory-bytes "$KV_BYTES" > "$log" 2>&1
     grep -E "^Throughput:|KV cache size" "$log" | sed 's/^.*\] //'
   done
 done

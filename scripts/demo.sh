@@ -26,8 +26,12 @@ echo "[demo] report: $OUT.report.json; checkpoint: $OUT"
 PORT=${PORT:-8000}
 echo "[demo] serving $OUT with vLLM on 127.0.0.1:$PORT (start-up takes 1-2 minutes on CPU)"
 # --dtype float32: vLLM would otherwise downcast the fp32 checkpoint to bf16, which is very slow on CPUs.
-VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" \
-  --dtype float32 --max-model-len 2048 --served-model-name compressed > "$OUT.vllm.log" 2>&1 &
+# As vLLM's CPU guide asks: tcmalloc and Intel OpenMP preloaded (where setup.sh found them), the KV cache in bytes
+# (the legacy whole-GiB VLLM_CPU_KVCACHE_SPACE would override --kv-cache-memory-bytes, so it is unset).
+PRELOAD=$(python -m a3_serve.bench.preload)${LD_PRELOAD:+:$LD_PRELOAD}
+env -u VLLM_CPU_KVCACHE_SPACE LD_PRELOAD="$PRELOAD" vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" \
+  --dtype float32 --max-model-len 2048 --kv-cache-memory-bytes "${KV_CACHE_BYTES:-2G}" \
+  --served-model-name compressed > "$OUT.vllm.log" 2>&1 &
 VLLM_PID=$!
 trap 'kill -INT $VLLM_PID 2>/dev/null; wait $VLLM_PID 2>/dev/null' EXIT
 for _ in $(seq 300); do

