@@ -198,3 +198,26 @@ def test_kv_cache_mode_and_joint_mode(capsys, tmp_path, random_models):
                            "--seqlen", "32", "--device", "cpu", "--json", "-")
     rep = json.loads(stdout[stdout.index("{"):])
     assert code == 0 and rep["summary"]["target_kv_cr"] == 0.2 and rep["summary"]["achieved_kv_cr"] >= 0.2
+
+
+def test_progress_lines_in_a_log_file(tmp_path, random_models):
+    """`a3-export ... 2> log`: when stderr is not a terminal, the long phases write lines with elapsed time and ETA
+    that a log keeps; --quiet silences them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("A3_SERVE_NO_PROGRESS", "A3_SERVE_PROGRESS")}
+    cmd = [sys.executable, "-m", "a3_serve.export.cli", "--model", str(random_models["llama2-mha"]), "--cr", "0.2",
+           "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--device", "cpu"]
+    log = tmp_path / "export.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd + ["--out", str(tmp_path / "a")], env=env, stdout=subprocess.DEVNULL, stderr=f,
+                              timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("[a3-serve] ") and "elapsed" in ln]
+    phases = {ln.split(":")[0] for ln in lines}
+    assert any("calibrating" in p for p in phases) and any("solving" in p for p in phases), phases
+    assert any("ETA" in ln for ln in lines) and any("finished" in ln for ln in lines), lines
+    assert "\r" not in text  # no terminal redraws in a log
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=f, timeout=600)
+    assert proc.returncode == 0 and log.read_text() == ""
