@@ -6,9 +6,11 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -57,6 +59,62 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+#: a Hugging Face Hub model id, optionally ``@revision`` (a branch, tag or commit)
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+#: what a dense checkpoint needs from a Hub repository (not its other weight formats, images or remote code)
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model folder on disk, and the Hub id and resolved commit it came from (None for a local folder)."""
+
+    path: Path
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
+
+    def describe(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.path)
+
+
+def resolve_model(spec: Union[str, Path], flag: str = "--model") -> ModelSource:
+    """A local folder as it is; otherwise a Hub id (``org/name`` or ``org/name@revision``) resolved as transformers
+    does: the local cache first (``HF_HOME`` / ``HF_HUB_CACHE``), a download (with progress) when the network is
+    allowed, nothing but the cache with ``HF_HUB_OFFLINE=1``. Unknown, gated or uncached ids get one line naming
+    the fix (:class:`InputError`)."""
+    local = Path(str(spec)).expanduser()
+    m = HUB_ID.match(str(spec))
+    if local.exists() or m is None:
+        return ModelSource(local)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    repo, rev = m.group("repo"), m.group("rev")
+    offline = bool(constants.HF_HUB_OFFLINE)
+    where = f"{repo}@{rev}" if rev else repo
+    try:
+        folder = snapshot_download(repo, revision=rev, allow_patterns=HUB_FILES, local_files_only=offline)
+    except hub_errors.GatedRepoError:
+        raise InputError(f"{flag} {where}: the repository is gated; accept its terms on huggingface.co and run "
+                         "`huggingface-cli login` (or set HF_TOKEN)") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise InputError(f"{flag} {where}: no such model on the Hugging Face Hub (or it is private: run "
+                         "`huggingface-cli login`); check the id, or pass a local folder") from None
+    except hub_errors.RevisionNotFoundError:
+        raise InputError(f"{flag} {where}: the repository has no revision {rev!r}; check the branch, tag or "
+                         "commit") from None
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+        how = ("HF_HUB_OFFLINE=1 is set" if offline else "the Hub cannot be reached")
+        raise InputError(f"{flag} {where}: not a local folder and not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}), and {how}; download it first "
+                         f"(`huggingface-cli download {repo}`) or pass a local folder") from None
+    except hub_errors.HfHubHTTPError as err:
+        raise InputError(f"{flag} {where}: the Hugging Face Hub answered {str(err).splitlines()[0][:160]}; retry, or "
+                         "pass a local folder") from None
+    path = Path(folder)
+    return ModelSource(path, repo, path.name)
 
 
 def read_config(model_dir: Union[str, Path]) -> dict[str, Any]:

@@ -45,8 +45,9 @@ DATA_HELP = (
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="Hugging Face model folder: dense (e.g. `a3-demo-model`'s) or compressed by a3-export")
+    p.add_argument("--model", required=True, metavar="DIR|ID",
+                   help="Hugging Face model folder: dense (e.g. `a3-demo-model`'s) or compressed by a3-export; or a "
+                        "Hub id org/name[@revision] (from the local cache first; HF_HUB_OFFLINE=1 honoured)")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="folder to load the tokenizer from (default: the --model folder)")
     p.add_argument("--device", default="cpu", metavar="DEV",
@@ -176,6 +177,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        from a3_serve.runtime import resolve_model
+
+        args.model = str(resolve_model(args.model).path)  # a Hub id becomes its snapshot folder in the cache
+        if args.tokenizer:
+            args.tokenizer = str(resolve_model(args.tokenizer, "--tokenizer").path)
         return _run_ppl(args) if args.command == "ppl" else _run_generate(args)
 
     return run_cli(command)

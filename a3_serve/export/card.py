@@ -43,6 +43,8 @@ def render_model_card(report: dict[str, Any]) -> str:
         + (f", KV cache -{s['achieved_kv_cr']:.0%})" if s.get("achieved_kv_cr") else ")"),
         "",
         f"This checkpoint was produced by a3-serve {report['a3_serve_version']} from `{src['name']}` "
+        + (f"(revision `{src['revision']}`) " if src.get("revision") else "")
+        +
         f"({src['architecture']}, {src['attention']}) with **A3**, an analytical post-training low-rank method: every "
         "attention head keeps fewer QK and VO dimensions and the MLP is narrower. The model keeps the same number of "
         "matrix multiplies; weights, FLOPs and the KV cache shrink.",

@@ -74,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="a3-export", description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model and output")
-    io.add_argument("--model", required=True, metavar="PATH",
-                    help="dense Hugging Face model folder (config.json, *.safetensors, tokenizer)")
+    io.add_argument("--model", required=True, metavar="PATH|ID",
+                    help="dense Hugging Face model folder (config.json, *.safetensors, tokenizer), or a Hub id "
+                         "org/name[@revision]: taken from the Hugging Face cache (HF_HOME / HF_HUB_CACHE) or "
+                         "downloaded; HF_HUB_OFFLINE=1 uses the cache only. The id and resolved commit go into the "
+                         "provenance")
     io.add_argument("--out", required=True, metavar="DIR",
                     help="folder to create for the compressed checkpoint (must not exist unless --overwrite)")
     io.add_argument("--cr", type=float, default=None, metavar="RATIO",

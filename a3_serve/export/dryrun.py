@@ -97,7 +97,7 @@ def dry_run_report(job) -> dict[str, Any]:
             f"MLP {dint} -> {plan.intermediate_size}")
     rep = {
         "dry_run": True,
-        "source": str(opts.model), "out": str(opts.out),
+        "source": job.source.describe(), "out": str(opts.out),
         "recipe": opts.recipe, "methods": opts.methods.as_dict(), "allocation": opts.methods.allocation,
         "target_cr": opts.cr, "achieved_cr": plan.achieved_cr,
         "dims": {"qk_head_dim": plan.qk_head_dim, "v_head_dim": plan.v_head_dim,
@@ -115,7 +115,7 @@ def dry_run_report(job) -> dict[str, Any]:
                      "streamed_peak_memory_bytes": mem_stream},
     }
     rep["lines"] = [
-        f"a3-export dry run: {opts.model} -> {opts.out} (nothing computed, nothing written)",
+        f"a3-export dry run: {job.source.describe()} -> {opts.out} (nothing computed, nothing written)",
         f"  dims        {dims}" + (" (uniform; the loss-aware allocation sets per-layer dims meeting the same budgets "
                                    "after its calibration pass)" if allocate else ""),
         f"  params      decoder linear {lin_before:,} -> {lin_after:,} (CR {plan.achieved_cr:.4f}); all "

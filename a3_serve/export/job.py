@@ -35,10 +35,12 @@ from a3_serve.export.lazy import SafetensorsSource
 from a3_serve.export.options import ExportOptions, resolve_kv_cr, resolve_save_dtype, validate_options
 from a3_serve.export.passes import CalibrationPasses, plan_passes
 from a3_serve.runtime import (
+    ModelSource,
     check_context_length,
     read_config,
     resolve_device,
     resolve_dtype,
+    resolve_model,
 )
 from a3_serve.solvers.budget import DimPlan, plan_dims, plan_per_layer
 
@@ -51,6 +53,7 @@ class ExportJob:
     replaces it after its calibration pass. ``tokens`` [nsamples, seqlen] are the calibration windows."""
 
     opts: ExportOptions
+    source: ModelSource
     src_cfg: dict[str, Any]
     arch: SourceArch
     plan: DimPlan
@@ -71,7 +74,7 @@ class ExportJob:
 
     @property
     def model_dir(self) -> Path:
-        return Path(self.opts.model)
+        return self.source.path
 
     @property
     def out_dir(self) -> Path:
@@ -107,22 +110,23 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     """Check every input and prepare the job (module docstring); raises one-line :class:`InputError` s."""
     t_start = time.perf_counter()
     validate_options(opts)
-    src_cfg = read_config(opts.model)
+    source = resolve_model(opts.model)
+    src_cfg = read_config(source.path)
     arch = inspect_architecture(src_cfg)
     _check_lengths(opts, src_cfg)
-    has_safetensors = _check_weight_names(Path(opts.model), arch)
+    has_safetensors = _check_weight_names(source.path, arch)
     if opts.layer_dims is not None:
         plan = plan_per_layer(arch, opts.layer_dims, head_multiple=opts.head_multiple)
     else:
         plan = plan_dims(arch, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple,
                          kv_cr=resolve_kv_cr(opts))
-    check_destination(Path(opts.out), opts.overwrite, Path(opts.model))
+    check_destination(Path(opts.out), opts.overwrite, source.path)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     log.info(
         "%s (%s, %d layers, %d/%d heads of %d, MLP %d) -> heads %d/%d, MLP %d (target CR %.3f, achieved %.4f; "
         "KV cache target %.3f, achieved %.4f)",
-        opts.model, arch.model_type, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+        source.describe(), arch.model_type, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim,
         arch.intermediate_size, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.cr, plan.achieved_cr,
         plan.target_kv_cr, plan.achieved_kv_cr(arch),
     )
@@ -132,9 +136,9 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
 
     # calibration text -> tokens (fails fast on too little text, before loading the model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(opts.model))
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is a broken folder for the user
-        raise InputError(f"cannot load the tokenizer of {str(opts.model)!r} ({type(err).__name__}); the folder needs "
+        raise InputError(f"cannot load the tokenizer of {source.describe()!r} ({type(err).__name__}); the folder needs "
                          "tokenizer files") from None
     tokens = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
     calib_desc = describe_source(opts.calib, opts.calib_split)
@@ -153,6 +157,6 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     # the dry run estimates the streamed export's passes, whatever the source format
     passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, n_batches, opts.stats,
                          streamed or opts.dry_run)
-    return ExportJob(opts=opts, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens, tokenizer=tokenizer,
-                     calibration=calibration, device=device, dtype=dtype, save_dtype=resolve_save_dtype(opts, src_cfg),
-                     streamed=streamed, passes=passes, t_start=t_start)
+    return ExportJob(opts=opts, source=source, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens,
+                     tokenizer=tokenizer, calibration=calibration, device=device, dtype=dtype,
+                     save_dtype=resolve_save_dtype(opts, src_cfg), streamed=streamed, passes=passes, t_start=t_start)

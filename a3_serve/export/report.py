@@ -78,7 +78,7 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
     solved with ``plan``."""
     opts, arch, src_cfg = job.opts, job.arch, job.src_cfg
     bpe = torch.finfo(job.save_dtype).bits // 8
-    source_name = str(src_cfg.get("_name_or_path") or Path(opts.model).resolve().name)
+    source_name = job.source.repo_id or str(src_cfg.get("_name_or_path") or job.model_dir.resolve().name)
     methods = opts.methods.as_dict()
     recipe = opts.recipe if opts.recipe in RECIPES and RECIPES[opts.recipe][0] == opts.methods else "custom"
     summary = {
@@ -107,6 +107,7 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
         "format_version": FORMAT_VERSION,
         "a3_serve_version": a3_serve.__version__,
         "source_model": source_name,
+        "source_revision": job.source.revision,
         "source_architecture": arch.model_type,
         "source_head_dim": arch.head_dim,
         "source_intermediate_size": arch.intermediate_size,
@@ -127,7 +128,8 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
     report: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "a3_serve_version": a3_serve.__version__,
-        "source": {"name": source_name, "path": str(Path(opts.model).resolve()), "architecture": arch.model_type,
+        "source": {"name": source_name, "path": str(job.model_dir.resolve()), "revision": job.source.revision,
+                   "architecture": arch.model_type,
                    "attention": arch.attention_kind},
         "summary": summary,
         "recipe": recipe,

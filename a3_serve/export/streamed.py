@@ -37,7 +37,6 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,8 +117,8 @@ def resume_key(job) -> str:
     the same path is another source) and the calibration tokens themselves."""
     opts = job.opts
     fields = {
-        "a3_serve": a3_serve.__version__, "workdir_format": WORKDIR_FORMAT, "source": str(Path(opts.model).resolve()),
-        "config": job.src_cfg, "weights": weights_stamp(opts.model), "calibration_tokens": job.tokens_digest,
+        "a3_serve": a3_serve.__version__, "workdir_format": WORKDIR_FORMAT, "source": str(job.model_dir.resolve()),
+        "config": job.src_cfg, "weights": weights_stamp(job.model_dir), "calibration_tokens": job.tokens_digest,
         "cr": opts.cr, "calib": opts.calib, "calib_split": opts.calib_split, "nsamples": opts.nsamples,
         "seqlen": opts.seqlen, "seed": opts.seed, "batch_size": opts.batch_size, "dtype": dtype_name(job.dtype),
         "device": job.device.type,
