@@ -26,7 +26,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 # the metrics the page charts, in its groups (dashboard.py GROUPS)
 CHARTED = {"output_tokens_per_s", "total_tokens_per_s", "requests_per_s", "ttft_ms_median", "tpot_ms_median",
            "itl_ms_median", "elapsed_s", "peak_rss_bytes", "kv_cache_tokens", "max_concurrency", "weight_bytes",
-           "kv_bytes_per_token", "peak_gpu_bytes", "perplexity"}
+           "kv_bytes_per_token", "peak_gpu_bytes", "perplexity", "running_saturated_mean", "running_max",
+           "saturated_output_tokens_per_s", "preemptions"}
 DENSE_RGB, COMPRESSED_RGB = (0x8C, 0x8C, 0x8C), (0x1F, 0x77, 0xB4)
 
 READ_CHARTS = """els => els.map(e => ({

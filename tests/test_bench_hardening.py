@@ -112,7 +112,7 @@ def test_allow_mismatch_measures_and_the_report_says_so(pair, tmp_path, capsys, 
     assert_one_line_error(code, err, "--input-len")  # past the comparability check
     assert "--allow-mismatch" in cli.build_parser().format_help()
 
-    def fake_worker(spec: dict[str, Any], timeout: float, label: str) -> dict[str, float]:
+    def fake_worker(spec: dict[str, Any], timeout: float, label: str, env=None) -> dict[str, float]:
         return {"output_tokens_per_s": 100.0 if spec["model"] == str(Path(d).resolve()) else 120.0, "elapsed_s": 1.0}
 
     monkeypatch.setattr(cli, "_run_worker", fake_worker)

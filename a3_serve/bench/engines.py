@@ -68,9 +68,10 @@ def _capacity(num_blocks: int, block_size: int, workload: Workload) -> dict[str,
 
 # ------------------------------------------------------------------------------------------------ vLLM offline
 def measure_vllm_offline(model: str, workload: Workload, *, dtype: str = "auto", enforce_eager: bool = False,
-                         gpu_memory_utilization: Optional[float] = None,
-                         tensor_parallel_size: int = 1) -> dict[str, float]:
-    """Throughput, KV capacity, weight bytes and peak memory of ``model`` in vLLM's offline engine."""
+                         gpu_memory_utilization: Optional[float] = None, tensor_parallel_size: int = 1,
+                         kv_cache_memory_bytes: Optional[int] = None) -> dict[str, float]:
+    """Throughput, KV capacity, weight bytes and peak memory of ``model`` in vLLM's offline engine
+    (``kv_cache_memory_bytes``: the KV cache's size, else vLLM's own sizing)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: its memory is ours to read
     import torch
     from vllm import LLM, SamplingParams
@@ -83,6 +84,8 @@ def measure_vllm_offline(model: str, workload: Workload, *, dtype: str = "auto",
         kw["distributed_executor_backend"] = "uni"
     if gpu_memory_utilization is not None:
         kw["gpu_memory_utilization"] = gpu_memory_utilization
+    if kv_cache_memory_bytes is not None:
+        kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
     llm = LLM(**kw)
     try:
         tokenizer = llm.get_tokenizer()
@@ -315,8 +318,10 @@ class VllmServer:
     """``vllm serve MODEL`` on 127.0.0.1:PORT as a child process group; a context manager that waits for health."""
 
     def __init__(self, model: str, workload: Workload, *, dtype: str = "auto", port: int = 0,
-                 log: Optional[Path] = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 900.0):
+                 log: Optional[Path] = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 900.0,
+                 env: Optional[dict[str, str]] = None):
         self.model, self.workload, self.dtype = model, workload, dtype
+        self.env = env
         self.port = port or _free_port()
         self.log = log
         self.extra_args = extra_args
@@ -333,13 +338,15 @@ class VllmServer:
                "--port", str(self.port), "--dtype", self.dtype, "--max-model-len", str(self.workload.model_len),
                "--max-num-seqs", str(max(1, self.workload.num_prompts)), *self.extra_args]
         out = open(self.log, "w") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self.log.read_text()[-2000:] if self.log else ""
+                from a3_serve.bench.logscan import failure_reason
+
+                text = self.log.read_text(errors="replace") if self.log else ""
                 raise RuntimeError(f"vllm serve {self.model} exited with code {self.proc.returncode} before it was "
-                                   "ready: " + (tail.strip().splitlines() or [""])[-1])
+                                   f"ready: {failure_reason(text)}" + (f" (log: {self.log})" if self.log else ""))
             try:
                 import httpx
 

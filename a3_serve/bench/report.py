@@ -11,7 +11,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 SCHEMA = "a3-serve/throughput/1"
 MODELS = ("dense", "compressed")
@@ -43,6 +43,14 @@ METRICS: tuple[Metric, ...] = (
     *_latency("itl", "ITL"),
     Metric("kv_cache_tokens", "KV-cache capacity", "tokens", "higher", "{:,.0f}"),
     Metric("max_concurrency", "max concurrency at workload length", "sequences", "higher"),
+    Metric("saturated_output_tokens_per_s", "output tokens/s while requests queued (engine)", "tok/s", "higher"),
+    Metric("running_saturated_mean", "requests running at once while requests queued (engine, mean)", "requests",
+           "higher"),
+    Metric("running_mean", "requests running at once while busy (engine, mean)", "requests", "higher"),
+    Metric("running_max", "requests running at once (engine, max)", "requests", "higher", "{:,.0f}"),
+    Metric("waiting_max", "requests waiting (engine, max)", "requests", "lower", "{:,.0f}"),
+    Metric("preemptions", "preemptions (engine)", "", "lower", "{:,.0f}"),
+    Metric("kv_usage_max", "KV-cache usage (engine, max)", "", "lower", "{:.1%}"),
     Metric("kv_bytes_per_token", "KV-cache bytes per token", "bytes", "lower", "{:,.0f}"),
     Metric("weight_bytes", "weight bytes", "bytes", "lower", "{:,.0f}"),
     Metric("peak_rss_bytes", "peak process memory (RSS)", "bytes", "lower", "{:,.0f}"),
@@ -89,7 +97,8 @@ def build_report(*, command: str, created: str, environment: dict[str, Any], con
             "metrics": present}
 
 
-def _fmt(metric: Metric, value: Optional[float]) -> str:
+def format_value(metric: Metric, value: Optional[float]) -> str:
+    """A metric's value as the reports print it (bytes in MiB / GiB, "–" when not measured)."""
     if value is None:
         return "–"
     if metric.unit == "bytes":
@@ -100,30 +109,48 @@ def _fmt(metric: Metric, value: Optional[float]) -> str:
 def to_markdown(report: dict[str, Any]) -> str:
     """A side-by-side table (dense, compressed, ratio) with the workload and the exact command."""
     cfg = report["config"]
-    d, c = report["models"]["dense"]["median"], report["models"]["compressed"]["median"]
-    lines = [
-        f"# Dense vs compressed: {cfg.get('engine')} engine, {cfg.get('mode', 'offline')} mode",
+    workload = (f"{cfg.get('num_prompts')} requests x {cfg.get('input_len')} input + {cfg.get('output_len')} output "
+                f"tokens (random token ids, seed {cfg.get('seed')}), {cfg.get('repeats')} alternating repeats, median "
+                "shown")
+    lines = header_lines(report, f"Dense vs compressed: {cfg.get('engine')} engine, {cfg.get('mode', 'offline')} mode",
+                         workload)
+    lines += metric_table(report)
+    lines += ["", RATIO_NOTE, ""]
+    return "\n".join(lines)
+
+
+RATIO_NOTE = "Ratios above 1 are better for throughput and capacity, below 1 for latency and memory."
+
+
+def header_lines(report: dict[str, Any], title: str, workload: str) -> list[str]:
+    """Title, the two models, the workload, machine, command (and a comparability warning), then a blank line."""
+    cfg = report["config"]
+    preload = cfg.get("cpu_preload")
+    return [
+        f"# {title}",
         "",
         f"- dense: `{report['models']['dense']['path']}`",
         f"- compressed: `{report['models']['compressed']['path']}`",
-        f"- workload: {cfg.get('num_prompts')} requests x {cfg.get('input_len')} input + {cfg.get('output_len')} "
-        f"output tokens (random token ids, seed {cfg.get('seed')}), {cfg.get('repeats')} alternating repeats, median "
-        "shown",
+        f"- workload: {workload}",
         f"- machine: {report['environment'].get('machine', '?')}; created {report['created']}",
+        *([f"- LD_PRELOAD for vLLM: {', '.join(preload) or 'none'}"] if preload is not None else []),
         f"- command: `{report['command']}`",
         *_mismatch_lines(cfg),
         "",
-        "| metric | dense | compressed | compressed / dense |",
-        "|---|---:|---:|---:|",
     ]
+
+
+def metric_table(report: dict[str, Any]) -> list[str]:
+    """The side-by-side table of every measured metric: dense, compressed, compressed / dense."""
+    d, c = report["models"]["dense"]["median"], report["models"]["compressed"]["median"]
+    lines = ["| metric | dense | compressed | compressed / dense |", "|---|---:|---:|---:|"]
     for meta in report["metrics"]:
         m = BY_KEY[meta["key"]]
         r = report["ratios"].get(m.key)
         unit = f" ({m.unit})" if m.unit and m.unit != "bytes" else ""
-        lines.append(f"| {m.label}{unit} | {_fmt(m, d.get(m.key))} | {_fmt(m, c.get(m.key))} | "
+        lines.append(f"| {m.label}{unit} | {format_value(m, d.get(m.key))} | {format_value(m, c.get(m.key))} | "
                      f"{'–' if r is None else f'{r:.3f}x'} |")
-    lines += ["", "Ratios above 1 are better for throughput and capacity, below 1 for latency and memory.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _mismatch_lines(cfg: dict[str, Any]) -> list[str]:
@@ -165,13 +192,16 @@ def write_charts(report: dict[str, Any], path: Path) -> Optional[Path]:
     return path
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``throughput.json``, ``throughput.md`` and ``throughput.png`` into ``out_dir``."""
+def write_report(report: dict[str, Any], out_dir: Path, *,
+                 markdown: Callable[[dict[str, Any]], str] = to_markdown,
+                 charts: Callable[[dict[str, Any], Path], Optional[Path]] = write_charts) -> dict[str, Path]:
+    """Write ``throughput.json``, ``throughput.md`` and ``throughput.png`` into ``out_dir`` (``markdown`` and
+    ``charts`` render the last two: the KV-bound scenario passes its curve's, :mod:`a3_serve.bench.curve`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "throughput.json", "markdown": out_dir / "throughput.md"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["markdown"].write_text(to_markdown(report))
-    png = write_charts(report, out_dir / "throughput.png")
+    paths["markdown"].write_text(markdown(report))
+    png = charts(report, out_dir / "throughput.png")
     if png is not None:
         paths["png"] = png
     return paths

@@ -127,6 +127,7 @@ const GROUPS = [
   ["Latency", ["ttft_ms_median", "tpot_ms_median", "itl_ms_median", "elapsed_s"]],
   ["Memory", ["peak_rss_bytes", "kv_cache_tokens", "max_concurrency", "weight_bytes", "kv_bytes_per_token",
               "peak_gpu_bytes"]],
+  ["Engine", ["running_saturated_mean", "running_max", "saturated_output_tokens_per_s", "preemptions"]],
   ["Quality", ["perplexity"]],
 ];
 let runs = [];

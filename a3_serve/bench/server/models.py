@@ -53,6 +53,16 @@ class Workload(_Strict):
                     "or a file/folder under a model root (--ppl-data)")
     ppl_tokens: int = Field(8192, ge=1, le=100_000_000, description="tokens of ppl_data to score (--ppl-tokens)")
     ppl_seqlen: int = Field(512, ge=2, le=1_048_576, description="window length for perplexity (--ppl-seqlen)")
+    scenario: Literal["standard", "kv-bound"] = Field(
+        "standard", description="standard, or kv-bound: a fixed KV cache for both models and a concurrency sweep of "
+                                "long requests on `vllm serve` (--scenario)")
+    kv_sequences: Optional[int] = Field(
+        None, ge=1, le=100_000, description="kv-bound: size the KV cache so the dense model holds this many requests "
+                                            "(default 16 unless engine_options.kv_cache_gib is set) (--kv-sequences)")
+    concurrency: str = Field("0.5x,1x,2x", max_length=200, pattern=r"^\d{1,6}(\.\d{1,3})?x?(,\d{1,6}(\.\d{1,3})?x?)*$",
+                             description="kv-bound: requests in flight per level, multiples of the dense capacity (2x) "
+                                         "or counts, comma-separated (--concurrency)")
+    waves: float = Field(2.0, gt=0, le=1000, description="kv-bound: requests per level = waves x level (--waves)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Workload":
@@ -73,8 +83,11 @@ class EngineOptions(_Strict):
                         description="engine hf: cpu, cuda, cuda:N or auto (--device)")
     batch_size: int = Field(0, ge=0, le=100_000,
                             description="engine hf: prompts per batch; 0: all at once (--batch-size)")
-    kv_cache_gib: float = Field(1.0, gt=0, le=4096,
-                                description="vLLM on CPU: KV-cache GiB for each model (--kv-cache-gib)")
+    kv_cache_gib: Optional[float] = Field(
+        None, gt=0, le=4096, description="vLLM: KV-cache GiB for each model, fractions allowed; default 1 on CPU, "
+                                         "vLLM's own sizing on GPU (--kv-cache-gib)")
+    cpu_preload: Literal["on", "off"] = Field(
+        "on", description="vLLM on CPU: tcmalloc and Intel OpenMP in LD_PRELOAD where installed (--cpu-preload)")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1,
                                                     description="vLLM on GPU (--gpu-memory-utilization)")
     enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs (--enforce-eager)")
@@ -108,6 +121,17 @@ class RunCreate(_Strict):
     def _consistent(self) -> "RunCreate":
         if self.engine == "hf" and self.engine_options.mode == "server":
             raise ValueError("engine_options.mode 'server' is for engine 'vllm'; drop it with engine 'hf'")
+        w, e = self.workload, self.engine_options
+        if w.scenario == "kv-bound":
+            if self.engine != "vllm" or e.mode == "offline":
+                raise ValueError("workload.scenario 'kv-bound' runs vLLM servers: engine 'vllm', mode 'server'")
+            if e.max_concurrency:
+                raise ValueError("workload.scenario 'kv-bound' sets the requests in flight with workload.concurrency; "
+                                 "drop engine_options.max_concurrency")
+            if w.kv_sequences is not None and e.kv_cache_gib is not None:
+                raise ValueError("give workload.kv_sequences or engine_options.kv_cache_gib, not both")
+        elif w.kv_sequences is not None or w.concurrency != "0.5x,1x,2x" or w.waves != 2.0:
+            raise ValueError("workload.kv_sequences, concurrency and waves belong to workload.scenario 'kv-bound'")
         return self
 
 
@@ -124,10 +148,15 @@ CLI_FLAGS: dict[str, str] = {
     "workload.ppl_data": "--ppl-data",
     "workload.ppl_tokens": "--ppl-tokens",
     "workload.ppl_seqlen": "--ppl-seqlen",
+    "workload.scenario": "--scenario",
+    "workload.kv_sequences": "--kv-sequences",
+    "workload.concurrency": "--concurrency",
+    "workload.waves": "--waves",
     "engine_options.mode": "--mode",
     "engine_options.device": "--device",
     "engine_options.batch_size": "--batch-size",
     "engine_options.kv_cache_gib": "--kv-cache-gib",
+    "engine_options.cpu_preload": "--cpu-preload",
     "engine_options.gpu_memory_utilization": "--gpu-memory-utilization",
     "engine_options.enforce_eager": "--enforce-eager",
     "engine_options.max_concurrency": "--max-concurrency",
