@@ -20,6 +20,7 @@ ALLOWED = {
     "a3_serve.export": {"a3_serve.solvers", "a3_serve.calibration", "a3_serve.modeling", "a3_serve.eval"} | SHARED,
     "a3_serve.eval": {"a3_serve.calibration", "a3_serve.modeling"} | SHARED,
     "a3_serve.vllm_plugin": {"a3_serve.modeling"} | SHARED,
+    "a3_serve.quantize": {"a3_serve.calibration", "a3_serve.modeling"} | SHARED,
     "a3_serve.bench": {"a3_serve.eval", "a3_serve.calibration", "a3_serve.modeling", "a3_serve.vllm_plugin"} | SHARED,
 }
 
