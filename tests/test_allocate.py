@@ -219,6 +219,23 @@ def test_uniform_plan_with_a_kv_target():
     assert both.qk_head_dim == plan_dims(SHAPE, 0.3, head_multiple=16).qk_head_dim
 
 
+@pytest.mark.parametrize("k", [32, 64])
+def test_mlp_multiple_rounds_every_reduced_width(k):
+    """`--mlp-multiple k` (a quantization kernel's rule): every reduced MLP width is a multiple of k, in the loss-aware
+    allocation and in the uniform plan, and both still meet the budget."""
+    curves = _curves([1, 4, 0.25, 1], [1, 1, 4, 0.25])
+    for cr in (0.1, 0.3):
+        plan = allocate_dims(SHAPE, curves, cr, head_multiple=16, mlp_multiple=k)
+        widths = [plan.layer_dims(i)[2] for i in range(4)]
+        assert all(w == 256 or w % k == 0 for w in widths) and plan.achieved_cr >= cr
+        uniform = plan_dims(SHAPE, cr, head_multiple=16, mlp_multiple=k)
+        assert uniform.intermediate_size % k == 0 and uniform.achieved_cr >= cr
+    with pytest.raises(BudgetError, match="multiple of 32"):
+        from a3_serve.solvers.budget import plan_per_layer
+
+        plan_per_layer(SHAPE, [(64, 64, 200)] * 4, mlp_multiple=32)
+
+
 def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random_models, tmp_path):
     """End to end on a random GQA model: the exporter's loss-aware plan has a smaller total predicted loss than the
     uniform plan at the same CR, meets the budget within 1%, and the checkpoint records and serves its per-layer

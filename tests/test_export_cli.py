@@ -221,3 +221,13 @@ def test_progress_lines_in_a_log_file(tmp_path, random_models):
         proc = subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--quiet"], env=env, stdout=subprocess.DEVNULL,
                               stderr=f, timeout=600)
     assert proc.returncode == 0 and log.read_text() == ""
+
+
+def test_mlp_multiple_in_the_export(capsys, tmp_path, random_models):
+    src = random_models["llama3-gqa"]  # MLP 512
+    code, _, _ = _run(capsys, "--model", src, "--cr", "0.3", "--mlp-multiple", "64", "--out", tmp_path / "a", *QUICK)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    widths = cfg.get("layer_intermediate_sizes") or [cfg["intermediate_size"]]
+    assert code == 0 and all(w == 512 or w % 64 == 0 for w in widths) and cfg["a3"]["mlp_multiple"] == 64
+    code, _, err = _run(capsys, "--model", src, "--cr", "0.3", "--mlp-multiple", "0", "--out", tmp_path / "b", *QUICK)
+    assert_one_line_error(code, err, "--mlp-multiple must be a positive integer")

@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--head-multiple", type=int, default=16,
                        help="round head sizes down to a multiple of this (default: 16, needed by vLLM's CPU attention; "
                             "8 is enough for GPU FlashAttention)")
+    shape.add_argument("--mlp-multiple", type=int, default=1, metavar="N",
+                       help="round reduced MLP widths to a multiple of N (default: 1). Quantized serving needs it: "
+                            "a group size must divide down_proj's input (the MLP width), and vLLM's CPU INT4 kernel "
+                            "needs multiples of 32; a3-quantize names the value a checkpoint needs "
+                            "(docs/QUANTIZATION.md)")
     shape.add_argument("--components", default="qk,ov,mlp", metavar="LIST",
                        help="which components to compress, comma-separated subset of qk,ov,mlp (default: all). With a "
                             "subset, each chosen component is cut by --cr and the others stay dense (for ablations; "
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             calib=args.calib, calib_split=args.calib_split,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device,
             dtype=args.dtype, save_dtype=args.save_dtype, head_multiple=args.head_multiple,
+            mlp_multiple=args.mlp_multiple,
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
             methods=_methods(args), recipe=args.recipe, damp=args.damp, stats=args.stats,
             overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens,

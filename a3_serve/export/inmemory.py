@@ -170,7 +170,7 @@ def run_in_memory(job, progress: bool = True) -> dict[str, Any]:
     plan = job.plan
     if passes.allocate:
         plan = allocate_plan(model, stats, arch, opts.cr, opts.methods, tuple(opts.components),
-                             opts.head_multiple, opts.damp, kv_cr=job.kv_cr)
+                             opts.head_multiple, opts.damp, kv_cr=job.kv_cr, mlp_multiple=opts.mlp_multiple)
     dims = plan.dim_lists(arch.num_layers)
     t0 = time.perf_counter()
     if passes.solve_from_first:

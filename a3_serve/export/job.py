@@ -116,10 +116,10 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     _check_lengths(opts, src_cfg)
     has_safetensors = _check_weight_names(source.path, arch)
     if opts.layer_dims is not None:
-        plan = plan_per_layer(arch, opts.layer_dims, head_multiple=opts.head_multiple)
+        plan = plan_per_layer(arch, opts.layer_dims, head_multiple=opts.head_multiple, mlp_multiple=opts.mlp_multiple)
     else:
         plan = plan_dims(arch, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple,
-                         kv_cr=resolve_kv_cr(opts))
+                         kv_cr=resolve_kv_cr(opts), mlp_multiple=opts.mlp_multiple)
     check_destination(Path(opts.out), opts.overwrite, source.path)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)

@@ -71,11 +71,12 @@ def allocate_plan(
     eps: float = 1e-6,
     min_head_dim: int = MIN_HEAD_DIM,
     kv_cr: float = 0.0,
+    mlp_multiple: int = 1,
 ) -> DimPlan:
     """Per-layer dims for ``cr`` by loss-aware allocation over the loaded dense ``model``'s layers and ``stats``."""
     curves = [layer_curves(layer_tensors(layer), st, arch, methods, eps)
               for layer, st in zip(model.model.layers, stats)]
-    return plan_from_curves(curves, arch, cr, components, head_multiple, min_head_dim, kv_cr)
+    return plan_from_curves(curves, arch, cr, components, head_multiple, min_head_dim, kv_cr, mlp_multiple)
 
 
 def plan_from_curves(
@@ -86,11 +87,12 @@ def plan_from_curves(
     head_multiple: int = 16,
     min_head_dim: int = MIN_HEAD_DIM,
     kv_cr: float = 0.0,
+    mlp_multiple: int = 1,
 ) -> DimPlan:
     """Per-layer dims for ``cr`` and the KV-cache target ``kv_cr`` from per-layer loss curves (:func:`layer_curves`,
     one per layer, in order)."""
     plan = allocate_dims(arch, curves, cr, components=components, head_multiple=head_multiple,
-                         min_head_dim=min(min_head_dim, arch.head_dim), kv_cr=kv_cr)
+                         min_head_dim=min(min_head_dim, arch.head_dim), kv_cr=kv_cr, mlp_multiple=mlp_multiple)
     heads, _, widths = plan.dim_lists(arch.num_layers)
     log.info("loss-aware allocation: head dims per layer %s; MLP widths %d..%d (achieved CR %.4f, KV cache %.4f)",
              heads, min(widths), max(widths), plan.achieved_cr, plan.achieved_kv_cr(arch))

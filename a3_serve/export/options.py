@@ -43,6 +43,7 @@ class ExportOptions:
     dtype: str = "auto"
     save_dtype: str = "auto"
     head_multiple: int = 16
+    mlp_multiple: int = 1  # reduced MLP widths are multiples of this (a quantization kernel's rule)
     components: tuple[str, ...] = COMPONENTS
     methods: Methods = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE][0])
     recipe: str | None = DEFAULT_RECIPE  # the named recipe the methods came from (None: hand-picked)
@@ -81,6 +82,9 @@ def validate_options(opts: ExportOptions) -> None:
                          "--nsamples 64 --seqlen 512")
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if isinstance(opts.mlp_multiple, bool) or not isinstance(opts.mlp_multiple, int) or opts.mlp_multiple < 1:
+        raise InputError(f"--mlp-multiple must be a positive integer, got {opts.mlp_multiple}; e.g. 32, or 128 for "
+                         "INT4 with groups of 128 (docs/QUANTIZATION.md)")
     if opts.head_multiple < 2 or opts.head_multiple % 2:
         raise InputError(
             f"--head-multiple must be an even number >= 2 (RoPE dims come in pairs), got {opts.head_multiple}; use 16 "

@@ -86,6 +86,7 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
         "achieved_cr": plan.achieved_cr,
         "components": list(opts.components),
         "head_multiple": opts.head_multiple,
+        "mlp_multiple": opts.mlp_multiple,
         "head_dim": arch.head_dim,
         "qk_head_dim": plan.qk_head_dim,
         "v_head_dim": plan.v_head_dim,
@@ -121,6 +122,7 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
         "methods": methods,
         "allocation": opts.methods.allocation if opts.layer_dims is None else "explicit",
         "head_multiple": opts.head_multiple,
+        "mlp_multiple": opts.mlp_multiple,
         "calibration": job.calibration,
         ROPE_DIGEST_KEY: rope_digest,
     }

@@ -125,6 +125,7 @@ def resume_key(job) -> str:
         "save_dtype": opts.save_dtype, "head_multiple": opts.head_multiple, "components": list(opts.components),
         "methods": [opts.methods.qk, opts.methods.ov, opts.methods.mlp, opts.methods.allocation], "damp": opts.damp,
         "layer_dims": opts.layer_dims, "stats": opts.stats, "kv_cr": job.kv_cr,
+        "mlp_multiple": opts.mlp_multiple,
     }
     return export_key(fields)
 
@@ -221,7 +222,8 @@ class _StreamedRun:
                                  progress=bar.update, start=start, hidden=hidden, before_layer=self.load,
                                  after_layer=after_layer)
         plan = plan_from_curves([LayerCurves(qk=c["qk"], ov=c["ov"], mlp=c["mlp"]) for c in curves], self.arch, opts.cr,
-                                 tuple(opts.components), opts.head_multiple, kv_cr=job.kv_cr)
+                                 tuple(opts.components), opts.head_multiple, kv_cr=job.kv_cr,
+                                 mlp_multiple=opts.mlp_multiple)
         t_alloc = self.timings["alloc_s"] = t_before + time.perf_counter() - ta
         self.st.update(plan=asdict(plan), cached_stats=keep, **{"pass": "solve", "done": 0, "reports": []})
         (work.path / HIDDEN_FILE).unlink(missing_ok=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from a3_serve.errors import BudgetError
-from a3_serve.solvers.budget import DimPlan, ModelShape, check_kv_cr, plan_per_layer
+from a3_serve.solvers.budget import DimPlan, ModelShape, check_kv_cr, check_mlp_multiple, plan_per_layer
 from a3_serve.solvers.linalg import as_f64, check_finite
 
 __all__ = ["LayerCurves", "tail_curve", "drop_curve", "pair_drop_curve", "lower_hull",
@@ -198,19 +198,20 @@ def allocate_dims(
     min_head_dim: int = 32,
     tie_qk_ov: bool = True,
     kv_cr: float = 0.0,
+    mlp_multiple: int = 1,
 ) -> DimPlan:
     """Per-layer ``(r_qk, r_vo, r_int)`` meeting ``cr`` (on decoder linear parameters) and ``kv_cr`` (on KV-cache
     bytes per token) with the least predicted loss.
 
     Options per layer: head dims ``r ∈ {max(min_head_dim, m), …, d_h}`` in steps of ``m = head_multiple``; the
-    default minimum 32 is the smallest head vLLM's CPU attention runs (a uniform plan never goes that low at the
-    CRs people use, but a per-layer plan would, in its least sensitive layers). With ``tie_qk_ov`` QK and OV share
-    ``r``, as vLLM's CPU attention needs K and V of one size; otherwise they are separate items. MLP widths
-    ``n ∈ [1, d_int]`` (any integer). Components not in
-    ``components`` keep their size. Parameters per layer: ``d·r_qk·(h_q + h_kv) + d·r_vo·(h_kv + h_q) +
-    n_mlp·d·n``. The budget is ``floor((1 − cr) · P)`` with ``P`` the original parameters of the compressed
-    components (the whole decoder when all three are); the result meets it, overshooting by at most one step
-    (``≤ d·m·2(h_q + h_kv)`` parameters). Returns a :class:`DimPlan` (``layers`` set unless all layers agree).
+    default minimum 32 is the smallest head vLLM's CPU attention runs (a uniform plan never goes that low at the CRs
+    people use, but a per-layer plan would, in its least sensitive layers). With ``tie_qk_ov`` QK and OV share
+    ``r``, as vLLM's CPU attention needs K and V of one size; otherwise they are separate items. MLP widths ``n ∈
+    [1, d_int]`` (any integer; with ``mlp_multiple`` ``k``: ``d_int`` and the multiples of ``k``). Components not in
+    ``components`` keep their size. Parameters per layer: ``d·r_qk·(h_q + h_kv) + d·r_vo·(h_kv + h_q) + n_mlp·d·n``.
+    The budget is ``floor((1 − cr) · P)`` with ``P`` the original parameters of the compressed components (the whole
+    decoder when all three are); the result meets it, overshooting by at most one step (``≤ d·m·2(h_q + h_kv)``
+    parameters). Returns a :class:`DimPlan` (``layers`` set unless all layers agree).
 
     The KV-cache target (``kv_cr > 0``, docs/METHOD.md §6.6): a layer's KV bytes and its attention parameters are both
     proportional to ``r_qk + r_vo``, so "at least ``kv_cr`` of the KV bytes removed" is a budget on the attention
@@ -233,7 +234,8 @@ def allocate_dims(
         raise BudgetError(f"head dim {dh} is smaller than the minimum reduced size {lo}; use a smaller --head-multiple")
     # the full size, then multiples of m
     head_sizes = sorted({dh, *range(m * math.ceil(lo / m), dh + 1, m)}, reverse=True)
-    mlp_sizes = list(range(d_int, 0, -1))
+    k_mlp = check_mlp_multiple(mlp_multiple)  # MLP widths: the original, then the multiples of k below it
+    mlp_sizes = [d_int] + [n for n in range((d_int - 1) // k_mlp * k_mlp, 0, -k_mlp)]
     per_head = d * (hq + hkv)
     comps = set(components)
 
@@ -284,7 +286,7 @@ def allocate_dims(
             dims[li][0] = dims[li][1] = size
         else:
             dims[li][{"qk": 0, "ov": 1, "mlp": 2}[what]] = size
-    plan = plan_per_layer(shape, dims, head_multiple=m, target_cr=float(cr), target_kv_cr=kv)
+    plan = plan_per_layer(shape, dims, head_multiple=m, target_cr=float(cr), target_kv_cr=kv, mlp_multiple=k_mlp)
     plan.notes.append("loss-aware allocation across layers and components"
                       + (f" under a KV-cache target (at least {kv:g} removed)" if kv > 0 else ""))
     return plan

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from a3_serve.errors import BudgetError, InputError
 
-__all__ = ["COMPONENTS", "ModelShape", "DimPlan", "plan_dims", "plan_per_layer", "kv_head_cap", "check_kv_cr"]
+__all__ = ["COMPONENTS", "ModelShape", "DimPlan", "plan_dims", "plan_per_layer", "kv_head_cap", "check_kv_cr",
+           "check_mlp_multiple"]
 
 COMPONENTS = ("qk", "ov", "mlp")
 
@@ -173,6 +174,7 @@ def plan_dims(
     head_multiple: int = 16,
     min_head_dim: int = 16,
     kv_cr: float = 0.0,
+    mlp_multiple: int = 1,
 ) -> DimPlan:
     """Map a target compression ratio to reduced ``(r_qk, r_vo, r_int)``.
 
@@ -187,6 +189,8 @@ def plan_dims(
       at ``d_int`` with a note that the achieved CR exceeds the target.
     * MLP with only part of the attention: ``r_int = floor((1−cr)·d_int)`` (each selected component is cut by cr).
     * ``r_int < 1`` raises :class:`BudgetError`.
+    * ``mlp_multiple`` ``k``: a reduced MLP width is rounded DOWN to a multiple of ``k`` (a quantization kernel's
+      or group size's rule, docs/QUANTIZATION.md); the original width always stays allowed.
     * KV-cache target ``kv_cr > 0`` (docs/METHOD.md §5.6): heads are at most :func:`kv_head_cap` (K = V), so at
       least ``kv_cr`` of the KV bytes per token go; with ``cr == 0`` that is the KV-cache-compression mode (only the
       head sizes change, the MLP is untouched), with ``cr > 0`` the MLP is re-solved for ``cr`` around the smaller
@@ -197,6 +201,7 @@ def plan_dims(
     """
     comps = _normalise_components(components)
     kv = check_kv_cr(kv_cr, comps)
+    k_mlp = check_mlp_multiple(mlp_multiple)
     try:
         cr_f = float(cr)
     except (TypeError, ValueError):
@@ -269,7 +274,7 @@ def plan_dims(
             r = r + m
             r_qk = r_vo = r
             x = solve_int(r)
-        r_int = _floor(x)
+        r_int = _floor(x / k_mlp) * k_mlp
         if r_int > d_int:
             r_int = d_int
             notes.append(
@@ -282,14 +287,16 @@ def plan_dims(
         elif r_int < 1:
             raise BudgetError(
                 f"--cr {cr_f:.2f} leaves no parameters for the MLP after attention heads of {r} dims "
-                f"(solved intermediate size {x:.2f} < 1); use a smaller --cr or a smaller --head-multiple"
+                f"(solved intermediate size {x:.2f}, below {k_mlp}); use a smaller --cr, --head-multiple or "
+                "--mlp-multiple"
             )
         else:
-            notes.append(f"MLP width re-solved to {r_int} so the whole decoder meets the target CR")
+            notes.append(f"MLP width re-solved to {r_int} so the whole decoder meets the target CR"
+                         + (f" (rounded down to a multiple of {k_mlp})" if k_mlp > 1 else ""))
         return plan(r_qk, r_vo, r_int)
 
     x = (1.0 - cr_f) * d_int
-    r_int = _floor(x)
+    r_int = _floor(x / k_mlp) * k_mlp
     if r_int < 1:
         raise BudgetError(
             f"--cr {cr_f:.2f} shrinks the MLP from {d_int} to {x:.2f} neurons, below 1; use a smaller --cr"
@@ -299,13 +306,21 @@ def plan_dims(
     return plan(r_qk, r_vo, r_int)
 
 
+def check_mlp_multiple(mlp_multiple: int) -> int:
+    """``mlp_multiple`` as a positive int, else :class:`BudgetError`."""
+    if isinstance(mlp_multiple, bool) or not isinstance(mlp_multiple, int) or mlp_multiple < 1:
+        raise BudgetError(f"--mlp-multiple must be a positive integer (got {mlp_multiple!r}); e.g. 32 or 128")
+    return mlp_multiple
+
+
 def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, target_cr: float | None = None,
-                   target_kv_cr: float = 0.0) -> DimPlan:
+                   target_kv_cr: float = 0.0, mlp_multiple: int = 1) -> DimPlan:
     """A plan from explicit per-layer ``(r_qk, r_vo, r_int)`` (e.g. from a loss-aware allocation).
 
-    Each ``r_qk``/``r_vo`` must be ``d_h`` (unchanged) or a multiple of ``head_multiple`` in ``[head_multiple, d_h)``
-    and each ``r_int`` in ``[1, d_int]``; otherwise :class:`BudgetError`. ``achieved_cr`` is computed from the sum over
-    layers; ``target_cr`` defaults to it. Layers that are all equal give a uniform plan (``layers=None``).
+    Each ``r_qk``/``r_vo`` must be ``d_h`` (unchanged) or a multiple of ``head_multiple`` in ``[head_multiple,
+    d_h)`` and each ``r_int`` ``d_int`` or a multiple of ``mlp_multiple`` in ``[1, d_int)``; otherwise
+    :class:`BudgetError`. ``achieved_cr`` is computed from the sum over layers; ``target_cr`` defaults to it. Layers
+    that are all equal give a uniform plan (``layers=None``).
     """
     dims = [tuple(int(v) for v in t) for t in layer_dims]
     if len(dims) != shape.num_layers or any(len(t) != 3 for t in dims):
@@ -320,6 +335,9 @@ def plan_per_layer(shape: ModelShape, layer_dims, head_multiple: int = 16, targe
                 )
         if not 1 <= m <= shape.intermediate_size:
             raise BudgetError(f"layer {i}: r_int = {m} must be between 1 and {shape.intermediate_size}")
+        if m != shape.intermediate_size and m % mlp_multiple:
+            raise BudgetError(f"layer {i}: r_int = {m} must be a multiple of {mlp_multiple} (or the original "
+                              f"{shape.intermediate_size})")
     orig = shape.linear_params()
     achieved = 1.0 - sum(shape.layer_linear_params(*t) for t in dims) / orig
     comps = tuple(c for c, k in (("qk", 0), ("ov", 1), ("mlp", 2))
