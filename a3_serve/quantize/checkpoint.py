@@ -26,7 +26,7 @@ from a3_serve.folders import fmt_bytes, is_a3_output
 
 REPORT_NAME = "a3_quantize.json"
 #: files of the source never copied over the quantized folder (weights and their indexes, the config)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 SKIP_NAMES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", REPORT_NAME}
 #: files that make a folder loadable as a tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import a3_serve
 from a3_serve.errors import InputError
-from a3_serve.folders import FolderLock, check_destination, folder_abandoned, is_a3_output, swap_into_place
+from a3_serve.folders import FolderLock, check_destination, folder_abandoned, swap_into_place
 from a3_serve.progress import progress_bar
 from a3_serve.runtime import check_context_length, default_cache_root, read_config, resolve_model
 
@@ -159,7 +159,7 @@ def run_quantize(opts: QuantizeOptions, progress: bool = True) -> dict[str, Any]
     check_context_length(cfg, opts.seqlen)
     problems = rules.size_problems(cfg, scheme, backend, group)
     if problems:
-        more = f" ({len(problems) - 1} more size problem(s) of this kind)" if len(problems) > 1 else ""
+        more = f" (and {len(problems) - 1} more size problem(s))" if len(problems) > 1 else ""
         raise InputError(problems[0] + more)
     out = check_out(Path(opts.out), opts.overwrite, src)
     python = driver.quantizer_python()
@@ -202,6 +202,7 @@ def run_quantize(opts: QuantizeOptions, progress: bool = True) -> dict[str, Any]
             done = driver.run_worker(request, work, log, on_event, python=python)
         finally:
             bar.close()
+        log.unlink(missing_ok=True)  # kept only when the quantizer fails (the error line names it)
         worker_s = time.perf_counter() - t_q
 
         before, after = checkpoint.weight_bytes(src), checkpoint.weight_bytes(ckpt)
@@ -230,12 +231,11 @@ def run_quantize(opts: QuantizeOptions, progress: bool = True) -> dict[str, Any]
         report["timings"]["verify_s"] = time.perf_counter() - t_v
         report["timings"]["total_s"] = time.perf_counter() - t0
         (ckpt / checkpoint.REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        swap_into_place(ckpt, out, opts.overwrite,
-                        may_replace=lambda p: is_a3_output(p) or (p / checkpoint.REPORT_NAME).is_file())
+        swap_into_place(ckpt, out, opts.overwrite, may_replace=checkpoint.is_quantize_output)
         ok = True
         return report
     finally:
         lock.release()
         shutil.rmtree(work, ignore_errors=True)
-        if ok or not log.is_file() or log.stat().st_size == 0:
+        if ok or (log.is_file() and log.stat().st_size == 0):
             log.unlink(missing_ok=True)
