@@ -7,12 +7,13 @@
                  "dense": {metric: median}, "compressed": {metric: median}, "ratios": {metric: c / d},
                  "runs": {"dense": [...], "compressed": [...]}}, ...],
      "summary": {"capacity_ratio", "capacity_requests": {"dense", "compressed"}, "running_ratio", "throughput_gain",
-                 "gain_vs_capacity", "saturation_level"}}
+                 "gain_vs_capacity", "sustained_gain", "sustained_vs_capacity", "saturation_level"}}
 
 ``models`` / ``ratios`` of the same report describe the highest level (saturation), so every reader of the
 standard report (the service, the dashboard) sees the saturated comparison. ``summary.gain_vs_capacity`` is the
-throughput gain at saturation over the engine's KV capacity ratio: 1.0 means capacity turned into throughput one
-for one.
+output-throughput gain at the highest level (client clock, the whole level including the last wave's drain) over the
+engines' KV capacity ratio, ``sustained_vs_capacity`` the same for the engine's generated-token rate while requests
+were queued: 1.0 means capacity turned into throughput one for one.
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ TABLES = ((("running", "running at once"), ("running_max", "running max"), ("pre
 
 
 def running_at_once(m: dict[str, float]) -> Optional[float]:
-    """The engine's mean running count while requests were queued, else while it was busy (no queue formed)."""
-    return m.get("running_saturated_mean", m.get("running_mean"))
+    """The engine's mean running count while requests were queued, where the queue lasted through at least half the
+    level (the cache or the scheduler was the limit); else while it was busy (a queue that forms only while the
+    first prompts prefill says nothing about what the engine holds). Reports without ``queued_fraction`` take the
+    larger of the two."""
+    queued, busy = m.get("running_saturated_mean"), m.get("running_mean")
+    if queued is None or busy is None:
+        return busy if queued is None else queued
+    if "queued_fraction" in m:
+        return queued if m["queued_fraction"] >= 0.5 else busy
+    return max(queued, busy)
 
 
 def build_curve(labels: list[str], offered: list[int], runs: dict[str, list[list[dict[str, float]]]], *,
@@ -66,11 +75,15 @@ def summarize(levels: list[dict[str, Any]], sequence_len: int) -> dict[str, Any]
     run_d, run_c = running_at_once(d), running_at_once(c)
     running = run_c / run_d if run_d and run_c is not None else None
     gain = top["ratios"].get("output_tokens_per_s")
-    for key, value in (("capacity_ratio", cap), ("running_ratio", running), ("throughput_gain", gain)):
+    sustained = top["ratios"].get("saturated_output_tokens_per_s")
+    for key, value in (("capacity_ratio", cap), ("running_ratio", running), ("throughput_gain", gain),
+                       ("sustained_gain", sustained)):
         if value is not None:
             out[key] = value
     if cap and gain:
         out["gain_vs_capacity"] = gain / cap
+    if cap and sustained:
+        out["sustained_vs_capacity"] = sustained / cap
     return out
 
 
@@ -118,8 +131,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     s = curve.get("summary", {})
     lines += ["Running at once: the mean of the server's `vllm:num_requests_running` while its waiting queue was "
-              "non-empty (where no queue formed: while it was busy); running max: its largest sample; preemptions: "
-              "the growth of `vllm:num_preemptions_total` during the level.", ""]
+              "non-empty, where that queue lasted through the level (else while the engine was busy: a queue that "
+              "forms only while the first prompts prefill says nothing about what the cache holds); running max: its "
+              "largest sample; preemptions: the growth of `vllm:num_preemptions_total` during the level.", ""]
     if s:
         parts = []
         if "capacity_ratio" in s:
@@ -129,9 +143,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         if "running_ratio" in s:
             parts.append(f"requests running at once at {s['saturation_level']}: {s['running_ratio']:.3f}x")
         if "throughput_gain" in s:
-            parts.append(f"output tokens/s at {s['saturation_level']}: {s['throughput_gain']:.3f}x")
-        if "gain_vs_capacity" in s:
-            parts.append(f"gain / capacity ratio: {s['gain_vs_capacity']:.3f}")
+            parts.append(f"output tokens/s at {s['saturation_level']}: {s['throughput_gain']:.3f}x over the whole level"
+                         + (f" ({s['gain_vs_capacity']:.3f} of the capacity ratio)" if "gain_vs_capacity" in s else ""))
+        if "sustained_gain" in s:
+            parts.append(f"{s['sustained_gain']:.3f}x while requests queued (engine's generated-token counter"
+                         + (f"; {s['sustained_vs_capacity']:.3f} of the capacity ratio)" if "sustained_vs_capacity" in s
+                            else ")"))
         lines.append("- " + "; ".join(parts))
     lines += ["", f"At the highest level ({curve['levels'][-1]['label']}), every metric:", ""]
     lines += metric_table(report)
@@ -179,9 +196,45 @@ def write_charts(report: dict[str, Any], path: Path) -> Optional[Path]:
         ax.legend(fontsize=7)
     s = report["curve"].get("summary", {})
     if "throughput_gain" in s and "capacity_ratio" in s:
-        fig.suptitle(f"KV-bound: capacity {s['capacity_ratio']:.2f}x, output tok/s at {s['saturation_level']} "
-                     f"{s['throughput_gain']:.2f}x", fontsize=10)
+        fig.suptitle(f"KV-bound: capacity {s['capacity_ratio']:.2f}x; output tok/s at {s['saturation_level']} "
+                     f"{s['throughput_gain']:.2f}x" + (f", {s['sustained_gain']:.2f}x while queued"
+                                                      if "sustained_gain" in s else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rebuild(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with its ``curve`` (medians, ratios, summary) recomputed from the runs it holds."""
+    cv = report["curve"]
+    runs = {name: [lv["runs"][name] for lv in cv["levels"]] for name in MODELS}
+    cfg = report["config"]
+    report["curve"] = build_curve([lv["label"] for lv in cv["levels"]], [lv["offered"] for lv in cv["levels"]], runs,
+                                  kv_cache_bytes=cv.get("kv_cache_bytes"), kv_sequences=cv.get("kv_sequences"),
+                                  waves=cv.get("waves"), sequence_len=int(cfg["input_len"]) + int(cfg["output_len"]))
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m a3_serve.bench.curve DIR``: recompute a kv-bound report's curve from its runs and rewrite
+    ``throughput.json``, ``.md`` and ``.png`` in DIR (after a change to how the summary is computed or drawn)."""
+    import argparse
+    import json
+
+    from a3_serve.bench.report import write_report
+
+    ap = argparse.ArgumentParser(prog="python -m a3_serve.bench.curve", description=main.__doc__.splitlines()[0])
+    ap.add_argument("dir", help="folder holding a kv-bound throughput.json")
+    args = ap.parse_args(argv)
+    folder = Path(args.dir)
+    report = rebuild(json.loads((folder / "throughput.json").read_text()))
+    for path in write_report(report, folder, markdown=to_markdown, charts=write_charts).values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -91,8 +91,9 @@ def summarize(samples: list[tuple[float, dict[str, float]]]) -> dict[str, float]
 
     ``running_max``, ``running_mean`` (samples with anything running), ``running_saturated_mean`` (samples with a
     waiting queue; absent when it never formed), ``waiting_max``, ``kv_usage_max`` (0-1), ``preemptions`` (counter
-    delta), ``engine_samples``, and ``saturated_output_tokens_per_s``: generated tokens per second between the
-    first and the last saturated sample (absent with fewer than two)."""
+    delta), ``engine_samples``, ``queued_fraction`` (the share of the run between the first and the last saturated
+    sample) and ``saturated_output_tokens_per_s``: generated tokens per second over that stretch (absent when it
+    covers less than half the run: a queue that forms only while the first prompts prefill)."""
     if not samples:
         return {}
     res: dict[str, float] = {"engine_samples": float(len(samples))}
@@ -106,10 +107,15 @@ def summarize(samples: list[tuple[float, dict[str, float]]]) -> dict[str, float]
     saturated = [(t, v) for t, v in samples if v.get(WAITING, 0.0) > 0]
     if saturated:
         res["running_saturated_mean"] = statistics.fmean(v.get(RUNNING, 0.0) for _, v in saturated)
+    span = samples[-1][0] - samples[0][0]
     if len(saturated) >= 2 and all(GENERATED in v for _, v in saturated):
         (t0, v0), (t1, v1) = saturated[0], saturated[-1]
-        if t1 > t0:
+        # a rate only where the queue lasted through most of the run: a queue that forms while the first prompts
+        # prefill says nothing about the sustained rate
+        if t1 > t0 and t1 - t0 >= 0.5 * span:
             res["saturated_output_tokens_per_s"] = (v1[GENERATED] - v0[GENERATED]) / (t1 - t0)
+    if saturated and span > 0:
+        res["queued_fraction"] = (saturated[-1][0] - saturated[0][0]) / span
     usage = [v[KV_USAGE] for _, v in samples if KV_USAGE in v]
     if usage:
         res["kv_usage_max"] = max(usage)

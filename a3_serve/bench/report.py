@@ -47,6 +47,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("running_saturated_mean", "requests running at once while requests queued (engine, mean)", "requests",
            "higher"),
     Metric("running_mean", "requests running at once while busy (engine, mean)", "requests", "higher"),
+    Metric("queued_fraction", "share of the run with requests queued (engine)", "", "higher", "{:.1%}"),
     Metric("running_max", "requests running at once (engine, max)", "requests", "higher", "{:,.0f}"),
     Metric("waiting_max", "requests waiting (engine, max)", "requests", "lower", "{:,.0f}"),
     Metric("preemptions", "preemptions (engine)", "", "lower", "{:,.0f}"),
