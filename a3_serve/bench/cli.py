@@ -306,7 +306,7 @@ class _Engines:
 
 
 def _engines(args: argparse.Namespace, dense: Optional[str], workload: Workload) -> _Engines:
-    from a3_serve.bench.preload import engine_env, preloaded
+    from a3_serve.bench.preload import LEGACY_KV_ENV, engine_env, preloaded
 
     if args.engine != "vllm" or args.mode == "server" and args.dense_url:
         return _Engines(None, dict(os.environ), [])
@@ -324,7 +324,10 @@ def _engines(args: argparse.Namespace, dense: Optional[str], workload: Workload)
     capacity = None
     if kv_bytes is not None and args.scenario == "kv-bound":
         capacity = dense_capacity(read_config(dense), itemsize, kv_bytes, workload)
-    env = engine_env(preload=args.cpu_preload == "on") if cpu else engine_env(preload=False)
+    if cpu:
+        env = engine_env(preload=args.cpu_preload == "on")
+    else:  # GPU: the caller's environment as it is (the preloads are a CPU-backend recommendation)
+        env = {k: v for k, v in os.environ.items() if k != LEGACY_KV_ENV}
     return _Engines(kv_bytes, env, preloaded(env) if cpu else [], capacity)
 
 
