@@ -3,7 +3,9 @@
 Used by the tests and benchmarks. It is a script (vLLM's engine wants a ``__main__`` guard)::
 
     python -m a3_serve.vllm_plugin.check --model DIR [--model DIR2 ...] --prompts-json '[[1,2,3]]' \
-        --max-tokens 32 --out results.json [--in-process] [--enforce-eager]
+        --max-tokens 32 --out results.json [--in-process] [--enforce-eager] [--kv-cache-dtype fp8]
+
+``--model DIR::dtype=bfloat16,kv_cache_dtype=fp8`` serves one model with its own dtype / KV-cache dtype.
 
 ``--in-process`` runs the engine core and the worker inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 and the ``uni`` executor), so several models share one interpreter start-up. A model that fails to load is
@@ -20,12 +22,14 @@ import os
 import sys
 
 
-def _run_one(model: str, prompts: list[list[int]], args) -> dict:
+def _run_one(spec: str, prompts: list[list[int]], args) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kw = dict(model=model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-              tensor_parallel_size=args.tp, seed=0, max_num_seqs=max(1, len(prompts)))
+    model, opts = _model_options(spec, args)
+    kw = dict(model=model, dtype=opts["dtype"], enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+              tensor_parallel_size=args.tp, seed=0, max_num_seqs=max(1, len(prompts)),
+              kv_cache_dtype=opts["kv_cache_dtype"])
     if args.in_process:
         kw["distributed_executor_backend"] = "uni"
     llm = LLM(**kw)
@@ -48,9 +52,22 @@ def _run_one(model: str, prompts: list[list[int]], args) -> dict:
         gc.collect()
 
 
+def _model_options(spec: str, args) -> tuple[str, dict]:
+    """``DIR`` or ``DIR::dtype=bfloat16,kv_cache_dtype=fp8``: per-model overrides of --dtype / --kv-cache-dtype."""
+    model, _, rest = spec.partition("::")
+    opts = {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in opts or not value:
+            raise SystemExit(f"--model {spec!r}: options are dtype=... and kv_cache_dtype=...")
+        opts[key] = value
+    return model, opts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True, help="checkpoint folder (repeatable)")
+    ap.add_argument("--model", action="append", required=True,
+                    help="checkpoint folder (repeatable); DIR::dtype=X,kv_cache_dtype=Y overrides those for it")
     ap.add_argument("--prompts-json", required=True, help="JSON list of token-id lists")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--logprobs", type=int, default=5)
@@ -59,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process", action="store_true", help="engine core and worker in this process")
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's --kv-cache-dtype (auto, fp8, ...)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
