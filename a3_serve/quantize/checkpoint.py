@@ -92,7 +92,7 @@ def card_section(record: dict[str, Any], report: dict[str, Any]) -> str:
         "## Quantization (a3-quantize)",
         "",
         f"- Scheme: `{record['scheme']}`: {record['description']}.",
-        f"- Format: compressed-tensors ({record['format']}), written by llm-compressor "
+        f"- Format: {record['format']}, written by llm-compressor "
         f"{record['versions'].get('llmcompressor')} "
         f"(compressed-tensors {record['versions'].get('compressed-tensors')}); "
         "`lm_head` and the embeddings are not quantized.",
@@ -100,8 +100,9 @@ def card_section(record: dict[str, Any], report: dict[str, Any]) -> str:
         f"- Weight files: {fmt_bytes(sizes['weight_bytes_before'])} -> {fmt_bytes(sizes['weight_bytes_after'])}.",
         f"- Sizes checked for: vLLM 0.32 on {record['backend']} (docs/QUANTIZATION.md of a3-serve).",
         "",
-        "Serve it as it is: `vllm serve ./this-folder` (a3-serve's vLLM plugin reads A3 checkpoints; vLLM reads the "
-        "`quantization_config`). Loading it with transformers needs the `compressed-tensors` package.",
+        f"Serve it as it is: `{report['serve'].replace(report['output'], './this-folder')}` (a3-serve's vLLM plugin "
+        "reads A3 checkpoints; vLLM reads the `quantization_config`). Loading it with transformers needs the "
+        "`compressed-tensors` package.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -121,6 +122,8 @@ def finish_folder(source: Path, folder: Path, source_cfg: dict[str, Any], record
     qcfg = json.loads((folder / "config.json").read_text())
     if not qcfg.get("quantization_config"):
         raise RuntimeError("the quantizer wrote no quantization_config")  # a bug or an llm-compressor change
+    fmt = qcfg["quantization_config"].get("format")
+    record["format"] = f"compressed-tensors ({fmt})" if fmt else "compressed-tensors"
     copy_source_files(source, folder)
     cfg = merged_config(source_cfg, qcfg, record)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -105,7 +105,7 @@ def format_summary(report: dict) -> str:
         f"{'yes' if report.get('verified', {}).get('forward') else 'not checked'}",
         f"  time        {t['total_s']:.1f} s (quantizer {t['quantizer_s']:.1f}, of which GPTQ/SmoothQuant "
         f"{t['quantize_s']:.1f})",
-        f"  serve       vllm serve {report['output']}",
+        f"  serve       {report['serve']}",
     ])
 
 

@@ -29,7 +29,7 @@ from a3_serve.progress import progress_bar
 from a3_serve.runtime import check_context_length, default_cache_root, read_config, resolve_model
 
 from . import checkpoint, driver, rules
-from .schemes import BACKENDS, Scheme, get_scheme, parse_group_size
+from .schemes import BACKENDS, Scheme, get_scheme, parse_group_size, serve_command
 from .verify import verify_folder
 
 #: model types a3-quantize knows the linear layers of (the A3 exporter's sources and its output)
@@ -215,7 +215,7 @@ def run_quantize(opts: QuantizeOptions, progress: bool = True) -> dict[str, Any]
             "versions": done.get("versions", {}), "a3_serve_version": a3_serve.__version__,
         }
         report = {
-            "tool": "a3-quantize", "output": str(out),
+            "tool": "a3-quantize", "output": str(out), "serve": serve_command(str(out), scheme, backend),
             "source": {"path": str(src), "model_type": mtype, "hub_id": source.repo_id, "revision": source.revision,
                        "a3": mtype == A3_TYPE},
             "quantization": record,

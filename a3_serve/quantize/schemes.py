@@ -29,6 +29,8 @@ class Scheme:
     smoothquant: Optional[float]
     #: backend -> None (vLLM serves it there) or why vLLM 0.32 cannot (one clause, used in the refusal)
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: the --dtype vLLM 0.32's CPU kernels need (None: any; W4A16's CPU kernel has no float32 path)
+    cpu_dtype: Optional[str] = None
 
     @property
     def grouped(self) -> bool:
@@ -63,13 +65,21 @@ SCHEMES: dict[str, Scheme] = {
                    8, 8, None, 0.8),
     "w4a16": Scheme("w4a16", "INT4 weights, group 128 by default (--group-size), 16/32-bit activations: GPTQ; "
                              "served by vLLM's WNA16 kernels (CPU: CPUWNA16, GPU: Marlin)",
-                    4, 16, 128, None),
+                    4, 16, 128, None, cpu_dtype="bfloat16"),
     "w8a16": Scheme("w8a16", "INT8 weights per output channel (--group-size for groups), 16/32-bit activations: GPTQ; "
                              "served by vLLM's WNA16 kernels on GPU (Marlin)",
                     8, 16, None, None,
                     unsupported={"cpu": "vLLM 0.32's CPU backend has no kernel for 8-bit weight-only layers (its "
                                         "CPUWNA16 kernel takes 4-bit weights only)"}),
 }
+
+
+def serve_command(folder: str, scheme: Scheme, backend: str) -> str:
+    """How to serve the result: ``vllm serve DIR`` plus the dtype the CPU kernels need (float32 where they take it:
+    vLLM would otherwise downcast an fp32 checkpoint to bf16, which CPUs without AVX-512 BF16 run slowly)."""
+    if backend != "cpu":
+        return f"vllm serve {folder}"
+    return f"vllm serve {folder} --dtype {scheme.cpu_dtype or 'float32'}"
 
 
 def get_scheme(name: str) -> Scheme:
