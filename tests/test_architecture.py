@@ -17,7 +17,9 @@ ALLOWED = {
     "a3_serve.solvers": {"a3_serve.errors"},
     "a3_serve.modeling": set(),  # copied into every checkpoint: torch and transformers only
     "a3_serve.calibration": {"a3_serve.solvers"} | SHARED,
-    "a3_serve.export": {"a3_serve.solvers", "a3_serve.calibration", "a3_serve.modeling", "a3_serve.eval"} | SHARED,
+    # the export reads the quantization size rules (pure functions of config.json) to choose legal sizes
+    "a3_serve.export": {"a3_serve.solvers", "a3_serve.calibration", "a3_serve.modeling", "a3_serve.eval",
+                        "a3_serve.quantize.rules", "a3_serve.quantize.schemes"} | SHARED,
     "a3_serve.eval": {"a3_serve.calibration", "a3_serve.modeling"} | SHARED,
     "a3_serve.vllm_plugin": {"a3_serve.modeling"} | SHARED,
     "a3_serve.quantize": {"a3_serve.calibration", "a3_serve.modeling"} | SHARED,

@@ -231,3 +231,39 @@ def test_mlp_multiple_in_the_export(capsys, tmp_path, random_models):
     assert code == 0 and all(w == 512 or w % 64 == 0 for w in widths) and cfg["a3"]["mlp_multiple"] == 64
     code, _, err = _run(capsys, "--model", src, "--cr", "0.3", "--mlp-multiple", "0", "--out", tmp_path / "b", *QUICK)
     assert_one_line_error(code, err, "--mlp-multiple must be a positive integer")
+
+
+def test_sizes_for_a_quantized_deployment(capsys, tmp_path, random_models):
+    """`--quant-scheme` (a3-quantize's scheme, group size, backend, KV-cache dtype): every size of the export, chosen by
+    the loss-aware allocation, passes that deployment's kernel rules; the rules are recorded in config.json and the
+    card; impossible combinations are refused before anything runs."""
+    from a3_serve.quantize import rules
+
+    src = random_models["llama3-gqa"]  # hidden 256, 4 heads / 2 KV heads of 64, MLP 512
+    code, stdout, _ = _run(capsys, "--model", src, "--cr", "0.3", "--quant-scheme", "w4a16", "--quant-group-size",
+                           "64", "--quant-backend", "cpu", "--kv-cache-dtype", "fp8", "--out", tmp_path / "a",
+                           "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--json", "-")
+    rep = json.loads(stdout[stdout.index("{"):])
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert code == 0 and rep["summary"]["achieved_cr"] >= 0.3
+    # head sizes: multiples of 32 (an FP8 KV cache on CPU); MLP widths: multiples of the group size 64
+    assert cfg["a3"]["head_multiple"] == 32 and cfg["a3"]["mlp_multiple"] == 64
+    assert cfg["a3"]["size_rules"] == {"scheme": "w4a16", "group_size": 64, "backends": ["cpu"],
+                                       "kv_cache_dtype": "fp8"}
+    widths = cfg.get("layer_intermediate_sizes") or [cfg["intermediate_size"]]
+    heads = cfg.get("layer_qk_head_dims") or [cfg["qk_head_dim"]]
+    assert all(w % 64 == 0 for w in widths) and all(h in (32, 64) for h in heads), (widths, heads)
+    assert rules.size_problems(cfg, "w4a16", "cpu", 64, kv_cache_dtype="fp8") == []
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "a3-quantize --model <this folder> --scheme w4a16 --group-size 64" in card
+
+    out = tmp_path / "bad"
+    for argv, words in (
+        (["--quant-scheme", "w8a16", "--quant-backend", "cpu"], ("cannot be served on cpu", "--quant-backend gpu")),
+        (["--quant-group-size", "32"], ("--quant-group-size needs --quant-scheme",)),
+        (["--quant-scheme", "w4a16", "--head-multiple", "48"], ("leave no head size up to 64",)),
+        (["--kv-cache-dtype", "int3"], ("--kv-cache-dtype 'int3' is not a vLLM KV-cache dtype",)),
+    ):
+        code, _, err = _run(capsys, "--model", src, "--cr", "0.3", "--out", out, *argv, *QUICK)
+        assert_one_line_error(code, err, *words)
+    assert not out.exists()

@@ -73,6 +73,7 @@ def render_model_card(report: dict[str, Any]) -> str:
            f"(head sizes rounded down to multiples of {s['head_multiple']}, the MLP width re-solved to meet the "
            "budget)."),
         "",
+        *_size_rules_lines(s.get("size_rules")),
         f"Recipe `{report.get('recipe', 'custom')}`: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`, budget "
         f"allocation `{report.get('allocation', 'uniform')}`; components compressed: {', '.join(s['components'])}.",
         f"Calibration: {cal['nsamples']} x {cal['seqlen']} tokens from `{cal['source']}` (seed {cal['seed']}).",
@@ -116,3 +117,17 @@ def render_model_card(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _size_rules_lines(rules: dict | None) -> list[str]:
+    """The ``--quant-scheme`` paragraph: which quantized deployment every size was chosen for."""
+    if not rules:
+        return []
+    what = f"`{rules['scheme']}`" if rules.get("scheme") else "unquantized weights"
+    if rules.get("group_size"):
+        what += f" (group size {rules['group_size']})"
+    kv = f" with a `{rules['kv_cache_dtype']}` KV cache" if rules.get("kv_cache_dtype") else ""
+    cmd = (f"a3-quantize --model <this folder> --scheme {rules['scheme']}"
+           + (f" --group-size {rules['group_size']}" if rules.get("group_size") else "") + " --out <folder>")
+    return [f"Every size was chosen to pass the kernel rules of {what}{kv} on vLLM {' and '.join(rules['backends'])} "
+            "(docs/QUANTIZATION.md)" + (f": `{cmd}`." if rules.get("scheme") else "."), ""]

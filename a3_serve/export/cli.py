@@ -49,6 +49,8 @@ examples:
   a3-export --model ./m --cr 0.2 --out ./m-paper --recipe paper       # reproduce the publication
   a3-export --model ./m --cr 0.2 --out ./m-wanda --recipe wanda        # a baseline
   a3-export --model ./m --cr 0.2 --out ./m-x --recipe paper --mlp-method greedy-refit   # override one component
+  a3-export --model ./m --cr 0.1 --out ./m-a3 --quant-scheme w4a16 --quant-group-size 32 --quant-backend cpu
+                                                                     # sizes a3-quantize --scheme w4a16 can take
 
 cost: calibration is one forward pass over nsamples x seqlen tokens with float64 statistics, plus
 head-space solves: --recipe paper takes 1.5x one plain forward pass, the default 3.3x (its MLP refit's
@@ -142,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "a group size must divide down_proj's input (the MLP width), and vLLM's CPU INT4 kernel "
                             "needs multiples of 32; a3-quantize names the value a checkpoint needs "
                             "(docs/QUANTIZATION.md)")
+    quant = p.add_argument_group(
+        "sizes for a quantized deployment",
+        "make every head size and MLP width pass the kernel rules of the scheme you will quantize with "
+        "(a3-quantize) and serve on (docs/QUANTIZATION.md): the allocation then only offers legal sizes and meets "
+        "the budget with them, and the planned sizes are checked before anything is solved")
+    quant.add_argument("--quant-scheme", default=None, choices=["w8a8", "w4a16", "w8a16"],
+                       help="the a3-quantize scheme the checkpoint is for (e.g. w4a16 on CPU: fused layer sizes "
+                            "multiples of 32; GPTQ groups must divide o_proj's and down_proj's inputs)")
+    quant.add_argument("--quant-group-size", default=None, metavar="N|channel",
+                       help="the a3-quantize --group-size you will use (default: the scheme's, 128 for w4a16)")
+    quant.add_argument("--quant-backend", default="auto", choices=["auto", "all", "cpu", "gpu"],
+                       help="the vLLM backend it will be served on (default auto: gpu where nvidia-smi lists a GPU, "
+                            "else cpu; all: every backend the scheme runs on)")
+    quant.add_argument("--kv-cache-dtype", default=None, metavar="DTYPE",
+                       help="the vLLM --kv-cache-dtype it will be served with; fp8 on CPU needs head sizes that are "
+                            "multiples of 32 (default: the model's dtype, no extra rule)")
     shape.add_argument("--components", default="qk,ov,mlp", metavar="LIST",
                        help="which components to compress, comma-separated subset of qk,ov,mlp (default: all). With a "
                             "subset, each chosen component is cut by --cr and the others stay dense (for ablations; "
@@ -242,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             calib=args.calib, calib_split=args.calib_split,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device,
             dtype=args.dtype, save_dtype=args.save_dtype, head_multiple=args.head_multiple,
-            mlp_multiple=args.mlp_multiple,
+            mlp_multiple=args.mlp_multiple, quant_scheme=args.quant_scheme, quant_group_size=args.quant_group_size,
+            quant_backend=args.quant_backend, kv_cache_dtype=args.kv_cache_dtype,
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
             methods=_methods(args), recipe=args.recipe, damp=args.damp, stats=args.stats,
             overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens,

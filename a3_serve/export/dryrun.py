@@ -110,6 +110,7 @@ def dry_run_report(job) -> dict[str, Any]:
         "kv_capacity_ratio": kv_before / kv_after,
         "calibration": {"description": calib_desc, "nsamples": opts.nsamples, "seqlen": opts.seqlen, "n_tokens": N,
                         "statistics": opts.stats},
+        "size_rules": job.serving.record() if job.serving else None,
         "device": str(device), "compute_dtype": dtype_name(dtype),
         "estimate": {"flops": flops, "probe_flops_per_s": speed, "seconds": est_s, "calibration_passes": passes,
                      "streamed_peak_memory_bytes": mem_stream},
@@ -124,6 +125,8 @@ def dry_run_report(job) -> dict[str, Any]:
         f"  KV cache    {kv_before:,} -> {kv_after:,} bytes/token, x{kv_before / kv_after:.2f} more tokens per GB "
         f"(target >= {plan.target_kv_cr:.3f} removed, planned {plan.achieved_kv_cr(arch):.4f}"
         + ("; the allocation meets the target with per-layer heads)" if allocate else ")"),
+        *([f"  sizes       for {job.serving.describe()}: head sizes multiples of {opts.head_multiple}, MLP widths "
+            f"multiples of {opts.mlp_multiple} (the planned sizes pass every rule)"] if job.serving else []),
         f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
         f"{passes:.1f} forward-pass equivalents",
         f"  estimate    {_fmt_s(est_s)} on {device} in {dtype_name(dtype)} ({flops / 1e12:.2f} TFLOP at a probed "

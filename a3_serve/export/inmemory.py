@@ -171,6 +171,7 @@ def run_in_memory(job, progress: bool = True) -> dict[str, Any]:
     if passes.allocate:
         plan = allocate_plan(model, stats, arch, opts.cr, opts.methods, tuple(opts.components),
                              opts.head_multiple, opts.damp, kv_cr=job.kv_cr, mlp_multiple=opts.mlp_multiple)
+        job.check_serving(plan, "the loss-aware allocation's dims")
     dims = plan.dim_lists(arch.num_layers)
     t0 = time.perf_counter()
     if passes.solve_from_first:

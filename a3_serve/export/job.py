@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import AutoTokenizer
@@ -34,6 +34,8 @@ from a3_serve.export.folder import check_destination
 from a3_serve.export.lazy import SafetensorsSource
 from a3_serve.export.options import ExportOptions, resolve_kv_cr, resolve_save_dtype, validate_options
 from a3_serve.export.passes import CalibrationPasses, plan_passes
+from a3_serve.export.report import compressed_config
+from a3_serve.export.serving import ServingTarget, check_plan, serving_target, with_serving_multiples
 from a3_serve.runtime import (
     ModelSource,
     check_context_length,
@@ -66,6 +68,12 @@ class ExportJob:
     streamed: bool
     passes: CalibrationPasses
     t_start: float
+    serving: Optional[ServingTarget] = None  # --quant-scheme / --kv-cache-dtype: sizes the kernels must accept
+
+    def check_serving(self, plan: DimPlan, what: str) -> None:
+        """One-line :class:`InputError` if ``plan`` cannot be quantized and served as ``--quant-scheme`` says."""
+        if self.serving is not None:
+            check_plan(self.serving, compressed_config(self.src_cfg, self.arch, plan, {}, self.dtype), what)
 
     @property
     def kv_cr(self) -> float:
@@ -110,9 +118,14 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     """Check every input and prepare the job (module docstring); raises one-line :class:`InputError` s."""
     t_start = time.perf_counter()
     validate_options(opts)
+    serving = serving_target(opts.quant_scheme, opts.quant_group_size, opts.quant_backend, opts.kv_cache_dtype)
     source = resolve_model(opts.model)
     src_cfg = read_config(source.path)
     arch = inspect_architecture(src_cfg)
+    if serving is not None:
+        opts = with_serving_multiples(opts, serving, src_cfg)
+        log.info("sizes for %s: head sizes multiples of %d, MLP widths multiples of %d", serving.describe(),
+                 opts.head_multiple, opts.mlp_multiple)
     _check_lengths(opts, src_cfg)
     has_safetensors = _check_weight_names(source.path, arch)
     if opts.layer_dims is not None:
@@ -120,6 +133,8 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     else:
         plan = plan_dims(arch, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple,
                          kv_cr=resolve_kv_cr(opts), mlp_multiple=opts.mlp_multiple)
+    if serving is not None:
+        check_plan(serving, compressed_config(src_cfg, arch, plan, {}, torch.float32), "the planned dims")
     check_destination(Path(opts.out), opts.overwrite, source.path)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -157,6 +172,8 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     # the dry run estimates the streamed export's passes, whatever the source format
     passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, n_batches, opts.stats,
                          streamed or opts.dry_run)
-    return ExportJob(opts=opts, source=source, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens,
-                     tokenizer=tokenizer, calibration=calibration, device=device, dtype=dtype,
-                     save_dtype=resolve_save_dtype(opts, src_cfg), streamed=streamed, passes=passes, t_start=t_start)
+    job = ExportJob(opts=opts, source=source, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens,
+                    tokenizer=tokenizer, calibration=calibration, device=device, dtype=dtype,
+                    save_dtype=resolve_save_dtype(opts, src_cfg), streamed=streamed, passes=passes, t_start=t_start,
+                    serving=serving)
+    return job

@@ -61,6 +61,11 @@ class ExportOptions:
     resume: bool = True  # continue an interrupted streamed export with the same arguments
     dry_run: bool = False  # validate and print the plan and the estimated cost; compute nothing
     max_shard_size: str = "5GB"  # safetensors shard limit, as transformers' save_pretrained
+    # sizes for a quantized deployment (a3_serve.export.serving): every size passes this scheme's kernel rules
+    quant_scheme: str | None = None  # a3-quantize --scheme (w8a8, w4a16, w8a16)
+    quant_group_size: str | None = None  # a3-quantize --group-size (None: the scheme's default)
+    quant_backend: str = "auto"  # cpu, gpu, all (every backend the scheme runs on) or auto (this machine's)
+    kv_cache_dtype: str | None = None  # the KV-cache dtype it will be served with (fp8 on CPU: heads % 32)
 
 
 def validate_options(opts: ExportOptions) -> None:

@@ -126,6 +126,8 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
         "calibration": job.calibration,
         ROPE_DIGEST_KEY: rope_digest,
     }
+    if job.serving is not None:  # --quant-scheme: the rules every size was chosen to pass (a3-quantize reads it)
+        a3_block["size_rules"] = summary["size_rules"] = job.serving.record()
     config = compressed_config(src_cfg, arch, plan, a3_block, job.save_dtype)
     report: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

@@ -224,6 +224,7 @@ class _StreamedRun:
         plan = plan_from_curves([LayerCurves(qk=c["qk"], ov=c["ov"], mlp=c["mlp"]) for c in curves], self.arch, opts.cr,
                                  tuple(opts.components), opts.head_multiple, kv_cr=job.kv_cr,
                                  mlp_multiple=opts.mlp_multiple)
+        job.check_serving(plan, "the loss-aware allocation's dims")
         t_alloc = self.timings["alloc_s"] = t_before + time.perf_counter() - ta
         self.st.update(plan=asdict(plan), cached_stats=keep, **{"pass": "solve", "done": 0, "reports": []})
         (work.path / HIDDEN_FILE).unlink(missing_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from a3_serve.progress import progress_bar
 from a3_serve.runtime import check_context_length, default_cache_root, read_config, resolve_model
 
 from . import checkpoint, driver, rules
-from .schemes import BACKENDS, Scheme, get_scheme, parse_group_size, serve_command
+from .schemes import BACKENDS, Scheme, default_backend, get_scheme, parse_group_size, serve_command
 from .verify import verify_folder
 
 #: model types a3-quantize knows the linear layers of (the A3 exporter's sources and its output)
@@ -61,15 +60,6 @@ class QuantizeOptions:
     overwrite: bool = False
     verify: bool = True
     threads: int = 0
-
-
-def default_backend() -> str:
-    """``gpu`` where ``nvidia-smi -L`` lists a GPU (vLLM's CUDA wheel serves there), else ``cpu``."""
-    try:
-        ok = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        ok = False
-    return "gpu" if ok else "cpu"
 
 
 def check_options(opts: QuantizeOptions) -> tuple[Scheme, Optional[int], str]:

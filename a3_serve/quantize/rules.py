@@ -133,8 +133,9 @@ def _reexport_fix(config: dict[str, Any], sch: Scheme, backend: str, group_size:
         h, m = round_for(config, sch, backend, group_size)
     except InputError:
         return "use --scheme w8a8 (no size rules), or another --group-size"
-    return (f"re-export with head sizes that are multiples of {h} and MLP widths that are multiples of {m}, or use "
-            "--scheme w8a8 (no size rules)")
+    group = "" if group_size == sch.default_group else f" --quant-group-size {group_size or 'channel'}"
+    return (f"re-export with a3-export --quant-scheme {sch.name}{group} --quant-backend {backend} (head sizes that "
+            f"are multiples of {h} and MLP widths that are multiples of {m}), or use --scheme w8a8 (no size rules)")
 
 
 def size_problems(config: dict[str, Any], scheme: Scheme | str, backend: str, group_size=DEFAULT, tp: int = 1,

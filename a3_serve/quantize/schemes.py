@@ -8,6 +8,7 @@ A scheme is plain data: the worker (``worker.py``, in the quantizer environment)
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -107,3 +108,12 @@ def parse_group_size(scheme: Scheme, value: Optional[str]) -> Optional[int]:
     if g < 2 or g % 2:
         raise InputError(f"--group-size {g}: use a positive even size such as 128, 64 or 32, or 'channel'")
     return g
+
+
+def default_backend() -> str:
+    """``gpu`` where ``nvidia-smi -L`` lists a GPU (vLLM's CUDA wheel serves there), else ``cpu``."""
+    try:
+        ok = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return "gpu" if ok else "cpu"
