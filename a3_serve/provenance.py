@@ -195,3 +195,35 @@ def _head_dim(cfg: dict[str, Any]) -> int | None:
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
 
+
+
+def quantization_info(folder: str | Path) -> dict[str, Any] | None:
+    """The weight quantization of a model folder, from its ``config.json``'s ``quantization_config`` (None when it
+    has none): ``method`` and ``format`` as written (compressed-tensors for llm-compressor and a3-quantize),
+    ``weight_bits``, ``activation_bits`` (None: weight-only), ``group_size`` (None: per channel) of the first
+    quantization group, ``scheme`` named from the bits (``w8a8``, ``w4a16``; the method's name when the bits are not
+    recorded), and ``tool`` ``a3-quantize`` when its report (``a3_quantize.json``) is in the folder."""
+    folder = Path(folder)
+    qc = _read_cfg(folder).get("quantization_config")
+    if not isinstance(qc, dict) or not qc:
+        return None
+    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+    first = next(iter(groups.values()), {}) if groups else {}
+    weights = first.get("weights") if isinstance(first.get("weights"), dict) else {}
+    acts = first.get("input_activations") if isinstance(first.get("input_activations"), dict) else None
+    wbits = weights.get("num_bits") or qc.get("bits")
+    abits = acts.get("num_bits") if acts else None
+    method = str(qc.get("quant_method") or "unknown")
+    return {"method": method, "format": qc.get("format"), "weight_bits": wbits, "activation_bits": abits,
+            "group_size": weights.get("group_size") or qc.get("group_size"),
+            "scheme": f"w{wbits}a{abits or 16}" if wbits else method,
+            "tool": "a3-quantize" if (folder / "a3_quantize.json").is_file() else None}
+
+
+def describe_quantization(info: dict[str, Any] | None) -> str:
+    """``w4a16 (group 32, compressed-tensors)``; ``unquantized`` for None."""
+    if not info:
+        return "unquantized"
+    extra = [f"group {info['group_size']}"] if info.get("group_size") else []
+    extra += [str(info.get("format") or info.get("method"))]
+    return f"{info['scheme']} ({', '.join(extra)})"

@@ -409,3 +409,59 @@ def test_overwrite_replaces_a_quantized_dense_output(capsys, tiny, quantized):
     assert json.loads((out / REPORT_NAME).read_text())["quantization"]["scheme"] == "w4a16"
     assert not _hidden(out)
     shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------------------------ the throughput benchmark
+def test_benchmark_reads_the_quantization(tiny, quantized, tmp_path, capsys):
+    """benchmarks/throughput.py (and the service, which runs the same code): each folder's scheme from its
+    quantization_config; a scheme vLLM's CPU backend cannot run at the chosen dtype is refused in one line before
+    any engine starts; served weight bytes count INT8 weights at one byte."""
+    from a3_serve.bench.cli import main as bench_main
+    from a3_serve.bench.engines import checkpoint_bytes
+    from a3_serve.provenance import quantization_info
+
+    assert quantization_info(tiny["a3"]) is None
+    w8, w4 = quantization_info(quantized["a3-w8a8"]), quantization_info(quantized["a3-w4a16"])
+    assert (w8["scheme"], w8["weight_bits"], w8["activation_bits"], w8["format"]) == ("w8a8", 8, 8, "int-quantized")
+    assert (w4["scheme"], w4["group_size"], w4["activation_bits"], w4["tool"]) == ("w4a16", 128, None, "a3-quantize")
+    tensors = load_file(str(quantized["a3-w8a8"] / "model.safetensors"))
+    int8 = sum(t.numel() for t in tensors.values() if t.dtype == torch.int8)
+    assert int8 > 0 and checkpoint_bytes(str(quantized["a3-w8a8"]), 4) == sum(
+        t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors.values())
+
+    def run(*args) -> tuple[int, str]:
+        sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
+        try:
+            return bench_main([str(a) for a in args]), capsys.readouterr().err
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+
+    out = tmp_path / "refused"
+    assert_one_line_error(*run("--dense", tiny["dense"], "--compressed", quantized["a3-w4a16"], "--out-dir", out),
+                          "--compressed is w4a16", "--dtype bfloat16")
+    assert_one_line_error(*run("--dense", tiny["dense"], "--compressed", quantized["a3-w8a16-gpu"], "--out-dir", out),
+                          "8-bit weight-only", "on a GPU")
+    assert not (out / "throughput.json").exists()
+
+
+@pytest.mark.skipif(not VLLM, reason="A3_SERVE_SKIP_VLLM=1")
+def test_benchmark_measures_a_quantized_checkpoint(tiny, quantized, tmp_path):
+    """A real vLLM run of dense vs A3 + W8A8: the report names the scheme (JSON, Markdown) and the compressed model's
+    served weight bytes are its files' (INT8 weights at one byte)."""
+    from a3_serve.bench.engines import checkpoint_bytes
+
+    out = tmp_path / "bench"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "throughput.py"), "--dense", str(tiny["dense"]),
+                           "--compressed", str(quantized["a3-w8a8"]), "--num-prompts", "2", "--input-len", "16",
+                           "--output-len", "4", "--repeats", "1", "--enforce-eager", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=root,
+                          env=dict(os.environ, A3_SERVE_NO_PROGRESS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "throughput.json").read_text())
+    q = report["config"]["quantization"]
+    assert q["dense"] is None and q["compressed"]["scheme"] == "w8a8"
+    assert "(quantized: w8a8 (int-quantized))" in (out / "throughput.md").read_text()
+    med = report["models"]["compressed"]["median"]
+    assert med["weight_bytes"] == checkpoint_bytes(str(quantized["a3-w8a8"]), 4)
+    assert med["output_tokens_per_s"] > 0 and med["kv_cache_tokens"] > 0

@@ -228,6 +228,27 @@ def _comparability(dense: Optional[str], compressed: Optional[str], allow: bool)
     return problems
 
 
+def _quantization(args: argparse.Namespace, paths: dict[str, Optional[str]]) -> dict[str, Any]:
+    """Each folder's weight quantization (:func:`a3_serve.provenance.quantization_info`; None: unquantized), checked
+    against what vLLM 0.32's CPU backend can run before any engine starts (docs/QUANTIZATION.md): INT4 weight-only
+    layers only with bf16/fp16 activations (its kernel has no float32 path), 8-bit weight-only layers not at all."""
+    from a3_serve.provenance import quantization_info
+
+    info = {name: quantization_info(paths[name]) if paths[name] else None for name in MODELS}
+    if args.engine != "vllm" or _cuda() or args.dense_url or args.compressed_url:
+        return info
+    for name, q in info.items():
+        if not q or q.get("activation_bits") is not None:
+            continue
+        if q.get("weight_bits") == 8:
+            raise InputError(f"--{name} is {q['scheme']} (8-bit weight-only): vLLM's CPU backend has no kernel for "
+                             "it; measure it on a GPU, or quantize with a3-quantize --scheme w8a8 or w4a16")
+        if q.get("weight_bits") == 4 and _engine_dtype(args) == "float32":
+            raise InputError(f"--{name} is {q['scheme']} (INT4 weights): vLLM's CPU INT4 kernel has no float32 "
+                             "path; measure both models with --dtype bfloat16")
+    return info
+
+
 def _engine_dtype(args: argparse.Namespace) -> str:
     import torch
 
@@ -363,10 +384,10 @@ def _server_measurement(args, name: str, path: Optional[str], workload: Workload
             res = measure(server.url, server.rss_bytes)
         dtype = _engine_dtype(args)
         if dtype != "auto":  # the served dtype is known only when we chose it
-            from a3_serve.bench.engines import checkpoint_numel
+            from a3_serve.bench.engines import checkpoint_bytes
             from a3_serve.runtime import DTYPES
 
-            weight_bytes = float(checkpoint_numel(path) * DTYPES[dtype].itemsize)
+            weight_bytes = float(checkpoint_bytes(path, DTYPES[dtype].itemsize))
             for point in res if isinstance(res, list) else [res]:
                 point["weight_bytes"] = weight_bytes
         return res
@@ -387,6 +408,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> dic
         if paths[name]:
             paths[name] = check_model_dir(paths[name], name)
     mismatch = _comparability(paths["dense"], paths["compressed"], args.allow_mismatch)
+    quantization = _quantization(args, paths)
     workload = Workload(args.num_prompts, args.input_len, args.output_len, args.seed, args.max_model_len)
     engines = _engines(args, paths["dense"], workload)
     out_dir = Path(args.out_dir).expanduser().resolve()
@@ -433,6 +455,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> dic
         config["kv_cache_gib"] = engines.kv_bytes / 2**30
     if args.engine == "vllm" and not _cuda() and not args.dense_url:
         config["cpu_preload"] = engines.preload
+    config["quantization"] = quantization
     config["comparability"] = {"checked": bool(paths["dense"] and paths["compressed"]), "problems": mismatch,
                                "allow_mismatch": bool(args.allow_mismatch)}
     if args.engine == "hf":

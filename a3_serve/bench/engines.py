@@ -107,7 +107,7 @@ def measure_vllm_offline(model: str, workload: Workload, *, dtype: str = "auto",
         res = _throughput(len(outs), n_in, n_out, elapsed)
         cache = llm.llm_engine.vllm_config.cache_config
         res.update(_capacity(int(cache.num_gpu_blocks or 0), int(cache.block_size), workload))
-        res["weight_bytes"] = float(checkpoint_numel(model) * llm.llm_engine.model_config.dtype.itemsize)
+        res["weight_bytes"] = float(checkpoint_bytes(model, llm.llm_engine.model_config.dtype.itemsize))
         res["peak_rss_bytes"] = float(_peak_rss_bytes())
         if torch.cuda.is_available():
             res["peak_gpu_bytes"] = float(torch.cuda.max_memory_allocated())
@@ -398,21 +398,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def checkpoint_numel(folder: str) -> int:
-    """Elements in every tensor of a folder's safetensors files (read from the headers, no data loaded).
+#: bytes per element of the safetensors dtypes a checkpoint's non-float tensors use (quantized weights, packed INT4
+#: in int32, scales' zero points, A3's rope index)
+_INT_ITEMSIZE = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
+                 "F8_E4M3": 1, "F8_E5M2": 1}
 
-    Served weight bytes are ``numel * itemsize`` of the dtype the engine runs: vLLM's CPU backend repacks linear
-    weights into oneDNN buffers and empties the parameters, so counting the loaded parameters undercounts there."""
+
+def checkpoint_bytes(folder: str, float_itemsize: int) -> int:
+    """Served weight bytes of a folder's safetensors files, read from the headers (no data loaded): floating-point
+    tensors at ``float_itemsize`` (the dtype the engine runs: vLLM casts them), every other tensor (INT8 / packed
+    INT4 weights of a quantized checkpoint, integer indices) at its stored size.
+
+    Counted from the files rather than the loaded parameters: vLLM's CPU backend repacks linear weights into oneDNN
+    buffers and empties the parameters, so counting those undercounts there."""
     from safetensors import safe_open
 
     total = 0
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
+                sl = st.get_slice(k)
                 n = 1
-                for dim in st.get_slice(k).get_shape():
+                for dim in sl.get_shape():
                     n *= dim
-                total += n
+                total += n * _INT_ITEMSIZE.get(sl.get_dtype(), float_itemsize)
     return total
 
 

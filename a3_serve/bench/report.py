@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from a3_serve.provenance import describe_quantization
+
 SCHEMA = "a3-serve/throughput/1"
 MODELS = ("dense", "compressed")
 
@@ -130,8 +132,8 @@ def header_lines(report: dict[str, Any], title: str, workload: str) -> list[str]
     return [
         f"# {title}",
         "",
-        f"- dense: `{report['models']['dense']['path']}`",
-        f"- compressed: `{report['models']['compressed']['path']}`",
+        f"- dense: `{report['models']['dense']['path']}`{_quant_note(cfg, 'dense')}",
+        f"- compressed: `{report['models']['compressed']['path']}`{_quant_note(cfg, 'compressed')}",
         f"- workload: {workload}",
         f"- machine: {report['environment'].get('machine', '?')}; created {report['created']}",
         *([f"- LD_PRELOAD for vLLM: {', '.join(preload) or 'none'}"] if preload is not None else []),
@@ -152,6 +154,12 @@ def metric_table(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {m.label}{unit} | {format_value(m, d.get(m.key))} | {format_value(m, c.get(m.key))} | "
                      f"{'–' if r is None else f'{r:.3f}x'} |")
     return lines
+
+
+def _quant_note(cfg: dict[str, Any], name: str) -> str:
+    """`` (quantized: w8a8 (compressed-tensors))`` after a quantized model's path; nothing for an unquantized one."""
+    info = (cfg.get("quantization") or {}).get(name)
+    return f" (quantized: {describe_quantization(info)})" if info else ""
 
 
 def _mismatch_lines(cfg: dict[str, Any]) -> list[str]:

@@ -276,7 +276,10 @@ async function showDetail(id, force) {
   const w = run.request.workload || {};
   const meta = $("#detail-meta");
   meta.replaceChildren();
-  const rows = [["dense", run.dense], ["compressed", run.compressed],
+  const quant = (run.results && run.results.config && run.results.config.quantization) || {};
+  const scheme = (name) => quant[name] ? " (quantized: " + quant[name].scheme +
+    (quant[name].group_size ? ", group " + quant[name].group_size : "") + ")" : "";
+  const rows = [["dense", run.dense + scheme("dense")], ["compressed", run.compressed + scheme("compressed")],
     ["workload", w.num_prompts + " requests × " + w.input_len + " input + " + w.output_len + " output tokens, " +
                  w.repeats + " repeat(s), engine " + run.engine + ", dtype " + w.dtype],
     ["created", when(run.created)], ["finished", when(run.finished)]];
