@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 
 import a3_serve
-from a3_serve.calibration.sources import calibration_windows, describe_source, eval_windows, load_texts, sources_overlap
+from a3_serve.calibration.sources import (
+    MIX_PARTS,
+    calibration_windows,
+    describe_source,
+    eval_windows,
+    load_texts,
+    sources_overlap,
+)
 from a3_serve.calibration.stats import collect_stats
 from a3_serve.errors import A3Error
 from a3_serve.eval.ppl import evaluate_ppl
@@ -78,6 +85,11 @@ def main() -> int:
     p.add_argument("--head-multiple", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out-dir", default="benchmarks/results/quality")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="transfer: one calibration per domain of --calib (mix: wiki, austen, pydoc) without it, "
+                        "every grid evaluated on all --eval texts; writes without-<domain>/quality.* and "
+                        "leave_one_out.md/.json (the share of the paper recipe's increase removed on the unseen "
+                        "domain; --recipes must include paper)")
     args = p.parse_args()
     torch.manual_seed(0)
 
@@ -92,9 +104,8 @@ def main() -> int:
     for r in recipes:
         if r.split("@")[0] not in RECIPES or r.split("@")[1:] not in ([], ["propagated"]):
             p.error(f"unknown recipe {r!r}; choose from {', '.join(RECIPES)} (optionally suffixed @propagated)")
-    for spec in evals:
-        if sources_overlap(args.calib, None, spec, None):
-            p.error(f"--eval {spec} overlaps the calibration text {args.calib}; evaluate on held-out text")
+    if args.leave_one_out and "paper" not in recipes:
+        p.error("--leave-one-out compares with the paper recipe: add paper to --recipes")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -102,54 +113,109 @@ def main() -> int:
 
     src_cfg = read_config(args.model)
     arch = inspect_architecture(src_cfg)
-    shape = arch
     tok = AutoTokenizer.from_pretrained(args.model)
-    tokens = calibration_windows(tok, args.calib, None, args.nsamples, args.seqlen, args.seed)
     windows = {}
     for spec in evals:
         windows[spec] = eval_windows(tok, load_texts(spec), args.eval_seqlen, args.eval_tokens)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-
-    batches = list(tokens.split(args.batch_size))
-    t0 = time.perf_counter()
-    request = union_request([RECIPES[r.split("@")[0]][1] for r in recipes])
-    stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=request)
-    t_stats = time.perf_counter() - t0
-    print(f"statistics over {tokens.numel():,} calibration tokens: {t_stats:.1f} s", flush=True)
-
-    def save(rows: list) -> None:
-        """Write JSON, Markdown and the plot for the rows so far (called after every model)."""
-        result = {
-            "command": " ".join(["python"] + sys.argv),
-            "model": args.model,
-            "a3_serve_version": a3_serve.__version__,
-            "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()},
-            "calibration": {"source": describe_source(args.calib, None), "nsamples": args.nsamples,
-                            "seqlen": args.seqlen, "seed": args.seed, "tokens": int(tokens.numel())},
-            "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen} for spec, w in windows.items()},
-            "timing": {"statistics_s": t_stats,
-                       "solve_s": {r["recipe"]: r["solve_s"] for r in rows if r["cr"] == crs[0]}},
-            "statistics_request": vars(request),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "recipes": {k: RECIPES[k.split("@")[0]][2] + (" (statistics propagated through the compressed layers)"
-                                                             if k.endswith("@propagated") else "") for k in recipes},
-            "rows": rows,
-        }
-        (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / "quality.md").write_text(render_markdown(result, evals))
-        plot(result, evals, out_dir / "quality.png")
-
-    rows = []
     dense = {spec: evaluate_ppl(model, w, batch_size=args.batch_size, progress=False)["ppl"]
              for spec, w in windows.items()}
-    rows.append({"cr": 0.0, "kv_cr": 0.0, "recipe": "dense",
-                 "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size], "achieved_cr": 0.0,
-                 "achieved_kv_cr": 0.0, "kv_capacity": 1.0, "ppl": dense, "solve_s": 0.0})
     print(f"dense: {dense}", flush=True)
-    # recipe-major: the first recipes are complete early; (0, 0) and (0, default) would be the dense model: skipped
-    grid = [(cr, kv, r) for r in recipes for cr in crs for kv in kv_crs if cr > 0 or (kv or 0) > 0]
-    for cr, kv_target, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
+    ctx = Grid(args, src_cfg, arch, tok, model, windows, dense, crs, kv_crs, recipes)
+    if not args.leave_one_out:
+        ctx.run(args.calib, out_dir)
+        print((out_dir / "quality.md").read_text())
+        return 0
+    results = {}
+    for left_out, calib in leave_one_out_folds(args.calib):
+        print(f"fold: calibrate on {calib}, {left_out} unseen", flush=True)
+        results[left_out] = ctx.run(calib, out_dir / f"without-{left_out}")
+    summary = leave_one_out_summary(results, " ".join(["python"] + sys.argv))
+    (out_dir / "leave_one_out.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "leave_one_out.md").write_text(render_leave_one_out(summary))
+    print((out_dir / "leave_one_out.md").read_text())
+    return 0
+
+
+def leave_one_out_folds(calib: str) -> list[tuple[str, str]]:
+    """``(left-out domain, calibration spec)`` per domain of ``calib`` (``mix``: wiki, austen, pydoc): calibrate on
+    the others' calibration splits, concatenated (``A+B``), so the left-out domain is text calibration never saw."""
+    parts = list(MIX_PARTS) if calib == "mix" else [x for x in calib.split("+") if x]
+    if len(parts) < 2:
+        raise SystemExit(f"--leave-one-out needs a calibration set of several domains (e.g. mix), got {calib!r}")
+    return [(d, "+".join(x for x in parts if x != d)) for d in parts]
+
+
+class Grid:
+    """One model's quality grid: the loaded dense model, the held-out windows and their dense perplexity, shared
+    by every calibration set that :meth:`run` is given."""
+
+    def __init__(self, args, src_cfg, arch, tok, model, windows, dense, crs, kv_crs, recipes):
+        self.args, self.src_cfg, self.arch, self.tok, self.model = args, src_cfg, arch, tok, model
+        self.windows, self.dense, self.crs, self.kv_crs, self.recipes = windows, dense, crs, kv_crs, recipes
+
+    def run(self, calib: str, out_dir: Path) -> dict:
+        """Calibrate once on ``calib``, solve and evaluate every (CR, KV-CR, recipe); write ``out_dir``'s
+        quality.json / .md / .png after every model; return the result."""
+        args, arch, model, windows = self.args, self.arch, self.model, self.windows
+        recipes, crs = self.recipes, self.crs
+        evals = list(windows)
+        for spec in evals:
+            if sources_overlap(calib, None, spec, None):
+                raise SystemExit(f"--eval {spec} overlaps the calibration text {calib}; evaluate on held-out text")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokens = calibration_windows(self.tok, calib, None, args.nsamples, args.seqlen, args.seed)
+        batches = list(tokens.split(args.batch_size))
+        t0 = time.perf_counter()
+        request = union_request([RECIPES[r.split("@")[0]][1] for r in recipes])
+        stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=request)
+        t_stats = time.perf_counter() - t0
+        print(f"statistics over {tokens.numel():,} calibration tokens: {t_stats:.1f} s", flush=True)
+        result: dict = {}
+
+        def save(rows: list) -> None:
+            """Write JSON, Markdown and the plot for the rows so far (called after every model)."""
+            result.update({
+                "command": " ".join(["python"] + sys.argv),
+                "model": args.model,
+                "a3_serve_version": a3_serve.__version__,
+                "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads()},
+                "calibration": {"source": describe_source(calib, None), "nsamples": args.nsamples,
+                                "seqlen": args.seqlen, "seed": args.seed, "tokens": int(tokens.numel())},
+                "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen}
+                               for spec, w in windows.items()},
+                "timing": {"statistics_s": t_stats,
+                           "solve_s": {r["recipe"]: r["solve_s"] for r in rows if r["cr"] == crs[0]}},
+                "statistics_request": vars(request),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "recipes": {k: RECIPES[k.split("@")[0]][2] + (" (statistics propagated through the compressed "
+                                                                 "layers)" if k.endswith("@propagated") else "")
+                            for k in recipes},
+                "rows": rows,
+            })
+            (out_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out_dir / "quality.md").write_text(render_markdown(result, evals))
+            plot(result, evals, out_dir / "quality.png")
+
+        rows = [{"cr": 0.0, "kv_cr": 0.0, "recipe": "dense",
+                 "dims": [arch.head_dim, arch.head_dim, arch.intermediate_size], "achieved_cr": 0.0,
+                 "achieved_kv_cr": 0.0, "kv_capacity": 1.0, "ppl": dict(self.dense), "solve_s": 0.0}]
+        # recipe-major: the first recipes are complete early; (0, 0) and (0, default) would be the dense model
+        grid = [(cr, kv, r) for r in recipes for cr in crs for kv in self.kv_crs if cr > 0 or (kv or 0) > 0]
+        for cr, kv_target, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
+            row = self.one(stats, batches, cr, kv_target, recipe)
+            if row is None:
+                continue
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save(rows)
+        save(rows)
+        return result
+
+    def one(self, stats, batches, cr: float, kv_target, recipe: str):
+        """Solve, build and evaluate one model; None when its budget cannot be met (said so)."""
+        args, arch, model = self.args, self.arch, self.model
         base, _, stats_mode = recipe.partition("@")
         components, methods, _ = RECIPES[base]
         kv = kv_target if kv_target is not None else (cr if {"qk", "ov"} <= set(components) else 0.0)
@@ -158,11 +224,11 @@ def main() -> int:
             if methods.allocation == "loss":
                 plan = allocate_plan(model, stats, arch, cr, methods, components, args.head_multiple, kv_cr=kv)
             else:
-                plan = plan_dims(shape, cr, components=components, head_multiple=args.head_multiple, kv_cr=kv)
+                plan = plan_dims(arch, cr, components=components, head_multiple=args.head_multiple, kv_cr=kv)
         except A3Error as err:  # e.g. a KV target below the minimum head size: a gap in the grid, said so
             print(f"skipped CR {cr} KV-CR {kv} {recipe}: {err}", flush=True)
-            continue
-        cfg = compressed_config(src_cfg, arch, plan, {}, torch.float32)
+            return None
+        cfg = compressed_config(self.src_cfg, arch, plan, {}, torch.float32)
         dims = plan.dim_lists(arch.num_layers)
         if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
             state, _ = compress_model(model, None, arch, *dims, methods, batches=batches,
@@ -172,21 +238,56 @@ def main() -> int:
         solve_s = time.perf_counter() - t0
         small = build_a3_model(cfg, state)
         ppl = {spec: evaluate_ppl(small, w, batch_size=args.batch_size, progress=False)["ppl"]
-               for spec, w in windows.items()}
+               for spec, w in self.windows.items()}
         achieved_kv = plan.achieved_kv_cr(arch)
-        row = {"cr": cr, "kv_cr": kv, "recipe": recipe,
-               "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
-               "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
-               "achieved_cr": plan.achieved_cr, "achieved_kv_cr": achieved_kv, "kv_capacity": 1.0 / (1.0 - achieved_kv),
-               "ppl": ppl, "solve_s": solve_s}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        save(rows)
-        del small, state
+        return {"cr": cr, "kv_cr": kv, "recipe": recipe,
+                "dims": [plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size],
+                "layer_dims": [list(t) for t in plan.layers] if plan.layers else None,
+                "achieved_cr": plan.achieved_cr, "achieved_kv_cr": achieved_kv,
+                "kv_capacity": 1.0 / (1.0 - achieved_kv), "ppl": ppl, "solve_s": solve_s}
 
-    save(rows)
-    print((out_dir / "quality.md").read_text())
-    return 0
+
+def share_removed(dense: float, paper: float, value: float):
+    """The share of the paper recipe's perplexity increase that ``value`` removes: (paper - value) / (paper -
+    dense); None when the paper recipe did not increase perplexity."""
+    return (paper - value) / (paper - dense) if paper > dense else None
+
+
+def leave_one_out_summary(results: dict[str, dict], command: str) -> dict:
+    """Per left-out domain, CR and recipe (other than paper): perplexity on the unseen domain's held-out text and
+    the share of the paper recipe's increase removed there; also the worst share on any text of the fold."""
+    rows = []
+    for left_out, result in results.items():
+        spec = next(s for s in result["evaluation"] if s.split(":")[0] == left_out)
+        dense = result["rows"][0]["ppl"]
+        paper = {(r["cr"], r["kv_cr"]): r["ppl"] for r in result["rows"] if r["recipe"] == "paper"}
+        for r in result["rows"][1:]:
+            p_ = paper.get((r["cr"], r["kv_cr"]))
+            if r["recipe"] == "paper" or p_ is None:
+                continue
+            shares = {s: share_removed(dense[s], p_[s], r["ppl"][s]) for s in r["ppl"]}
+            rows.append({"unseen": left_out, "calibration": result["calibration"]["source"], "cr": r["cr"],
+                         "kv_cr": r["kv_cr"], "recipe": r["recipe"], "dense": dense[spec], "paper": p_[spec],
+                         "ppl": r["ppl"][spec], "share_removed": shares[spec],
+                         "worst_share_any_text": min((v for v in shares.values() if v is not None), default=None)})
+    return {"command": command, "rows": rows}
+
+
+def render_leave_one_out(summary: dict) -> str:
+    """The leave-one-out table (Markdown)."""
+    lines = [f"Command: `{summary['command']}`", "",
+             "Each fold calibrates on the other domains' calibration splits and evaluates on the held-out split of "
+             "the domain it left out. Share removed = (paper - recipe) / (paper - dense) on the unseen domain; the "
+             "last column is the smallest share over every held-out text of the fold (negative: worse than the "
+             "paper recipe there).", "",
+             "| unseen | calibration | CR | KV-CR | recipe | dense | paper | recipe ppl | share removed | worst share, "
+             "any text |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        share = "-" if r["share_removed"] is None else f"{100 * r['share_removed']:.0f}%"
+        worst = "-" if r["worst_share_any_text"] is None else f"{100 * r['worst_share_any_text']:.0f}%"
+        lines.append(f"| {r['unseen']} | {r['calibration']} | {r['cr']:.2f} | {r['kv_cr']:.2f} | {r['recipe']} | "
+                     f"{r['dense']:.2f} | {r['paper']:.2f} | {r['ppl']:.2f} | {share} | {worst} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_markdown(result: dict, evals: list[str]) -> str:
