@@ -79,11 +79,12 @@ class ModelSource:
         return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.path)
 
 
-def resolve_model(spec: Union[str, Path], flag: str = "--model") -> ModelSource:
+def resolve_model(spec: Union[str, Path], flag: str = "--model", local_only: bool = False) -> ModelSource:
     """A local folder as it is; otherwise a Hub id (``org/name`` or ``org/name@revision``) resolved as transformers
     does: the local cache first (``HF_HOME`` / ``HF_HUB_CACHE``), a download (with progress) when the network is
     allowed, nothing but the cache with ``HF_HUB_OFFLINE=1``. Unknown, gated or uncached ids get one line naming
-    the fix (:class:`InputError`)."""
+    the fix (:class:`InputError`). ``local_only``: never download (the cache or nothing, as with HF_HUB_OFFLINE=1;
+    the bench service, whose requests must not start downloads)."""
     local = Path(str(spec)).expanduser()
     m = HUB_ID.match(str(spec))
     if local.exists() or m is None:
@@ -92,7 +93,7 @@ def resolve_model(spec: Union[str, Path], flag: str = "--model") -> ModelSource:
     from huggingface_hub import errors as hub_errors
 
     repo, rev = m.group("repo"), m.group("rev")
-    offline = bool(constants.HF_HUB_OFFLINE)
+    offline = bool(constants.HF_HUB_OFFLINE) or local_only
     where = f"{repo}@{rev}" if rev else repo
     try:
         folder = snapshot_download(repo, revision=rev, allow_patterns=HUB_FILES, local_files_only=offline)
@@ -106,7 +107,8 @@ def resolve_model(spec: Union[str, Path], flag: str = "--model") -> ModelSource:
         raise InputError(f"{flag} {where}: the repository has no revision {rev!r}; check the branch, tag or "
                          "commit") from None
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
-        how = ("HF_HUB_OFFLINE=1 is set" if offline else "the Hub cannot be reached")
+        how = ("this tool does not download" if local_only else "HF_HUB_OFFLINE=1 is set" if offline
+               else "the Hub cannot be reached")
         raise InputError(f"{flag} {where}: not a local folder and not in the Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}), and {how}; download it first "
                          f"(`huggingface-cli download {repo}`) or pass a local folder") from None

@@ -72,3 +72,40 @@ def test_an_uncached_id_offline_gets_one_line(spec, needle, cache, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --model "), proc.stderr
     assert needle in lines[0] and "HF_HUB_OFFLINE=1" in lines[0] and "huggingface-cli download" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+PROBE = r"""
+import json, sys
+from pathlib import Path
+from a3_serve.bench.engines import check_model_dir
+from a3_serve.bench.server.settings import PathRejected, check_model_dir as service_check
+from a3_serve.errors import InputError
+out = {"bench": check_model_dir("acme/tiny", "dense"), "service": str(service_check("acme/tiny", (Path(sys.argv[1]),),
+                                                                                       "dense"))}
+try:
+    check_model_dir("acme/absent", "compressed")
+except InputError as err:
+    out["bench_absent"] = str(err)
+try:
+    service_check("acme/absent", (Path(sys.argv[1]),), "dense")
+except PathRejected as err:
+    out["service_absent"] = [err.status, err.message]
+print(json.dumps(out))
+"""
+
+
+def test_benchmark_and_service_take_a_cached_hub_id(cache, tmp_path):
+    """benchmarks/throughput.py resolves --dense/--compressed Hub ids like a3-export; the service takes a Hub id only
+    from the local cache (a request never starts a download) and refuses an uncached one with 422."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    snap = cache / "models--acme--tiny" / "snapshots" / COMMIT
+    assert Path(out["bench"]) == snap.resolve() or Path(out["bench"]) == snap
+    assert Path(out["service"]) == snap
+    assert out["bench_absent"].startswith("--compressed acme/absent: not a local folder and not in the Hugging Face")
+    status, message = out["service_absent"]
+    assert status == 422 and "only serves models that are already in the cache" in message

@@ -426,11 +426,14 @@ def checkpoint_bytes(folder: str, float_itemsize: int) -> int:
 
 
 def check_model_dir(path: str, role: str) -> str:
-    """An existing Hugging Face folder (config.json + weights), as an absolute path; InputError otherwise."""
-    from a3_serve.runtime import read_config
+    """An existing Hugging Face folder (config.json + weights), or a Hub id (``org/name[@revision]``, resolved as
+    a3-export resolves ``--model``: the local cache first, a download where allowed), as an absolute path;
+    InputError otherwise."""
+    from a3_serve.runtime import read_config, resolve_model
 
+    folder = resolve_model(path, f"--{role}").path
     try:
-        read_config(path)
+        read_config(folder)
     except InputError as err:
         raise InputError(f"--{role}: {err}") from None
-    return str(Path(path).expanduser().resolve())
+    return str(folder.expanduser().resolve())

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from a3_serve.runtime import default_cache_root
+from a3_serve.errors import InputError
+from a3_serve.runtime import HUB_ID, default_cache_root, resolve_model
 
 DEFAULT_PORT = 8800
 TOKEN_ENV = "A3_BENCH_TOKEN"
@@ -84,9 +85,21 @@ def resolve_under_roots(raw: str, roots: tuple[Path, ...], what: str) -> Path:
         return inside[0]
 
 
+def _cached_hub_model(raw: str, roots: tuple[Path, ...], what: str) -> Optional[Path]:
+    """The cached snapshot of Hub id ``raw``; None when ``raw`` is not a Hub id or names a folder under a root."""
+    if not HUB_ID.match(raw) or Path(raw).is_absolute() or any((root / raw).exists() for root in roots):
+        return None
+    try:
+        return resolve_model(raw, what, local_only=True).path
+    except InputError as err:
+        raise PathRejected(422, f"{err}; the service only serves models that are already in the cache", what) from None
+
+
 def check_model_dir(raw: str, roots: tuple[Path, ...], what: str) -> Path:
-    """A Hugging Face model folder under the roots: config.json and *.safetensors / *.bin weights."""
-    path = resolve_under_roots(raw, roots, what)
+    """A Hugging Face model folder under the roots: config.json and *.safetensors / *.bin weights. A Hub id
+    (``org/name[@revision]``) that names no folder under a root is taken from the local Hugging Face cache, never
+    downloaded (a request must not start a download of gigabytes): the cache is an implicit read-only root."""
+    path = _cached_hub_model(raw, roots, what) or resolve_under_roots(raw, roots, what)
     try:
         if not path.is_dir():
             raise PathRejected(422, f"{what} {raw[:200]!r} ({path}) "
