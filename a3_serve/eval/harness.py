@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -55,6 +56,14 @@ def _import_lm_eval():
         raise InputError(f"lm-evaluation-harness is not installed ({exc}); run scripts/setup.sh or "
                          "pip install lm-eval==0.4.13") from exc
     return lm_eval, TaskManager
+
+
+@lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's task index with the local tasks added (built once per process: it reads every task YAML lm-eval
+    ships, about 10 s of CPU)."""
+    _, TaskManager = _import_lm_eval()
+    return TaskManager(include_path=str(TASKS_DIR))
 
 
 def parse_tasks(spec: Union[str, Sequence[str]]) -> list[str]:
@@ -181,13 +190,12 @@ def run_tasks(model_dir: Union[str, Path], tasks: Union[str, Sequence[str]], bac
     config = read_config(model_dir)
     args = model_args(model_dir, backend, dtype, kv_cache_gib, max_model_len)
     _quiet(verbose)
-    lm_eval, TaskManager = _import_lm_eval()
-    manager = TaskManager(include_path=str(TASKS_DIR), metadata=dict(args))
-    built = load_tasks(names, manager)
+    lm_eval, _ = _import_lm_eval()
+    built = load_tasks(names, task_manager())
     if backend == "vllm":
         _vllm_environment(device, verbose)
     t0 = time.perf_counter()
-    raw = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=built, task_manager=manager, limit=limit,
+    raw = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=built, task_manager=task_manager(), limit=limit,
                                   batch_size=batch_size, device=device if backend == "hf" else None,
                                   log_samples=True)
     seconds = time.perf_counter() - t0
