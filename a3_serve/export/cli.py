@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "'text', or FILE.jsonl:FIELD), a folder of .txt files, a built-in corpus: 'mix' (default: "
                           "Wikipedia lead paragraphs, Jane Austen's novels and the Python docs in equal shares, "
                           "calibration split), 'wiki', 'austen' or 'pydoc'; A+B concatenates sources; or "
-                          "hf:NAME[:CONFIG][:SPLIT] (a Hugging Face dataset; needs network and `pip install datasets`)")
+                          "hf:NAME[:CONFIG][:SPLIT] (a Hugging Face dataset; needs network and `pip install "
+                          "datasets`); 'self': sequences sampled from the model itself (temperature 1, from its "
+                          "start of text, seeded by --seed and cached), 'self+mix': half of them")
     cal.add_argument("--calib-split", default=None, metavar="SPLIT",
                      help="split of the built-in corpus (default: calibration; 'heldout' is reserved for evaluation)")
     cal.add_argument("--nsamples", type=int, default=128,

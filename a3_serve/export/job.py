@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from a3_serve.calibration.sources import (
+    SELF_SOURCE,
     calibration_windows,
     describe_source,
     sources_overlap,
@@ -155,7 +156,11 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is a broken folder for the user
         raise InputError(f"cannot load the tokenizer of {source.describe()!r} ({type(err).__name__}); the folder needs "
                          "tokenizer files") from None
-    tokens = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
+    if opts.dry_run and SELF_SOURCE in opts.calib.split("+"):  # nothing is sampled in a dry run: shapes only
+        tokens = torch.zeros((opts.nsamples, opts.seqlen), dtype=torch.long)
+    else:
+        tokens = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed,
+                                     model_dir=source.path)
     calib_desc = describe_source(opts.calib, opts.calib_split)
     if opts.eval_tokens and sources_overlap(opts.calib, opts.calib_split, opts.eval_data, None):
         raise InputError(f"--eval-data {opts.eval_data} is the calibration text; evaluate on held-out text such as "

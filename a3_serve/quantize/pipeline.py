@@ -133,7 +133,8 @@ def _tokens(src: Path, opts: QuantizeOptions, dest: Path) -> tuple[Path, str]:
     from a3_serve.calibration.sources import calibration_windows, describe_source
 
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    ids = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
+    ids = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed,
+                              model_dir=src)
     path = dest / "calibration_tokens.safetensors"
     save_file({"input_ids": ids.contiguous()}, str(path))
     return path, describe_source(opts.calib, opts.calib_split)
