@@ -168,6 +168,26 @@ def test_plain_lm_eval_command_hf_from_any_folder(smol_a3_cr01, hf_compressed, t
         hf_compressed["tasks"]["a3_lastword"]["metrics"]["perplexity"]["value"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_plain_lm_eval_command_vllm(smol_a3_cr01, hf_compressed, tmp_path):
+    """docs/EVAL.md's `lm_eval --model vllm` command: vLLM loads a3-serve's plugin through its entry point (no flag),
+    and the log-likelihoods are transformers' up to float32 rounding (slow: a second vLLM start-up)."""
+    pytest.importorskip("vllm")
+    exe = Path(sys.executable).with_name("lm_eval")
+    args = (f"pretrained={smol_a3_cr01},dtype=float32,enforce_eager=True,kv_cache_memory_bytes=1073741824,"
+            "max_model_len=2048")
+    proc = subprocess.run([str(exe), "--model", "vllm", "--model_args", args, "--tasks", "a3_lastword",
+                           "--include_path", str(TASKS_DIR), "--limit", str(LIMIT), "--log_samples",
+                           "--output_path", str(tmp_path / "out")],
+                          cwd=tmp_path, env=dict(os.environ, VLLM_TARGET_DEVICE="cpu", **OFFLINE),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_a3_lastword_*.jsonl")).open()]
+    got = [float(r["resps"][0][0][0]) for r in sorted(rows, key=lambda r: r["doc_id"])]
+    ref = [x[0] for x in hf_compressed["tasks"]["a3_lastword"]["items"]["loglikelihoods"]]
+    assert max(abs(a - b) for a, b in zip(ref, got)) <= LL_ATOL
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("argv, needles", [
     (["--tasks", "no_such_task"], ["unknown lm-eval task 'no_such_task'", "a3_lastword"]),
