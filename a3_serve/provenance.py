@@ -196,7 +196,6 @@ def _head_dim(cfg: dict[str, Any]) -> int | None:
         return None
 
 
-
 def quantization_info(folder: str | Path) -> dict[str, Any] | None:
     """The weight quantization of a model folder, from its ``config.json``'s ``quantization_config`` (None when it
     has none): ``method`` and ``format`` as written (compressed-tensors for llm-compressor and a3-quantize),

@@ -659,6 +659,11 @@ def corpus_token_stream(tokenizer, spec: str, split: Optional[str] = None) -> to
     return stream
 
 
+def uses_self(spec: str) -> bool:
+    """Whether ``spec`` (possibly ``A+B``) takes windows from the model itself (``self``)."""
+    return any(p.strip() == SELF_SOURCE for p in _split_parts(spec))
+
+
 def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int,
                         seed: int, model_dir: Optional[Path] = None) -> torch.Tensor:
     """:func:`sample_calibration` over a source's token stream (:func:`corpus_token_stream`): LongTensor
@@ -669,7 +674,7 @@ def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: in
     ``self`` parts, the rest drawn from the other parts as above, stacked in that order."""
     parts = _split_parts(spec)
     n_self = sum(1 for p in parts if p.strip() == SELF_SOURCE)
-    if not n_self:
+    if not n_self:  # uses_self(spec) is False
         return sample_calibration_from_stream(corpus_token_stream(tokenizer, spec, split), nsamples, seqlen, seed)
     if model_dir is None:
         raise InputError(f"--calib {spec}: '{SELF_SOURCE}' samples text from the model, which this tool does not load")

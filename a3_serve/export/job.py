@@ -20,10 +20,10 @@ import torch
 from transformers import AutoTokenizer
 
 from a3_serve.calibration.sources import (
-    SELF_SOURCE,
     calibration_windows,
     describe_source,
     sources_overlap,
+    uses_self,
 )
 from a3_serve.errors import InputError
 from a3_serve.export.architectures import (
@@ -73,8 +73,7 @@ class ExportJob:
 
     def check_serving(self, plan: DimPlan, what: str) -> None:
         """One-line :class:`InputError` if ``plan`` cannot be quantized and served as ``--quant-scheme`` says."""
-        if self.serving is not None:
-            check_plan(self.serving, compressed_config(self.src_cfg, self.arch, plan, {}, self.dtype), what)
+        _check_serving(self.serving, self.src_cfg, self.arch, plan, what)
 
     @property
     def kv_cr(self) -> float:
@@ -98,6 +97,13 @@ class ExportJob:
     def tokens_digest(self) -> str:
         """SHA-256 of the calibration tokens (part of the resume key: another text never resumes a run)."""
         return hashlib.sha256(self.tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _check_serving(serving: Optional[ServingTarget], src_cfg: dict[str, Any], arch: SourceArch, plan: DimPlan,
+                   what: str) -> None:
+    """``plan``'s compressed config checked against the ``--quant-scheme`` target's size rules (nothing without one)."""
+    if serving is not None:
+        check_plan(serving, compressed_config(src_cfg, arch, plan, {}, torch.float32), what)
 
 
 def _check_lengths(opts: ExportOptions, src_cfg: dict[str, Any]) -> None:
@@ -124,7 +130,7 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     src_cfg = read_config(source.path)
     arch = inspect_architecture(src_cfg)
     if serving is not None:
-        opts = with_serving_multiples(opts, serving, src_cfg)
+        opts = with_serving_multiples(opts, serving, src_cfg, arch.head_dim)
         log.info("sizes for %s: head sizes multiples of %d, MLP widths multiples of %d", serving.describe(),
                  opts.head_multiple, opts.mlp_multiple)
     _check_lengths(opts, src_cfg)
@@ -134,8 +140,7 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     else:
         plan = plan_dims(arch, opts.cr, components=tuple(opts.components), head_multiple=opts.head_multiple,
                          kv_cr=resolve_kv_cr(opts), mlp_multiple=opts.mlp_multiple)
-    if serving is not None:
-        check_plan(serving, compressed_config(src_cfg, arch, plan, {}, torch.float32), "the planned dims")
+    _check_serving(serving, src_cfg, arch, plan, "the planned dims")
     check_destination(Path(opts.out), opts.overwrite, source.path)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -156,7 +161,7 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is a broken folder for the user
         raise InputError(f"cannot load the tokenizer of {source.describe()!r} ({type(err).__name__}); the folder needs "
                          "tokenizer files") from None
-    if opts.dry_run and SELF_SOURCE in opts.calib.split("+"):  # nothing is sampled in a dry run: shapes only
+    if opts.dry_run and uses_self(opts.calib):  # nothing is sampled in a dry run: shapes only
         tokens = torch.zeros((opts.nsamples, opts.seqlen), dtype=torch.long)
     else:
         tokens = calibration_windows(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed,
@@ -177,8 +182,7 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     # the dry run estimates the streamed export's passes, whatever the source format
     passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, n_batches, opts.stats,
                          streamed or opts.dry_run)
-    job = ExportJob(opts=opts, source=source, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens,
-                    tokenizer=tokenizer, calibration=calibration, device=device, dtype=dtype,
-                    save_dtype=resolve_save_dtype(opts, src_cfg), streamed=streamed, passes=passes, t_start=t_start,
-                    serving=serving)
-    return job
+    return ExportJob(opts=opts, source=source, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens,
+                     tokenizer=tokenizer, calibration=calibration, device=device, dtype=dtype,
+                     save_dtype=resolve_save_dtype(opts, src_cfg), streamed=streamed, passes=passes, t_start=t_start,
+                     serving=serving)

@@ -92,16 +92,15 @@ def multiples(target: ServingTarget, src_cfg: dict[str, Any]) -> tuple[int, int]
             h, m = rules.round_for(src_cfg, target.scheme, backend, target.group_size,
                                    kv_cache_dtype=target.kv_cache_dtype)
         else:
-            h, m = (32 if backend == "cpu" else 8), 1
+            h, m = rules.attention_head_multiple(backend, target.kv_cache_dtype), 1
         head, mlp = math.lcm(head, h), math.lcm(mlp, m)
     return head, mlp
 
 
-def with_serving_multiples(opts, target: ServingTarget, src_cfg: dict[str, Any]):
+def with_serving_multiples(opts, target: ServingTarget, src_cfg: dict[str, Any], head_dim: int):
     """``opts`` (:class:`~a3_serve.export.options.ExportOptions`) with ``head_multiple`` / ``mlp_multiple`` raised
-    to what ``target`` needs (their least common multiple with the user's values)."""
+    to what ``target`` needs (their least common multiple with the user's values); ``head_dim``: the source's."""
     h, m = multiples(target, src_cfg)
-    head_dim = int(src_cfg.get("head_dim") or src_cfg["hidden_size"] // src_cfg["num_attention_heads"])
     head = math.lcm(opts.head_multiple, h)
     if head > head_dim:
         raise InputError(f"--head-multiple {opts.head_multiple} and {target.describe()} (head sizes multiples of {h}) "

@@ -189,7 +189,7 @@ def head_problems(s: Shape, backend: str, kv_cache_dtype: Optional[str] = None) 
     fp8 = (kv_cache_dtype or "").lower() in FP8_KV
     for i, (r_qk, r_vo, _) in enumerate(s.layers):
         if backend == "cpu":
-            step = 32 if fp8 else 16
+            step = attention_head_multiple(backend, kv_cache_dtype)
             if r_qk != r_vo:
                 problems.append(f"model.layers.{i}.self_attn has K head size {r_qk} but V head size {r_vo}; vLLM's "
                                 "CPU attention needs them equal: re-export with equal QK and VO dims")
@@ -227,6 +227,13 @@ def _group_size_problems(config, sch: Scheme, backend: str, g: Optional[int], tp
     return False
 
 
+def attention_head_multiple(backend: str, kv_cache_dtype: Optional[str] = None) -> int:
+    """The head-size multiple the backend's attention needs: CPU 16 (32 with an FP8 KV cache), GPU 8."""
+    if backend == "cpu":
+        return 32 if (kv_cache_dtype or "").lower() in FP8_KV else 16
+    return 8
+
+
 def round_for(config: dict[str, Any], scheme: Scheme | str, backend: str, group_size=DEFAULT, tp: int = 1,
               kv_cache_dtype: Optional[str] = None) -> tuple[int, int]:
     """``(head_multiple, mlp_multiple)``: an A3 export of the model ``config`` describes (the dense source's config
@@ -244,8 +251,7 @@ def round_for(config: dict[str, Any], scheme: Scheme | str, backend: str, group_
     tp = max(1, int(tp))
     heads, kv = s.heads // tp, max(1, s.kv_heads // tp)
     cpu_int4 = sch.weight_bits == 4 and sch.act_bits == 16 and backend == "cpu"
-    fp8 = (kv_cache_dtype or "").lower() in FP8_KV
-    head = (32 if fp8 else 16) if backend == "cpu" else 8
+    head = attention_head_multiple(backend, kv_cache_dtype)
     mlp = 1
     if g:
         if s.hidden % g:
