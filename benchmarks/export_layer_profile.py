@@ -41,6 +41,7 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from a3_serve.calibration.folds import single_fold, window_folds
     from a3_serve.calibration.sequential import capture_first_layer_inputs, layer_output
     from a3_serve.calibration.sources import calibration_windows
     from a3_serve.calibration.stats import StatsCollector, rope_inv_freq
@@ -54,8 +55,8 @@ def main() -> int:
         from a3_serve.demo import build_demo_model
 
         args.model = str(build_demo_model())
-    tokens = calibration_windows(AutoTokenizer.from_pretrained(args.model), args.calib, None,
-                                 args.nsamples, args.seqlen, 0)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tokens = calibration_windows(tok, args.calib, None, args.nsamples, args.seqlen, 0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     arch = inspect_architecture(read_config(args.model))
     plan = plan_dims(arch, args.cr)
@@ -63,15 +64,17 @@ def main() -> int:
     full = methods.stats_request()
     light = replace(full, mlp_moment=False)
     inv_freq = rope_inv_freq(model) if full.rope_energy else None
-    batches = list(tokens.split(args.batch_size))
+    folds = (window_folds(tok, args.calib, None, args.nsamples, args.seqlen, 0) if full.heldout
+             else single_fold(args.nsamples, args.seqlen))
+    batches, token_folds = folds.batches(tokens, args.batch_size)
     keys = ("forward", "stats_light", "stats_full", "solve_qk", "solve_ov", "solve_mlp")
     total = dict.fromkeys(keys, 0.0)
     rows = []
 
     def run(layer, hidden, kwargs, request):
         t0 = time.perf_counter()
-        route = StatsCollector(1, len(batches), arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                               request) if request else None
+        route = StatsCollector(1, arch.num_heads, arch.num_kv_heads, arch.head_dim, request,
+                               token_folds) if request else None
         handles = route.attach(layer, 0, inv_freq) if route is not None else []
         out = []
         try:
@@ -108,7 +111,7 @@ def main() -> int:
     fwd = total["forward"]
     result = {"command": "python " + " ".join(__import__("sys").argv), "model": args.model, "recipe": args.recipe,
               "cr": args.cr, "tokens": int(tokens.numel()), "batches": len(batches), "layers": len(rows),
-              "heldout_fold": bool(full.heldout_every and len(batches) >= full.heldout_every),
+              "heldout_folds": folds.describe(),
               "seconds": total, "ratio_to_forward": {k: v / fwd for k, v in total.items()}, "per_layer": rows}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import a3_serve
+from a3_serve.calibration.folds import single_fold, window_folds
 from a3_serve.calibration.sources import (
     MIX_PARTS,
     calibration_windows,
@@ -166,10 +167,13 @@ class Grid:
         out_dir.mkdir(parents=True, exist_ok=True)
         tokens = calibration_windows(self.tok, calib, None, args.nsamples, args.seqlen, args.seed,
                                      model_dir=Path(args.model))
-        batches = list(tokens.split(args.batch_size))
-        t0 = time.perf_counter()
         request = union_request([RECIPES[r.split("@")[0]][1] for r in recipes])
-        stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=request)
+        folds = (window_folds(self.tok, calib, None, args.nsamples, args.seqlen, args.seed) if request.heldout
+                 else single_fold(args.nsamples, args.seqlen))  # as a3-export draws them
+        batches, token_folds = folds.batches(tokens, args.batch_size)
+        t0 = time.perf_counter()
+        stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=request,
+                              token_folds=token_folds)
         t_stats = time.perf_counter() - t0
         print(f"statistics over {tokens.numel():,} calibration tokens: {t_stats:.1f} s", flush=True)
         result: dict = {}
@@ -183,7 +187,8 @@ class Grid:
                 "machine": {"platform": platform.platform(), "torch": torch.__version__,
                             "threads": torch.get_num_threads()},
                 "calibration": {"source": describe_source(calib, None), "nsamples": args.nsamples,
-                                "seqlen": args.seqlen, "seed": args.seed, "tokens": int(tokens.numel())},
+                                "seqlen": args.seqlen, "seed": args.seed, "tokens": int(tokens.numel()),
+                                "heldout_folds": folds.describe()},
                 "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen}
                                for spec, w in windows.items()},
                 "timing": {"statistics_s": t_stats,
@@ -205,7 +210,7 @@ class Grid:
         # recipe-major: the first recipes are complete early; (0, 0) and (0, default) would be the dense model
         grid = [(cr, kv, r) for r in recipes for cr in crs for kv in self.kv_crs if cr > 0 or (kv or 0) > 0]
         for cr, kv_target, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
-            row = self.one(stats, batches, cr, kv_target, recipe)
+            row = self.one(stats, batches, token_folds, cr, kv_target, recipe)
             if row is None:
                 continue
             rows.append(row)
@@ -214,7 +219,7 @@ class Grid:
         save(rows)
         return result
 
-    def one(self, stats, batches, cr: float, kv_target, recipe: str):
+    def one(self, stats, batches, token_folds, cr: float, kv_target, recipe: str):
         """Solve, build and evaluate one model; None when its budget cannot be met (said so)."""
         args, arch, model = self.args, self.arch, self.model
         base, _, stats_mode = recipe.partition("@")
@@ -233,7 +238,7 @@ class Grid:
         dims = plan.dim_lists(arch.num_layers)
         if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
             state, _ = compress_model(model, None, arch, *dims, methods, batches=batches,
-                                      stats_mode=stats_mode, a3_config=cfg)
+                                      stats_mode=stats_mode, a3_config=cfg, token_folds=token_folds)
         else:
             state, _ = compress_model(model, stats, arch, *dims, methods)
         solve_s = time.perf_counter() - t0

@@ -85,34 +85,40 @@ def test_one_pass_allocation_equals_two_passes(random_models, tmp_path, monkeypa
 
 
 def test_compact_stats_round_trip_bit_for_bit():
-    """What the one-pass export stores per layer rebuilds the same statistics, with and without a held-out fold."""
+    """What the one-pass export stores per layer rebuilds the same statistics, with and without held-out folds."""
     from a3_serve.calibration.stats import CompactStatsList, StatsCollector, StatsRequest, stats_nbytes
 
     torch.manual_seed(0)
-    for heldout in (0, 2):
-        req = StatsRequest(mlp_moment=True, heldout_every=heldout)
-        route = StatsCollector(1, 4, 4, 2, 8, req)
+    token_folds = [torch.tensor([[0, 0, 1, 1, 2], [2, 2, 0, 1, 1]])] * 4  # batches of 2 sequences x 5 tokens
+    for heldout in (False, True):
+        req = StatsRequest(mlp_moment=True, heldout=heldout, rope_energy=False)
+        route = StatsCollector(1, 4, 2, 8, req, token_folds)
         for b in range(4):
             route.start_batch(b)
             acc = route(0)
-            acc.n_tokens += 10
+            acc.count(torch.randn(2, 5, 32))
             for name, n in (("Gq", 4), ("Gk", 2), ("Gv", 2), ("Go", 4)):
-                acc.add_head_moment(name, torch.randn(10, n * 8), n)
-            acc.add_square("x2", torch.randn(10, 32))
-            acc.add_square("h2", torch.randn(10, 48))
-            acc.add_outer("H", torch.randn(10, 48))
+                acc.add_head_moment(name, torch.randn(2, 5, n * 8), n)
+            acc.add_square("x2", torch.randn(2, 5, 32))
+            acc.add_square("h2", torch.randn(2, 5, 48))
+            acc.add_outer("H", torch.randn(2, 5, 48))
+            acc.add_sequence("E_rope", torch.rand(2, 4))
         st = route.finish(0)
         kept = CompactStatsList()
         kept.append(st)
         back = kept[0]
-        for obj_a, obj_b in [(st, back)] + ([(st.fit, back.fit), (st.val, back.val)] if heldout else []):
+        pairs = [(st, back)] + (list(zip(st.folds, back.folds)) if heldout else [])
+        for obj_a, obj_b in pairs:
             assert obj_a.n_tokens == obj_b.n_tokens
             for k in ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H"):
                 assert torch.equal(getattr(obj_a, k), getattr(obj_b, k)), k
-        assert (back.fit is None) == (heldout == 0)
-        stored = sum(t.numel() * t.element_size() for fold in kept.items[0].values()
-                     for k, t in fold.items() if k != "n_tokens")
-        assert stored == stats_nbytes(4, 2, 8, 32, 48, req, 4) - 8 * 2 * len(kept.items[0])  # no inv_ms moments here
+        assert torch.equal(st.E_rope, back.E_rope) and st.n_tokens == 40
+        assert (back.folds is None) == (not heldout)
+        assert [f.n_tokens for f in back.folds or []] == ([12, 16, 12] if heldout else [])
+        n_sets = 3 if heldout else 1
+        stored = sum(t.numel() * t.element_size() for m in (kept.items[0].get("folds") or [kept.items[0].get("all")])
+                     for k, t in m.items() if k not in ("n_tokens", "E_rope"))
+        assert stored == stats_nbytes(4, 2, 8, 32, 48, req, 3) - 8 * 2 * n_sets  # no inv_ms moments here
 
 
 def test_interrupted_solve_from_cached_statistics_resumes(random_models, tmp_path, monkeypatch):

@@ -84,18 +84,55 @@ def test_rope_energy_statistics_match_the_models_own_rope(kind, random_models):
     torch.testing.assert_close(st.E_rope_c, causal / n_tok, rtol=1e-6, atol=0)
 
 
-def test_heldout_fold_partitions_the_batches(random_models):
+def test_heldout_folds_partition_the_tokens(random_models):
+    """Per-fold statistics are exactly those of the fold's tokens (here: whole batches, and one fold's tokens
+    scattered inside batches); merged they are the plain statistics, and every held-out pair is (the other folds,
+    that fold)."""
     model, arch = _load(random_models["llama3-gqa"])
     batches = _batches(n=6)
+    B, T = batches[0].shape
     args = (model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
-    plain = collect_stats(*args, request=StatsRequest(mlp_moment=True))
-    folded = collect_stats(*args, request=StatsRequest(mlp_moment=True, heldout_every=3))
-    held = collect_stats(model, [batches[2], batches[5]], *args[2:], request=StatsRequest(mlp_moment=True))
-    for p, f, h in zip(plain, folded, held):
-        assert f.n_tokens == p.n_tokens and f.val.n_tokens == h.n_tokens == 2 * 2 * 24 and f.fit.n_tokens == 4 * 2 * 24
-        for name in ("Gq", "Go", "Gv", "h2", "H"):
+    req = StatsRequest(mlp_moment=True, heldout=True, rope_energy=True)
+    plain = collect_stats(*args, request=StatsRequest(mlp_moment=True, rope_energy=True))
+    whole = [torch.full((B, T), f) for f in (0, 0, 1, 2, 1, 2)]
+    folded = collect_stats(*args, request=req, token_folds=whole)
+    one_fold = collect_stats(*args, request=req, token_folds=[torch.zeros(B, T, dtype=torch.long)] * 6)
+    unasked = collect_stats(*args, request=StatsRequest(mlp_moment=True), token_folds=whole)
+    per_fold = [collect_stats(model, [b for b, f in zip(batches, (0, 0, 1, 2, 1, 2)) if f == k], *args[2:],
+                              request=StatsRequest(mlp_moment=True)) for k in range(3)]
+    rest_of_1 = collect_stats(model, [b for b, f in zip(batches, (0, 0, 1, 2, 1, 2)) if f != 1], *args[2:],
+                              request=StatsRequest(mlp_moment=True))
+    # the last token of every sequence in fold 1, the rest in fold 0: fold 1 = exactly those tokens' rows
+    last = torch.zeros(B, T, dtype=torch.long)
+    last[:, -1] = 1
+    scattered = collect_stats(*args, request=req, token_folds=[last] * 6)
+    last_h = [[] for _ in model.model.layers]  # the down_proj inputs of the last tokens, per layer
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda _m, a, i=i: last_h[i].append(a[0][:, -1].to(torch.float64)))
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for b in batches:
+            model.model(input_ids=b, use_cache=False)
+    for h_ in handles:
+        h_.remove()
+    for i, (p, f) in enumerate(zip(plain, folded)):
+        assert one_fold[i].folds is None and unasked[i].folds is None  # one fold, or not asked: no held-out stats
+        assert f.n_tokens == p.n_tokens and [s.n_tokens for s in f.folds] == [2 * B * T] * 3
+        pairs = list(f.held_out_pairs())
+        assert len(pairs) == 3 and pairs[1][1] is f.folds[1] and pairs[1][0].n_tokens == 4 * B * T
+        for name in ("Gq", "Go", "Gv", "h2", "H", "E_rope", "E_rope_c"):
             torch.testing.assert_close(getattr(f, name), getattr(p, name), rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(getattr(f.val, name), getattr(h, name), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(getattr(scattered[i], name), getattr(p, name), rtol=1e-10, atol=1e-12)
+        for name in ("Gq", "Go", "Gv", "h2", "H"):
+            for k in range(3):
+                torch.testing.assert_close(getattr(f.folds[k], name), getattr(per_fold[k][i], name), rtol=1e-10,
+                                           atol=1e-12)
+            torch.testing.assert_close(getattr(pairs[1][0], name), getattr(rest_of_1[i], name), rtol=1e-10,
+                                       atol=1e-12)
+        assert f.folds[0].E_rope is None  # pair energies are not split by token
+        assert [s.n_tokens for s in scattered[i].folds] == [6 * B * (T - 1), 6 * B]
+        h_last = torch.cat(last_h[i])  # [6·B, d_int]
+        torch.testing.assert_close(scattered[i].folds[1].H, h_last.T @ h_last / h_last.shape[0], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(torch.diagonal(p.H), p.h2, rtol=1e-10, atol=1e-12)  # H's diagonal is E[h²]
 
 
@@ -173,7 +210,7 @@ def arch_kv(folder: Path) -> int:
 
 def test_refit_lowers_the_real_mlp_output_error(demo_model):
     """On SmolLM2's real activations, the least-squares refit of down_proj lowers the MLP output error on
-    calibration batches it was NOT fitted on (the ridge is chosen on a held-out fold)."""
+    calibration batches it was NOT fitted on (the ridge is chosen by cross-validation over held-out folds)."""
     from transformers import AutoTokenizer
 
     from a3_serve.calibration.sources import load_texts, sample_calibration
@@ -185,7 +222,8 @@ def test_refit_lowers_the_real_mlp_output_error(demo_model):
     model.model.layers = model.model.layers[:4]
     ids = sample_calibration(tok, load_texts("wiki"), 80, 256, 0)
     fit = collect_stats(model, list(ids[:64].split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                        request=StatsRequest(mlp_moment=True, heldout_every=8))
+                        request=StatsRequest(mlp_moment=True, heldout=True),
+                        token_folds=[torch.full((4, 256), b % 3) for b in range(16)])
     test = collect_stats(model, list(ids[64:].split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim,
                          request=StatsRequest(mlp_moment=True))
     for i in (1, 3):

@@ -362,10 +362,16 @@ def mix_documents(split: str) -> tuple[str, ...]:
     """The ``mix`` set: the ``split`` documents of :data:`MIX_PARTS` interleaved with equal characters from
     each (see the module docstring): the next document always comes from the part with the fewest characters
     so far, until that part has no documents left."""
+    return tuple(doc for _, doc in _mix_interleave(split))
+
+
+@lru_cache(maxsize=2)
+def _mix_interleave(split: str) -> tuple[tuple[str, str], ...]:
+    """``(part name, document)`` of every ``mix`` document, in :func:`mix_documents` order."""
     parts = [builtin_documents(name, split) for name in MIX_PARTS]
     taken = [0] * len(parts)
     chars = [0] * len(parts)
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     while True:
         k = min(range(len(parts)), key=lambda j: (chars[j], j))
         if taken[k] == len(parts[k]):
@@ -373,7 +379,22 @@ def mix_documents(split: str) -> tuple[str, ...]:
         doc = parts[k][taken[k]]
         taken[k] += 1
         chars[k] += len(doc)
-        out.append(doc)
+        out.append((MIX_PARTS[k], doc))
+
+
+def document_domains(spec: str, split: Optional[str] = None) -> list[str]:
+    """The domain of every document of ``load_texts(spec, split)``, in the same order: a built-in corpus's name
+    (``mix``: the part each document came from), else the part's canonical spec (one domain per file, folder or
+    dataset; the parts of ``A+B`` are separate domains)."""
+    parts = _split_parts(spec)
+    if len(parts) > 1:
+        return [dom for src in parse_sources(spec, split) for dom in document_domains(src.describe())]
+    src = parse_source(spec, split)
+    if src.kind == "mix":
+        return [name for name, _ in _mix_interleave(src.split)]
+    if src.kind in BUILTIN_CORPORA:
+        return [src.kind] * len(builtin_documents(src.kind, src.split))
+    return [src.describe()] * len(load_texts(spec, split))
 
 
 def split_documents(text: str) -> list[str]:
@@ -501,7 +522,8 @@ def _load_hf(src: Source) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- tokens
-def _eos_id(tokenizer) -> int:
+def eos_id(tokenizer) -> int:
+    """The tokenizer's EOS id, the document separator of every token stream."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
@@ -513,7 +535,7 @@ def _eos_id(tokenizer) -> int:
 def _token_stream(tokenizer, texts: Sequence[str], limit: Optional[int] = None, chunk: int = 256) -> torch.Tensor:
     """Documents tokenised (no special tokens) each followed by EOS, concatenated; stops once ``limit``
     tokens are reached (the result may be longer)."""
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     pieces: list[list[int]] = []
     total = 0
     for start in range(0, len(texts), chunk):
@@ -563,15 +585,20 @@ def sample_calibration_from_stream(stream: torch.Tensor, nsamples: int, seqlen: 
             f"calibration text has {n_tok:,} tokens but --nsamples {nsamples} x --seqlen {seqlen} needs {need:,}; "
             "give more text or lower --nsamples/--seqlen"
         )
+    return stream[window_positions(n_tok, nsamples, seqlen, seed)]
+
+
+def window_positions(n_tok: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The token positions ``[nsamples, seqlen]`` (LongTensor) of :func:`sample_calibration_from_stream`'s windows in
+    a stream of ``n_tok >= nsamples·seqlen`` tokens (row ``i`` = ``start_i + 0..seqlen-1``)."""
     rng = random.Random(seed)
-    slack = n_tok - need
+    slack = n_tok - nsamples * seqlen
     # stars and bars: k sorted distinct picks c_i from [0, slack + k) give gaps g_i = c_i - i in [0, slack],
     # non-decreasing; window i starts at g_i + i * seqlen, so consecutive windows never overlap.
     picks = sorted(rng.sample(range(slack + nsamples), nsamples))
     starts = [c - i + i * seqlen for i, c in enumerate(picks)]
     rng.shuffle(starts)
-    idx = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(seqlen, dtype=torch.long)[None, :]
-    return stream[idx]
+    return torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(seqlen, dtype=torch.long)[None, :]
 
 
 def eval_windows(tokenizer, texts: Sequence[str], seqlen: int, max_tokens: Optional[int] = None) -> torch.Tensor:
@@ -611,7 +638,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     return hashlib.sha256(f"{text}|eos={eos}".encode()).hexdigest()[:16]
 
 
@@ -664,6 +691,15 @@ def uses_self(spec: str) -> bool:
     return any(p.strip() == SELF_SOURCE for p in _split_parts(spec))
 
 
+def self_share(spec: str, nsamples: int) -> tuple[int, str]:
+    """How :func:`calibration_windows` splits ``nsamples`` windows of a spec with ``self`` parts: ``(k, rest)``, the
+    first ``k = max(1, round(nsamples·n_self / n_parts))`` rows from the model, the others drawn from the spec
+    ``rest`` (the non-``self`` parts joined by ``+``; empty when there are none)."""
+    parts = _split_parts(spec)
+    n_self = sum(1 for p in parts if p.strip() == SELF_SOURCE)
+    return max(1, round(nsamples * n_self / len(parts))), "+".join(p for p in parts if p.strip() != SELF_SOURCE)
+
+
 def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int,
                         seed: int, model_dir: Optional[Path] = None) -> torch.Tensor:
     """:func:`sample_calibration` over a source's token stream (:func:`corpus_token_stream`): LongTensor
@@ -682,9 +718,8 @@ def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: in
 
     _check_positive("nsamples", nsamples)
     _check_positive("seqlen", seqlen, 2)
-    k = max(1, round(nsamples * n_self / len(parts)))
+    k, rest = self_share(spec, nsamples)
     windows = [self_windows(Path(model_dir), tokenizer, k, seqlen, seed)]
-    rest = "+".join(p for p in parts if p.strip() != SELF_SOURCE)
     if rest and nsamples > k:
         windows.append(calibration_windows(tokenizer, rest, split, nsamples - k, seqlen, seed))
     return torch.cat(windows)[:nsamples]

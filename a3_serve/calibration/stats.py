@@ -28,9 +28,11 @@ The RoPE energies (docs/METHOD.md §2.5, "exact all-pairs energy") are, per KV g
 post-RoPE complex coordinates of q/k (:func:`a3_serve.solvers.qk.rope_complex`; positions ``0..T-1``:
 calibration windows carry no padding).
 
-Held-out fold: with ``StatsRequest.heldout_every = k``, every k-th batch is accumulated separately. The
-returned stats are those of ALL batches; ``.fit`` (the other batches) and ``.val`` (the held-out batches)
-are attached so solvers can choose a hyper-parameter (shrinkage, ridge) on data they were not fitted on.
+Held-out folds: with ``StatsRequest.heldout`` and a fold per batch (:class:`a3_serve.calibration.folds.WindowFolds`,
+e.g. one per calibration domain), every fold is accumulated separately. The returned stats are those of ALL batches;
+``.folds`` (one LayerStats per fold) are attached, and :meth:`LayerStats.held_out_pairs` gives, for every fold, the
+statistics of the other folds and of that one, so solvers can choose a hyper-parameter (shrinkage, ridge) on data
+they were not fitted on.
 
 Products are formed in float64 from the model's activations (float32 on CPU, bf16 on GPU); the
 result is checked for NaN/Inf.
@@ -41,7 +43,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -59,11 +61,7 @@ class StatsRequest:
 
     mlp_moment: bool = False  # full H = E[h hᵀ], d_int² float64 per layer
     rope_energy: bool = False  # exact / causal RoPE pair energies
-    heldout_every: int = 0  # route every k-th batch to a held-out fold (0: no fold)
-
-    def __post_init__(self):
-        if self.heldout_every < 0 or self.heldout_every == 1:
-            raise ValueError("heldout_every must be 0 (no held-out fold) or >= 2")
+    heldout: bool = False  # statistics per fold of the calibration windows (when the batches come with folds)
 
 
 @dataclass
@@ -82,41 +80,60 @@ class LayerStats:
     E_rope_c: Optional[torch.Tensor] = None
     inv_ms_attn: Optional[torch.Tensor] = None
     inv_ms_mlp: Optional[torch.Tensor] = None
-    fit: Optional["LayerStats"] = None  # the batches not held out (only with a held-out fold)
-    val: Optional["LayerStats"] = None  # the held-out batches
+    folds: Optional[list["LayerStats"]] = None  # one per held-out fold (only with StatsRequest.heldout and >= 2 folds)
 
     MOMENTS = ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H", "E_rope", "E_rope_c", "inv_ms_attn", "inv_ms_mlp")
+    #: sums over pairs of a sequence's tokens: kept for all tokens, never per held-out fold
+    SEQUENCE_MOMENTS = ("E_rope", "E_rope_c")
 
     @staticmethod
     def merge(a: "LayerStats", b: "LayerStats") -> "LayerStats":
         """The statistics of the union of two disjoint token sets (token-weighted means)."""
-        n = a.n_tokens + b.n_tokens
+        return LayerStats.merge_all([a, b])
+
+    @staticmethod
+    def merge_all(parts: Sequence["LayerStats"]) -> "LayerStats":
+        """The statistics of the union of disjoint token sets (token-weighted means, summed in list order)."""
+        n = sum(p.n_tokens for p in parts)
         vals = {}
         for k in LayerStats.MOMENTS:
-            ta, tb = getattr(a, k), getattr(b, k)
-            vals[k] = None if ta is None else (ta * a.n_tokens + tb * b.n_tokens) / n
+            if getattr(parts[0], k) is None:
+                vals[k] = None
+                continue
+            total = getattr(parts[0], k) * parts[0].n_tokens
+            for p in parts[1:]:
+                total = total + getattr(p, k) * p.n_tokens
+            vals[k] = total / n
         return LayerStats(n_tokens=n, **vals)
 
+    def held_out_pairs(self) -> Iterator[tuple["LayerStats", "LayerStats"]]:
+        """``(fit, val)`` for every fold: ``val`` = the fold, ``fit`` = all the other folds merged (built one at a
+        time, so only one extra set of moments is alive). Empty without folds."""
+        for i, val in enumerate(self.folds or []):
+            yield LayerStats.merge_all([f for j, f in enumerate(self.folds) if j != i]), val
 
-def stats_to_tensors(st: LayerStats) -> dict[str, dict[str, torch.Tensor]]:
-    """A compact, ``torch.save``-able form of one layer's statistics: ``{"fit": moments, "val": moments}`` when a
-    held-out fold was collected (the all-batches moments are NOT stored: :func:`stats_from_tensors` recomputes them
-    with :meth:`LayerStats.merge`, exactly as :meth:`StatsCollector.finish` made them), else ``{"all": moments}``.
+
+def stats_to_tensors(st: LayerStats) -> dict[str, Any]:
+    """A compact, ``torch.save``-able form of one layer's statistics: ``{"folds": [moments, ...]}`` when held-out
+    folds were collected (the all-batches moments are NOT stored: :func:`stats_from_tensors` recomputes them
+    with :meth:`LayerStats.merge_all`, exactly as :meth:`StatsCollector.finish` made them), else ``{"all": moments}``.
     ``moments`` maps the names of ``LayerStats.MOMENTS`` that are present (and ``n_tokens``, a 0-dim int64) to
-    tensors. With the MLP moment ``H`` this is ``2·d_int²`` float64 per layer instead of ``3·d_int²``."""
+    tensors. With the MLP moment ``H`` and ``k`` folds this is ``k·d_int²`` float64 per layer instead of
+    ``(k + 1)·d_int²``."""
 
     def moments(s: LayerStats) -> dict[str, torch.Tensor]:
         d = {k: getattr(s, k) for k in LayerStats.MOMENTS if getattr(s, k) is not None}
         d["n_tokens"] = torch.tensor(s.n_tokens, dtype=torch.int64)
         return d
 
-    if st.fit is not None and st.val is not None:
-        return {"fit": moments(st.fit), "val": moments(st.val)}
+    if st.folds:
+        seq = {k: getattr(st, k) for k in LayerStats.SEQUENCE_MOMENTS if getattr(st, k) is not None}
+        return {"folds": [moments(f) for f in st.folds], "sequence": seq}
     return {"all": moments(st)}
 
 
-def stats_from_tensors(d: dict[str, dict[str, torch.Tensor]]) -> LayerStats:
-    """Inverse of :func:`stats_to_tensors`: the same LayerStats, bit for bit (``.fit``/``.val`` attached)."""
+def stats_from_tensors(d: dict[str, Any]) -> LayerStats:
+    """Inverse of :func:`stats_to_tensors`: the same LayerStats, bit for bit (``.folds`` attached)."""
 
     def build(m: dict[str, torch.Tensor]) -> LayerStats:
         m = dict(m)
@@ -124,9 +141,11 @@ def stats_from_tensors(d: dict[str, dict[str, torch.Tensor]]) -> LayerStats:
 
     if "all" in d:
         return build(d["all"])
-    fit, val = build(d["fit"]), build(d["val"])
-    merged = LayerStats.merge(fit, val)
-    merged.fit, merged.val = fit, val
+    folds = [build(m) for m in d["folds"]]
+    merged = LayerStats.merge_all(folds)
+    for k, v in d.get("sequence", {}).items():
+        setattr(merged, k, v)
+    merged.folds = folds
     return merged
 
 
@@ -148,15 +167,15 @@ class CompactStatsList(Sequence):
 
 
 def stats_nbytes(num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int, intermediate_size: int,
-                 request: StatsRequest, n_batches: int) -> int:
-    """Bytes of one layer's :func:`stats_to_tensors` form (float64; one fold, or two with a held-out fold)."""
+                 request: StatsRequest, n_folds: int = 1) -> int:
+    """Bytes of one layer's :func:`stats_to_tensors` form (float64; ``n_folds`` sets of moments with held-out folds,
+    else one)."""
     n = num_heads * head_dim**2 * 2 + num_kv_heads * head_dim**2 * 2 + hidden_size + intermediate_size + 2
     if request.mlp_moment:
         n += intermediate_size**2
     if request.rope_energy:
         n += num_kv_heads * head_dim  # two [h_kv, d_h/2] energies
-    folds = 2 if request.heldout_every and n_batches >= request.heldout_every else 1
-    return 8 * n * folds
+    return 8 * n * (n_folds if request.heldout and n_folds >= 2 else 1)
 
 
 @dataclass
@@ -169,6 +188,14 @@ class _Accumulator:
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def count(self, act: torch.Tensor) -> None:
+        """Count the tokens of ``act`` [..., n]."""
+        self.n_tokens += act.shape[:-1].numel()
+
+    def add_sequence(self, name: str, value: torch.Tensor) -> None:
+        """Add a sum over whole sequences (pairs of their tokens), which folds by token cannot split."""
+        self.add(name, value)
 
     def add_head_moment(self, name: str, act: torch.Tensor, n_heads: int) -> None:
         """act [..., n_heads * d_h] -> adds sum over tokens of a_h a_hᵀ, shape [n_heads, d_h, d_h]."""
@@ -188,7 +215,8 @@ class _Accumulator:
         a = act.reshape(-1, act.shape[-1]).to(torch.float64)
         self.add(name, gram(a))  # the upper block triangle only: 5/8 of the multiply-adds
 
-    def finish(self, layer_idx: int) -> LayerStats:
+    def means(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """Every sum divided by the token count, checked for NaN / Inf."""
         if self.n_tokens == 0:
             raise RuntimeError(f"layer {layer_idx}: no calibration tokens reached this layer")
         means = {k: v / self.n_tokens for k, v in self.sums.items()}
@@ -199,47 +227,103 @@ class _Accumulator:
                     "the calibration text: use --dtype float32, check the source weights, or use different calibration "
                     "text"
                 )
-        return LayerStats(n_tokens=self.n_tokens, **means)
+        return means
+
+    def finish(self, layer_idx: int) -> LayerStats:
+        return LayerStats(n_tokens=self.n_tokens, **self.means(layer_idx))
+
+
+class _FoldRouter:
+    """One batch's statistics split among the fold accumulators by the fold of every token (``masks[f]`` [B·T] bool:
+    the tokens of fold f); per-sequence sums and the total count go to ``shared``. Same methods as _Accumulator."""
+
+    def __init__(self, folds: list[_Accumulator], shared: _Accumulator, masks: list[torch.Tensor]):
+        self.folds, self.shared, self.masks = folds, shared, masks
+
+    def _split(self, act: torch.Tensor):
+        flat = act.reshape(-1, act.shape[-1])
+        for acc, m in zip(self.folds, self.masks):
+            m = m.to(flat.device)
+            if bool(m.any()):
+                yield acc, flat[m]
+
+    def count(self, act: torch.Tensor) -> None:
+        self.shared.count(act)
+        for acc, part in self._split(act):
+            acc.count(part)
+
+    def add_sequence(self, name: str, value: torch.Tensor) -> None:
+        self.shared.add(name, value)
+
+    def add_head_moment(self, name: str, act: torch.Tensor, n_heads: int) -> None:
+        for acc, part in self._split(act):
+            acc.add_head_moment(name, part, n_heads)
+
+    def add_square(self, name: str, act: torch.Tensor) -> None:
+        for acc, part in self._split(act):
+            acc.add_square(name, part)
+
+    def add_inverse_mean_square(self, name: str, act: torch.Tensor) -> None:
+        for acc, part in self._split(act):
+            acc.add_inverse_mean_square(name, part)
+
+    def add_outer(self, name: str, act: torch.Tensor) -> None:
+        for acc, part in self._split(act):
+            acc.add_outer(name, part)
 
 
 class StatsCollector:
-    """Forward hooks that accumulate :class:`LayerStats` for ``n_layers`` accumulator slots over ``n_batches``
-    calibration batches, with the held-out fold of ``request`` (module docstring).
+    """Forward hooks that accumulate :class:`LayerStats` for ``n_layers`` accumulator slots over the calibration
+    batches, with the held-out folds of ``request`` (module docstring).
 
     Use: :meth:`attach` the hooks of a decoder layer to a slot, call :meth:`start_batch` before each batch's
     forward pass, remove the returned hook handles, then :meth:`finish` each slot. The whole-model pass
     (:func:`collect_stats`) gives every layer its own slot; the layer-by-layer pass
     (:func:`a3_serve.calibration.sequential.sequential_calibrate`) uses one slot per layer in turn.
 
-    The fold rule: with ``request.heldout_every = k`` and at least ``k`` batches, batch ``b`` is held out when
-    ``b % k == k − 1``.
+    ``token_folds[b]`` [B, T] is the fold of every token of batch ``b``
+    (:meth:`a3_serve.calibration.folds.WindowFolds.batches`); with ``request.heldout`` and at least two folds, each
+    fold has its own accumulators and every token's rows go to its fold (the RoPE pair energies, sums over pairs of
+    a sequence's tokens, are kept for all tokens only).
     """
 
-    def __init__(self, n_layers: int, n_batches: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 request: StatsRequest):
+    def __init__(self, n_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, request: StatsRequest,
+                 token_folds: Sequence[torch.Tensor] | None = None):
         self.request = request
-        self.k = request.heldout_every if request.heldout_every and n_batches >= request.heldout_every else 0
-        self.fit = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)]
-        self.val = [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)] if self.k else None
-        self.held_out = False
+        n_folds = max((int(f.max()) + 1 for f in token_folds), default=0) if token_folds else 0
+        self.token_folds = list(token_folds) if request.heldout and n_folds >= 2 else None
+        n_acc = n_folds if self.token_folds is not None else 1
+
+        def accs() -> list[_Accumulator]:
+            return [_Accumulator(num_heads, num_kv_heads, head_dim) for _ in range(n_layers)]
+
+        self.acc = [accs() for _ in range(n_acc)]
+        self.shared = accs() if self.token_folds is not None else None
+        self.masks: list[torch.Tensor] = []
 
     def start_batch(self, b: int) -> None:
-        """Route the next statistics to the fit or the held-out accumulators of batch ``b``."""
-        self.held_out = bool(self.k) and b % self.k == self.k - 1
+        """Route the next statistics by the token folds of batch ``b``."""
+        if self.token_folds is not None:
+            ids = self.token_folds[b].reshape(-1)
+            self.masks = [ids == f for f in range(len(self.acc))]
 
-    def __call__(self, idx: int) -> _Accumulator:
-        """The accumulator of slot ``idx`` that receives the current batch."""
-        return (self.val if self.held_out and self.val is not None else self.fit)[idx]
+    def __call__(self, idx: int):
+        """The accumulator (or the fold router) of slot ``idx`` that receives the current batch."""
+        if self.shared is None:
+            return self.acc[0][idx]
+        return _FoldRouter([a[idx] for a in self.acc], self.shared[idx], self.masks)
 
     def finish(self, idx: int, layer_idx: int | None = None) -> LayerStats:
-        """The statistics of slot ``idx`` (all batches; ``.fit``/``.val`` attached with a fold).
+        """The statistics of slot ``idx`` (all batches; ``.folds`` attached with held-out folds).
         ``layer_idx`` names the decoder layer in error messages (default: ``idx``)."""
         name = idx if layer_idx is None else layer_idx
-        if self.val is None:
-            return self.fit[idx].finish(name)
-        f, v = self.fit[idx].finish(name), self.val[idx].finish(name)
-        merged = LayerStats.merge(f, v)
-        merged.fit, merged.val = f, v
+        if self.shared is None:
+            return self.acc[0][idx].finish(name)
+        folds = [acc[idx].finish(name) for acc in self.acc]
+        merged = LayerStats.merge_all(folds)
+        for k, v in self.shared[idx].means(name).items():  # per-sequence sums: means over all tokens
+            setattr(merged, k, v)
+        merged.folds = folds
         return merged
 
     def attach(self, layer: nn.Module, idx: int, inv_freq: torch.Tensor | None = None) -> list:
@@ -247,13 +331,13 @@ class StatsCollector:
         ``inv_freq`` [d_h/2] (:func:`rope_inv_freq`) is needed when the request asks for RoPE energies."""
         route, req = self, self.request
         attn, mlp = layer.self_attn, layer.mlp
-        acc0 = self.fit[idx]
+        acc0 = self.acc[0][idx]
         hq, hkv, dh = acc0.num_heads, acc0.num_kv_heads, acc0.head_dim
         pending: dict[str, torch.Tensor] = {}
 
         def on_q_in(_mod, args):
             x, acc = args[0], route(idx)
-            acc.n_tokens += x.shape[:-1].numel()
+            acc.count(x)
             acc.add_square("x2", x)
 
         def on_q_out(_m, _a, out):
@@ -272,8 +356,8 @@ class StatsCollector:
                 k = out.reshape(B, T, hkv, dh).to(torch.float64).transpose(1, 2)  # [B, h_kv, T, d_h]
                 v = qk_solver.rope_complex(k, inv_freq, torch.arange(T, device=out.device))
                 e_all, e_causal = qk_solver.rope_pair_energies(pending.pop("u"), v)
-                acc.add("E_rope", e_all)
-                acc.add("E_rope_c", e_causal)
+                acc.add_sequence("E_rope", e_all)
+                acc.add_sequence("E_rope_c", e_causal)
 
         hooks = [
             attn.q_proj.register_forward_pre_hook(on_q_in),
@@ -313,17 +397,19 @@ def collect_stats(
     head_dim: int,
     progress=None,
     request: StatsRequest = StatsRequest(),
+    token_folds: Sequence[torch.Tensor] | None = None,
 ) -> list[LayerStats]:
     """Run ``model`` (a Llama-style causal LM) over token batches and return one LayerStats per layer.
 
     ``batches`` yields LongTensors ``[B, T]`` of calibration tokens (no padding). Statistics are those
     of the ORIGINAL model at every layer (the paper's protocol). Only the decoder runs (``model.model``):
     the LM head's logits are not needed. ``progress`` is an optional callable ``progress(n_sequences)``
-    called after each batch. ``request`` asks for the optional statistics (module docstring).
+    called after each batch. ``request`` asks for the optional statistics (module docstring); ``token_folds`` gives
+    the held-out fold of every token of each batch (:class:`StatsCollector`).
     """
     layers = model.model.layers
     batches = list(batches)
-    route = StatsCollector(len(layers), len(batches), num_heads, num_kv_heads, head_dim, request)
+    route = StatsCollector(len(layers), num_heads, num_kv_heads, head_dim, request, token_folds)
     inv_freq = rope_inv_freq(model) if request.rope_energy else None
     handles = [h for i, layer in enumerate(layers) for h in route.attach(layer, i, inv_freq)]
     device = next(model.parameters()).device

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from a3_serve.calibration.folds import folds_line
+
 
 def _fmt_int(n: int | float) -> str:
     return f"{int(n):,}"
@@ -76,7 +78,9 @@ def render_model_card(report: dict[str, Any]) -> str:
         *_size_rules_lines(s.get("size_rules")),
         f"Recipe `{report.get('recipe', 'custom')}`: QK `{m['qk']}`, OV `{m['ov']}`, MLP `{m['mlp']}`, budget "
         f"allocation `{report.get('allocation', 'uniform')}`; components compressed: {', '.join(s['components'])}.",
-        f"Calibration: {cal['nsamples']} x {cal['seqlen']} tokens from `{cal['source']}` (seed {cal['seed']}).",
+        f"Calibration: {cal['nsamples']} x {cal['seqlen']} tokens from `{cal['source']}` (seed {cal['seed']})"
+        + (f"; held-out folds for the fitted choices: {folds_line(cal['heldout_folds'])}." if cal.get("heldout_folds")
+           else "."),
         "",
         "## Quality",
         "",

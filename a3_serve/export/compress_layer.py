@@ -36,6 +36,7 @@ from a3_serve.export.methods import (
 )
 from a3_serve.modeling import A3LlamaConfig
 from a3_serve.modeling.modeling_a3_llama import ROPE_INDEX_NAME, A3LlamaDecoderLayer
+from a3_serve.solvers import crossval
 from a3_serve.solvers import mlp as mlp_solver
 from a3_serve.solvers import ov as ov_solver
 from a3_serve.solvers import qk as qk_solver
@@ -159,13 +160,18 @@ def _shrink_per_head(Gp: torch.Tensor, Gx: torch.Tensor, beta: torch.Tensor) -> 
 
 
 def _choose_shrinkage(st: LayerStats, Wo: torch.Tensor, hkv: int, r: int, eps: float) -> torch.Tensor:
-    """β per value head minimising the held-out output error (fit on st.fit, scored on st.val)."""
-    if st.fit is None or st.val is None:
+    """β per value head with the least held-out output error over the calibration folds (each fold scored by a fit
+    on the others; :func:`crossval.choose_setting`), or :data:`DEFAULT_SHRINKAGE` without folds."""
+    if not st.folds:
         return torch.full((hkv,), DEFAULT_SHRINKAGE, dtype=torch.float64)
     g = Wo.shape[1]
-    G_val = st.val.Go.reshape(hkv, g, *st.val.Go.shape[1:])
-    _, beta, _ = ov_solver.ov_choose_shrinkage(ov_solver.group_mean(st.fit.Go, hkv), st.fit.Gv, Wo, r, G_val, eps=eps)
-    return beta
+    losses = []
+    for fit, val in st.held_out_pairs():
+        G_val = val.Go.reshape(hkv, g, *val.Go.shape[1:])
+        _, _, L = ov_solver.ov_choose_shrinkage(ov_solver.group_mean(fit.Go, hkv), fit.Gv, Wo, r, G_val, eps=eps)
+        losses.append(L)  # [n_betas, h_kv]
+    betas = torch.tensor(ov_solver.DEFAULT_BETAS, dtype=torch.float64)
+    return betas[crossval.choose_setting(losses)]
 
 
 def solve_mlp(w: dict, st: LayerStats, r_int: int, method: str) -> tuple[dict, dict]:
@@ -186,8 +192,10 @@ def solve_mlp(w: dict, st: LayerStats, r_int: int, method: str) -> tuple[dict, d
     down = plain_down
     if refit:
         ridge = DEFAULT_RIDGE
-        if st.fit is not None and st.val is not None:
-            _, ridge, _ = mlp_solver.mlp_choose_ridge(st.fit.H, st.val.H, keep, w["down_w"])
+        if st.folds:  # the ridge with the least held-out error over the folds (each scored by a fit on the others)
+            losses = [torch.tensor(mlp_solver.mlp_ridge_losses(fit.H, val.H, keep, w["down_w"]))
+                      for fit, val in st.held_out_pairs()]
+            ridge = mlp_solver.DEFAULT_RIDGES[int(crossval.choose_setting(losses))]
         if ridge != float("inf"):  # inf: plain selection won on the held-out fold
             down = mlp_solver.mlp_refit(st.H, keep, w["down_w"], ridge).to(w["down_w"])
         report["ridge"] = None if ridge == float("inf") else float(ridge)  # None: plain selection kept

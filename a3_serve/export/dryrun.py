@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from a3_serve.calibration.folds import folds_line
 from a3_serve.folders import fmt_bytes
 from a3_serve.runtime import dtype_name
 from a3_serve.solvers.mlp import DEFAULT_RIDGES
@@ -81,14 +82,15 @@ def dry_run_report(job) -> dict[str, Any]:
     F = 2.0 * N * lin_before + 4.0 * N * T * hq * dh * L / 2
     passes = (1 + STATS_OVERHEAD) * job.passes.count + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
     flops = F * passes
+    n_folds = job.folds.n_folds if req.heldout and job.folds is not None else 1  # one ridge search per fold
     if req.mlp_moment:
-        flops += L * (2.0 * N * dint**2 + (len(DEFAULT_RIDGES) + 1) * dint**3 / 3)
+        flops += L * (2.0 * N * dint**2 + ((n_folds if n_folds >= 2 else 0) * len(DEFAULT_RIDGES) + 1) * dint**3 / 3)
     speed = probe_flops(device, dtype)
     est_s = flops / speed
 
     layer_bytes = (lin_before / L) * cbe
     act_bytes = 2 * N * d * cbe
-    stats_bytes = (3 * dint**2 * 8 if req.mlp_moment else 0) + 8 * (hq + 2 * hkv) * dh * dh * 2
+    stats_bytes = ((n_folds + 1) * dint**2 * 8 if req.mlp_moment else 0) + 8 * (hq + 2 * hkv) * dh * dh * 2
     mem_stream = layer_bytes + vocab * d * cbe + act_bytes + stats_bytes
 
     kv_before = shape.kv_bytes_per_token(dh, dh, bpe)
@@ -109,7 +111,7 @@ def dry_run_report(job) -> dict[str, Any]:
         "target_kv_cr": plan.target_kv_cr, "achieved_kv_cr": plan.achieved_kv_cr(arch),
         "kv_capacity_ratio": kv_before / kv_after,
         "calibration": {"description": calib_desc, "nsamples": opts.nsamples, "seqlen": opts.seqlen, "n_tokens": N,
-                        "statistics": opts.stats},
+                        "statistics": opts.stats, "heldout_folds": job.calibration.get("heldout_folds")},
         "size_rules": job.serving.record() if job.serving else None,
         "device": str(device), "compute_dtype": dtype_name(dtype),
         "estimate": {"flops": flops, "probe_flops_per_s": speed, "seconds": est_s, "calibration_passes": passes,
@@ -129,6 +131,8 @@ def dry_run_report(job) -> dict[str, Any]:
             f"multiples of {opts.mlp_multiple} (the planned sizes pass every rule)"] if job.serving else []),
         f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
         f"{passes:.1f} forward-pass equivalents",
+        *([f"  held-out    folds for the fitted choices: {folds_line(job.calibration['heldout_folds'])}"]
+          if job.calibration.get("heldout_folds") else []),
         f"  estimate    {_fmt_s(est_s)} on {device} in {dtype_name(dtype)} ({flops / 1e12:.2f} TFLOP at a probed "
         f"{speed / 1e9:.0f} GFLOP/s); streamed peak memory about {fmt_bytes(mem_stream)}",
     ]

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoTokenizer
 
+from a3_serve.calibration.folds import WindowFolds, folds_line, window_folds
 from a3_serve.calibration.sources import (
     calibration_windows,
     describe_source,
@@ -70,6 +71,7 @@ class ExportJob:
     passes: CalibrationPasses
     t_start: float
     serving: Optional[ServingTarget] = None  # --quant-scheme / --kv-cache-dtype: sizes the kernels must accept
+    folds: Optional[WindowFolds] = None  # held-out folds of the windows (None: one fold)
 
     def check_serving(self, plan: DimPlan, what: str) -> None:
         """One-line :class:`InputError` if ``plan`` cannot be quantized and served as ``--quant-scheme`` says."""
@@ -92,6 +94,13 @@ class ExportJob:
     def batches(self) -> list[torch.Tensor]:
         """The calibration tokens in forward-pass batches ``[batch_size, seqlen]``."""
         return list(self.tokens.split(self.opts.batch_size))
+
+    @property
+    def token_folds(self) -> list[torch.Tensor] | None:
+        """The held-out fold of every token of each batch (``[batch_size, seqlen]``), or None with one fold."""
+        if self.folds is None or self.folds.n_folds < 2:
+            return None
+        return self.folds.batches(self.tokens, self.opts.batch_size)[1]
 
     @property
     def tokens_digest(self) -> str:
@@ -178,11 +187,17 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
     calibration = {"source": opts.calib, "split": opts.calib_split, "description": calib_desc,
                    "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": opts.seed,
                    "n_tokens": int(tokens.numel()), "statistics": opts.stats}
-    n_batches = -(-int(tokens.shape[0]) // opts.batch_size)
+    folds = None
+    if opts.methods.stats_request().heldout:  # the folds a fitted choice is scored on (leave-one-domain-out, ...)
+        folds = window_folds(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
+        calibration["heldout_folds"] = folds.describe()
+        log.info("held-out folds for the fitted choices (refit ridge, OV shrinkage): %s",
+                 folds_line(calibration["heldout_folds"]))
     # the dry run estimates the streamed export's passes, whatever the source format
-    passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, n_batches, opts.stats,
+    passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, folds.n_folds if folds else 1, opts.stats,
                          streamed or opts.dry_run)
     return ExportJob(opts=opts, source=source, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens,
                      tokenizer=tokenizer, calibration=calibration, device=device, dtype=dtype,
                      save_dtype=resolve_save_dtype(opts, src_cfg), streamed=streamed, passes=passes, t_start=t_start,
-                     serving=serving)
+                     serving=serving, folds=folds)
+

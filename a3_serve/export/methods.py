@@ -38,7 +38,7 @@ MLP_METHODS = {
     "a3": "the paper's score E[h_i²]·‖W_down[:, i]‖² ('rxx-w')",
     "rxx": "activation energy E[h_i²] only ('rxx')",
     "a3-refit": "the paper's selection, then a least-squares refit of down_proj on the kept neurons (ridge chosen on "
-                "held-out calibration batches; METHOD.md §4.4, §4.6)",
+                "held-out calibration folds, e.g. leave-one-domain-out; METHOD.md §4.4, §4.6, §6)",
     "greedy-refit": "greedy selection on the refit objective (backward elimination), then the refit",
     "wanda": "structured Wanda: sqrt(E[h_i²])·‖W_down[:, i]‖₁",
     "weight-norm": "‖W_gate[i]‖² + ‖W_up[i]‖² + ‖W_down[:, i]‖² (no data)",
@@ -47,11 +47,9 @@ MLP_METHODS = {
 
 #: MLP methods that refit down_proj on the kept neurons (they need E[h hᵀ] and a held-out fold)
 REFIT_METHODS = ("a3-refit", "greedy-refit")
-#: fallbacks when the calibration set is too small for a held-out fold
+#: fallbacks when the calibration set is too small for held-out folds (a3_serve.calibration.folds)
 DEFAULT_SHRINKAGE = 0.3
 DEFAULT_RIDGE = 1e-2
-#: every HELDOUT_EVERY-th calibration batch is held out to choose shrinkage / ridge (when a method needs it)
-HELDOUT_EVERY = 8
 
 
 #: how the parameter budget is spread over layers and components
@@ -80,7 +78,7 @@ class Methods:
         return StatsRequest(
             mlp_moment=refit,
             rope_energy=self.qk in ("energy", "energy-causal"),
-            heldout_every=HELDOUT_EVERY if (refit or self.ov == "a3-shrink") else 0,
+            heldout=refit or self.ov == "a3-shrink",
         )
 
 
@@ -113,5 +111,5 @@ def union_request(methods: list[Methods]) -> StatsRequest:
     return StatsRequest(
         mlp_moment=any(r.mlp_moment for r in reqs),
         rope_energy=any(r.rope_energy for r in reqs),
-        heldout_every=HELDOUT_EVERY if any(r.heldout_every for r in reqs) else 0,
+        heldout=any(r.heldout for r in reqs),
     )

@@ -31,10 +31,10 @@ from a3_serve.export.methods import Methods
 CACHED_STATS_MAX_BYTES = 4 * 2**30
 
 
-def cached_stats_bytes(arch: SourceArch, request: StatsRequest, n_batches: int) -> int:
-    """Bytes of every layer's compact statistics for ``request`` (``n_batches`` calibration batches)."""
+def cached_stats_bytes(arch: SourceArch, request: StatsRequest, n_folds: int) -> int:
+    """Bytes of every layer's compact statistics for ``request`` (``n_folds`` held-out folds of the windows)."""
     return arch.num_layers * stats_nbytes(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size,
-                                          arch.intermediate_size, request, n_batches)
+                                          arch.intermediate_size, request, n_folds)
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,13 @@ class CalibrationPasses:
         return (self.first_request is not None) + (not self.solve_from_first)
 
 
-def plan_passes(methods: Methods, explicit_dims: bool, arch: SourceArch, n_batches: int, stats_mode: str,
+def plan_passes(methods: Methods, explicit_dims: bool, arch: SourceArch, n_folds: int, stats_mode: str,
                 streamed: bool) -> CalibrationPasses:
     """The passes for these methods (``explicit_dims``: per-layer dims given, no allocation)."""
     allocate = methods.allocation == "loss" and not explicit_dims
     full = methods.stats_request()
     light = StatsRequest(rope_energy=full.rope_energy)  # what the allocation's curves read
-    fits = stats_mode == "original" and cached_stats_bytes(arch, full, n_batches) <= CACHED_STATS_MAX_BYTES
+    fits = stats_mode == "original" and cached_stats_bytes(arch, full, n_folds) <= CACHED_STATS_MAX_BYTES
     if streamed:
         keep = allocate and fits
         first = (full if keep else light) if allocate else None

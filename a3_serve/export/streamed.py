@@ -108,7 +108,7 @@ CHEAP_CHECKPOINT_BYTES = 64 * 2**20
 CHECKPOINT_EVERY_S = 120.0
 #: the layout of the working folder (part of the resume key: a folder written by another layout, e.g. one shard per
 #: layer in the first version, is never resumed into this one)
-WORKDIR_FORMAT = 3  # 3: the allocation pass may cache every layer's statistics (one pass)
+WORKDIR_FORMAT = 4  # 3: the allocation pass may cache every layer's statistics (one pass); 4: held-out folds
 
 
 def resume_key(job) -> str:
@@ -170,7 +170,7 @@ class _StreamedRun:
         self.model = skeleton_with_embeddings(job.model_dir, self.source, job.dtype, job.device)
         self.params_before = sum(p.numel() for name, p in self.model.named_parameters()
                                  if not (self.arch.tie_word_embeddings and name == "lm_head.weight"))
-        self.batches = job.batches
+        self.batches, self.token_folds = job.batches, job.token_folds
         self.t_load = time.perf_counter() - t0
 
     def bar(self, desc: str, start: int):
@@ -220,7 +220,7 @@ class _StreamedRun:
             sequential_calibrate(self.model, self.batches, self.arch.num_heads, self.arch.num_kv_heads,
                                  self.arch.head_dim, on_layer, mode="original", request=passes.first_request,
                                  progress=bar.update, start=start, hidden=hidden, before_layer=self.load,
-                                 after_layer=after_layer)
+                                 after_layer=after_layer, token_folds=self.token_folds)
         plan = plan_from_curves([LayerCurves(qk=c["qk"], ov=c["ov"], mlp=c["mlp"]) for c in curves], self.arch, opts.cr,
                                  tuple(opts.components), opts.head_multiple, kv_cr=job.kv_cr,
                                  mlp_multiple=opts.mlp_multiple)
@@ -292,7 +292,8 @@ class _StreamedRun:
                 sequential_calibrate(self.model, self.batches, self.arch.num_heads, self.arch.num_kv_heads,
                                      self.arch.head_dim, solve_and_write, mode=opts.stats,
                                      request=job.passes.solve_request, progress=bar.update, start=start,
-                                     hidden=hidden, before_layer=self.load, after_layer=after_layer)
+                                     hidden=hidden, before_layer=self.load, after_layer=after_layer,
+                                     token_folds=self.token_folds)
         return reports, float(self.timings.get("solve_pass_s", 0.0))
 
     # -- step 4 ----------------------------------------------------------------------------------------------------

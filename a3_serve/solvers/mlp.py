@@ -25,6 +25,7 @@ __all__ = [
     "mlp_objective",
     "mlp_refit",
     "mlp_greedy_select",
+    "mlp_ridge_losses",
     "mlp_choose_ridge",
 ]
 
@@ -220,35 +221,12 @@ def mlp_refit(H: torch.Tensor, keep: torch.Tensor, Wd: torch.Tensor, ridge: floa
 
 
 def _refit_solve(H_SS: torch.Tensor, rhs0: torch.Tensor, W_S: torch.Tensor, ridge: float) -> torch.Tensor:
-    """:func:`mlp_refit`'s closed form from its ridge-independent parts ``H_SS`` [r, r], ``rhs0 = H_{S,:} Wdᵀ``
-    [r, d] and ``W_S = Wd[:, S]`` [d, r] (shared by every ridge of :func:`mlp_choose_ridge`)."""
+    """:func:`mlp_refit`'s closed form from its parts ``H_SS`` [r, r], ``rhs0 = H_{S,:} Wdᵀ`` [r, d] and
+    ``W_S = Wd[:, S]`` [d, r]."""
     delta = _ridge_delta(torch.diagonal(H_SS).mean(), ridge)
     A = H_SS + delta * torch.eye(H_SS.shape[0], dtype=torch.float64, device=H_SS.device)
     rhs = rhs0 + delta * W_S.T  # [r, d]
     return _spd_solve(A, rhs, delta).T.contiguous()
-
-
-def _objective_on_kept(H: torch.Tensor, Wd: torch.Tensor, keep: torch.Tensor):
-    """``W -> mlp_objective(H, Wd, keep, W)`` for many refits ``W`` [d, r] of the same kept set ``S``.
-
-    With ``D`` the dropped neurons, ``Δ_S = Wd[:, S] − W`` and ``Δ_D = Wd[:, D]`` (the same for every ``W``):
-    ``tr(Δ H Δᵀ) = tr(Δ_S H_SS Δ_Sᵀ) + 2·tr(Δ_S H_SD Δ_Dᵀ) + tr(Δ_D H_DD Δ_Dᵀ)``; the last term and
-    ``Q = H_SD Δ_Dᵀ`` [r, d] are computed once, so each ``W`` costs ``d·r²`` multiply-adds instead of ``d·d_int²``.
-    Every term is a part of the same quadratic form (no subtraction of the output's total energy).
-    """
-    mask = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
-    mask[keep] = False
-    drop = mask.nonzero().squeeze(1)
-    H_S = H[keep]
-    H_SS, Wd_S, Wd_D = H_S[:, keep], Wd[:, keep], Wd[:, drop]
-    Q = H_S[:, drop] @ Wd_D.T  # [r, d]
-    c_DD = ((Wd_D @ H[drop][:, drop]) * Wd_D).sum()
-
-    def objective(W: torch.Tensor) -> float:
-        delta_S = Wd_S - W
-        return float(((delta_S @ H_SS) * delta_S).sum() + 2.0 * (delta_S * Q.T).sum() + c_DD)
-
-    return objective
 
 
 def _drop_neuron(P: torch.Tensor, B: torch.Tensor, c: int) -> None:
@@ -340,6 +318,61 @@ def mlp_greedy_select(
     return torch.nonzero(chosen).flatten()
 
 
+def mlp_ridge_losses(
+    H_fit: torch.Tensor,
+    H_val: torch.Tensor,
+    keep: torch.Tensor,
+    Wd: torch.Tensor,
+    ridges: tuple[float, ...] | list[float] = DEFAULT_RIDGES,
+) -> list[float]:
+    """Held-out error of the down_proj refit at every ridge, from ONE eigendecomposition (docs/METHOD.md §4.6).
+
+    Objective: ``L_ρ = mlp_objective(H_val, Wd, keep, W_ρ)`` with ``W_ρ = mlp_refit(H_fit, keep, Wd, ρ)`` (``ρ = inf``:
+    plain selection ``Wd[:, keep]``). Closed form: with ``S = keep``, ``D`` the dropped neurons, fit moments ``H``,
+    ``δ = max(ρ, 1e-12)·mean(diag(H_SS))`` and ``H_SS = U diag(λ) Uᵀ``, the refit's change of the kept columns is
+    ``Δ_Sᵀ = Wd_Sᵀ − W_ρᵀ = −(H_SS + δI)^{-1} H_SD Wd_Dᵀ = −U diag(g) E`` with ``g_i = 1/(max(λ_i, 0) + δ)`` (the
+    eigenvalue clamp of :func:`mlp_refit`'s fallback) and ``E = Uᵀ H_SD Wd_Dᵀ`` [r, d]. On held-out moments ``V``:
+
+        ``L_ρ = gᵀ (M ∘ EEᵀ) g − 2 gᵀ rowsum(P ∘ E) + tr(Wd_D V_DD Wd_Dᵀ)``,  ``M = Uᵀ V_SS U``, ``P = Uᵀ V_SD Wd_Dᵀ``
+
+    (plain selection: ``g = 0``). Every ridge then costs O(r²) instead of a Cholesky factorisation, a solve and an
+    objective (O(r³ + r²·d) each); the one-time work is one ``eigh`` of ``H_SS`` and a few ``r²·d`` products. Equal
+    to the direct computation up to float64 rounding (tested).
+
+    Shapes: ``H_fit``, ``H_val`` [d_int, d_int]; ``keep`` LongTensor [r]; ``Wd`` [d, d_int]. Returns one float per
+    ridge.
+    """
+    ridges = [float(x) if float(x) == float("inf") else _check_ridge(x) for x in ridges]
+    if not ridges:
+        raise ValueError("mlp_ridge_losses needs at least one ridge value")
+    H = _check_H(H_fit)
+    d_int, dev = H.shape[0], H.device
+    Wd = _check_Wd(Wd, d_int, dev)
+    keep = _check_keep(keep, d_int, dev)
+    V = _check_H(as_f64(H_val).to(dev))
+    mask = torch.ones(d_int, dtype=torch.bool, device=dev)
+    mask[keep] = False
+    drop = mask.nonzero().squeeze(1)
+    Wd_D = Wd[:, drop]  # [d, d_int - r]
+    c_DD = float(((Wd_D @ V[drop][:, drop]) * Wd_D).sum())
+    if drop.numel() == 0:
+        return [0.0 for _ in ridges]  # nothing dropped: every refit is exact
+    H_SS = H[keep][:, keep]
+    lam, U = torch.linalg.eigh(H_SS)
+    E = U.T @ (H[keep][:, drop] @ Wd_D.T)  # [r, d]
+    MG = (U.T @ V[keep][:, keep] @ U) * (E @ E.T)  # [r, r]
+    pe = ((U.T @ (V[keep][:, drop] @ Wd_D.T)) * E).sum(1)  # [r]
+    diag_mean = torch.diagonal(H_SS).mean()
+    out = []
+    for rho in ridges:
+        if rho == float("inf"):
+            out.append(c_DD)
+            continue
+        g = 1.0 / (lam.clamp_min(0.0) + _ridge_delta(diag_mean, rho))
+        out.append(float(g @ MG @ g - 2.0 * (g @ pe)) + c_DD)
+    return out
+
+
 def mlp_choose_ridge(
     H_fit: torch.Tensor,
     H_val: torch.Tensor,
@@ -350,28 +383,19 @@ def mlp_choose_ridge(
     """Choose the down_proj refit ridge on held-out data (docs/METHOD.md §4.6).
 
     Objective: for each ``ridge`` in ``ridges``, ``W_ρ = mlp_refit(H_fit, keep, Wd, ρ)`` and its held-out error
-    ``L_ρ = mlp_objective(H_val, Wd, keep, W_ρ)``; return the ``W_ρ`` with the smallest ``L_ρ`` (ties -> the
-    earlier entry of ``ridges``). ``ridge = inf`` stands for plain selection ``Wd[:, keep]`` (the limit of the
-    refit, which shrinks toward it), so the refit is used only where it beats plain selection on held-out data.
+    ``L_ρ = mlp_objective(H_val, Wd, keep, W_ρ)`` (:func:`mlp_ridge_losses`); return the ``W_ρ`` with the smallest
+    ``L_ρ`` (ties -> the earlier entry of ``ridges``). ``ridge = inf`` stands for plain selection ``Wd[:, keep]`` (the
+    limit of the refit, which shrinks toward it), so the refit is used only where it beats plain selection on
+    held-out data.
 
     Shapes: ``H_fit``, ``H_val`` [d_int, d_int] (second moments of disjoint token sets); ``keep`` LongTensor
     [r]; ``Wd`` [d, d_int]. Returns ``(Wd_new [d, r] float64, best ridge (float), held-out losses (list of
     floats, one per ridge))``.
     """
-    ridges = [float(x) if float(x) == float("inf") else _check_ridge(x) for x in ridges]
-    if not ridges:
-        raise ValueError("mlp_choose_ridge needs at least one ridge value")
-    H_fit = _check_H(H_fit)
-    dev = H_fit.device
-    Wd = _check_Wd(Wd, H_fit.shape[0], dev)
-    keep = _check_keep(keep, H_fit.shape[0], dev)
-    plain = Wd[:, keep]
-    # the ridge-independent parts of every refit and of every held-out objective, computed once
-    H_S = H_fit[keep]
-    H_SS, rhs0 = H_S[:, keep], H_S @ Wd.T
-    fits = [plain.clone() if x == float("inf") else _refit_solve(H_SS, rhs0, plain, x) for x in ridges]
-    H_val = _check_H(as_f64(H_val).to(dev))
-    objective = _objective_on_kept(H_val, Wd, keep)
-    losses = [objective(W) for W in fits]
+    ridges = [float(x) for x in ridges]
+    losses = mlp_ridge_losses(H_fit, H_val, keep, Wd, ridges)
     best = min(range(len(ridges)), key=lambda i: (losses[i], i))
-    return fits[best], ridges[best], losses
+    keep = torch.as_tensor(keep).long()
+    if ridges[best] == float("inf"):
+        return as_f64(Wd)[:, keep.to(as_f64(Wd).device)].clone(), ridges[best], losses
+    return mlp_refit(H_fit, keep, Wd, ridges[best]), ridges[best], losses
