@@ -412,3 +412,24 @@ def test_mlp_choose_ridge_prefers_larger_ridge_when_overfitting():
     for x, loss in zip(mlp.DEFAULT_RIDGES, losses_out):
         W = Wd[:, keep] if x == float("inf") else mlp.mlp_refit(H_fit, keep, Wd, x)
         assert loss == pytest.approx(mlp.mlp_objective(H_val, Wd, keep, W), rel=1e-10)
+
+
+def test_mlp_selection_losses_and_energy_shrinkage():
+    """α = 0 is the paper's selection, α = 1 ranks by the down_proj column norms alone; every α's held-out loss is the
+    plain selection's mlp_objective on the held-out moments."""
+    g = gen(27)
+    d, d_int, r = 8, 40, 28
+    h, Wd = swiglu(3000, d, d_int, g, dup_frac=0.0, x_dim=64)
+    H_fit, H_val = moment(h[:1500]), moment(h[1500:])
+    h2 = torch.diagonal(H_fit)
+    torch.testing.assert_close(mlp.shrink_energies(h2, 0.0), h2)
+    torch.testing.assert_close(mlp.shrink_energies(h2, 1.0), torch.full_like(h2, float(h2.mean())))
+    alphas = (0.0, 0.3, 1.0)
+    losses = mlp.mlp_selection_losses(h2, H_val, Wd, r, alphas)
+    for a, loss in zip(alphas, losses):
+        keep = mlp.select_neurons(mlp.mlp_scores("a3", mlp.shrink_energies(h2, a), None, None, Wd), r)
+        assert loss == pytest.approx(mlp.mlp_objective(H_val, Wd, keep, Wd[:, keep]), rel=1e-12)
+    keep1 = mlp.select_neurons(mlp.mlp_scores("a3", mlp.shrink_energies(h2, 1.0), None, None, Wd), r)
+    assert torch.equal(keep1, mlp.select_neurons(Wd.square().sum(0), r))
+    with pytest.raises(ValueError):
+        mlp.shrink_energies(h2, 1.5)

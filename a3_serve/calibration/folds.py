@@ -1,4 +1,4 @@
-"""Held-out folds of the calibration windows: the data every fitted choice is scored on (docs/METHOD.md §6).
+"""Held-out folds of the calibration windows: the data every fitted choice is scored on (docs/METHOD.md §1.5).
 
 Two solvers CHOOSE a setting from data besides fitting their closed forms: the down_proj refit ridge
 (:func:`a3_serve.solvers.mlp.mlp_choose_ridge`, §4.6) and the OV moment shrinkage β

@@ -182,7 +182,14 @@ def solve_mlp(w: dict, st: LayerStats, r_int: int, method: str) -> tuple[dict, d
     if refit and st.H is None:
         raise ValueError(f"MLP method {method!r} needs E[h hᵀ]: collect stats with Methods.stats_request()")
     score_method = "a3" if method in REFIT_METHODS else method
-    scores = mlp_solver.mlp_scores(score_method, st.h2, w["gate_w"], w["up_w"], w["down_w"])
+    h2 = st.h2
+    if method == "a3-refit-shrunk" and refit and st.folds:  # energies shrunk toward weight-only, α by cross-validation
+        losses = [torch.tensor(mlp_solver.mlp_selection_losses(fit.h2, val.H, w["down_w"], r_int))
+                  for fit, val in st.held_out_pairs()]
+        alpha = mlp_solver.DEFAULT_SCORE_SHRINKAGES[int(crossval.choose_setting(losses))]
+        h2 = mlp_solver.shrink_energies(st.h2, alpha)
+        report["score_shrinkage"] = alpha
+    scores = mlp_solver.mlp_scores(score_method, h2, w["gate_w"], w["up_w"], w["down_w"])
     if method == "greedy-refit" and refit:
         keep = mlp_solver.mlp_greedy_select(st.H, w["down_w"], r_int, DEFAULT_RIDGE)
     else:

@@ -29,7 +29,7 @@ OV_METHODS = {
     "a3-avg": "closed form whitened by the group-averaged attention-weighted moment mean_i E[o_i o_iᵀ] (GQA; MHA: = "
               "a3)",
     "a3-shrink": "a3-avg's moment shrunk toward E[v vᵀ], (1-β)·G_o + β·(tr G_o/tr G_v)·G_v, β per value head chosen "
-                 "on held-out calibration batches (METHOD.md §3.5-§3.6)",
+                 "on held-out calibration folds, e.g. leave-one-domain-out (METHOD.md §1.5, §3.5-§3.6)",
     "svd": "plain SVD of W_v W_o without whitening (CLOVER-like baseline)",
     "wanda": "keep value dims by E[v_c²]·‖W_o[c]‖² (selection baseline)",
     "weight-norm": "keep value dims by ‖W_v[c]‖²·‖W_o[c]‖² (selection baseline, no data)",
@@ -38,7 +38,9 @@ MLP_METHODS = {
     "a3": "the paper's score E[h_i²]·‖W_down[:, i]‖² ('rxx-w')",
     "rxx": "activation energy E[h_i²] only ('rxx')",
     "a3-refit": "the paper's selection, then a least-squares refit of down_proj on the kept neurons (ridge chosen on "
-                "held-out calibration folds, e.g. leave-one-domain-out; METHOD.md §4.4, §4.6, §6)",
+                "held-out calibration folds, e.g. leave-one-domain-out; METHOD.md §1.5, §4.4, §4.6)",
+    "a3-refit-shrunk": "a3-refit, with the activation energies of the paper's score shrunk toward weight-only ones "
+                       "by a share chosen on held-out calibration folds (METHOD.md §4.8)",
     "greedy-refit": "greedy selection on the refit objective (backward elimination), then the refit",
     "wanda": "structured Wanda: sqrt(E[h_i²])·‖W_down[:, i]‖₁",
     "weight-norm": "‖W_gate[i]‖² + ‖W_up[i]‖² + ‖W_down[:, i]‖² (no data)",
@@ -46,7 +48,7 @@ MLP_METHODS = {
 
 
 #: MLP methods that refit down_proj on the kept neurons (they need E[h hᵀ] and a held-out fold)
-REFIT_METHODS = ("a3-refit", "greedy-refit")
+REFIT_METHODS = ("a3-refit", "a3-refit-shrunk", "greedy-refit")
 #: fallbacks when the calibration set is too small for held-out folds (a3_serve.calibration.folds)
 DEFAULT_SHRINKAGE = 0.3
 DEFAULT_RIDGE = 1e-2
@@ -89,6 +91,9 @@ RECIPES: dict[str, tuple[Methods, str]] = {
     "best": (Methods("energy", "a3-shrink", "a3-refit", "loss"),
              "exact RoPE pair energy, shrunk group-averaged OV moment, MLP least-squares refit where it helps on "
              "held-out calibration batches, and loss-aware per-layer head sizes and MLP widths"),
+    "best+score-shrink": (Methods("energy", "a3-shrink", "a3-refit-shrunk", "loss"),
+                          "best, with the MLP selection's activation energies shrunk toward weight-only ones (share "
+                          "chosen on held-out folds)"),
     "best-uniform": (Methods("energy", "a3-shrink", "a3-refit"),
                      "best's solvers with the paper's uniform dims (one head size and MLP width for every layer)"),
     "paper+alloc": (Methods("a3", "a3", "a3", "loss"),

@@ -1,4 +1,4 @@
-"""Choosing a setting by cross-validation over held-out folds (docs/METHOD.md §6).
+"""Choosing a setting by cross-validation over held-out folds (docs/METHOD.md §1.5).
 
 A solver with a data-fitted setting ``s`` (the refit ridge, the OV shrinkage β) is fitted on all folds but ``g`` and
 scored on fold ``g``, for every fold: ``L[g][s, ...]`` (one loss per setting, and per independent unit such as a value

@@ -27,10 +27,14 @@ __all__ = [
     "mlp_greedy_select",
     "mlp_ridge_losses",
     "mlp_choose_ridge",
+    "shrink_energies",
+    "mlp_selection_losses",
 ]
 
 MLP_SCORE_METHODS = ("a3", "rxx", "wanda", "weight-norm")
 DEFAULT_RIDGES = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 0.3, 1.0, 3.0, float("inf"))  # inf: plain selection
+#: shrinkage α of the activation energies toward their mean (:func:`shrink_energies`; 1: weights only)
+DEFAULT_SCORE_SHRINKAGES = (0.0, 0.1, 0.3, 0.5, 1.0)
 # Relative damping added even at ridge == 0, so that (H_SS + δI) stays invertible for dead/duplicate neurons.
 _MIN_RIDGE = 1e-12
 
@@ -399,3 +403,46 @@ def mlp_choose_ridge(
     if ridges[best] == float("inf"):
         return as_f64(Wd)[:, keep.to(as_f64(Wd).device)].clone(), ridges[best], losses
     return mlp_refit(H_fit, keep, Wd, ridges[best]), ridges[best], losses
+
+
+def shrink_energies(h2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The activation energies shrunk toward data-free ones (docs/METHOD.md §4.8): ``(1 − α)·E[h_i²] + α·mean_j
+    E[h_j²]``. With the paper's score ``E[h_i²]·‖W_down[:, i]‖²``, α = 0 is the paper's selection and α = 1 ranks the
+    neurons by ``‖W_down[:, i]‖²`` alone (isotropic inputs: what the weights say without data).
+
+    Shapes: ``h2`` [d_int]; ``0 <= alpha <= 1``. Returns float64 [d_int]."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the energy shrinkage must be in [0, 1], got {alpha}")
+    h2 = as_f64(h2)
+    return (1.0 - alpha) * h2 + alpha * h2.mean()
+
+
+def mlp_selection_losses(
+    h2_fit: torch.Tensor,
+    H_val: torch.Tensor,
+    Wd: torch.Tensor,
+    r: int,
+    alphas: tuple[float, ...] | list[float] = DEFAULT_SCORE_SHRINKAGES,
+) -> list[float]:
+    """Held-out error of the paper's selection at every energy shrinkage α (docs/METHOD.md §4.8).
+
+    Objective: ``S_α = select_neurons(mlp_scores("a3", shrink_energies(h2_fit, α), ..., Wd), r)`` from the fit data,
+    scored by the plain selection's error on held-out moments ``V``:
+    ``L_α = mlp_objective(V, Wd, S_α, Wd[:, S_α]) = tr(Wd_D V_DD Wd_Dᵀ)`` (``D`` the dropped neurons).
+
+    Shapes: ``h2_fit`` [d_int]; ``H_val`` [d_int, d_int]; ``Wd`` [d, d_int]; ``1 <= r <= d_int``. Returns one float per
+    α."""
+    V = _check_H(H_val)
+    d_int, dev = V.shape[0], V.device
+    Wd = _check_Wd(Wd, d_int, dev)
+    norms = Wd.square().sum(0)
+    out = []
+    for alpha in alphas:
+        keep = select_neurons(shrink_energies(as_f64(h2_fit).to(dev), alpha) * norms, r)
+        mask = torch.ones(d_int, dtype=torch.bool, device=dev)
+        mask[keep] = False
+        drop = mask.nonzero().squeeze(1)
+        Wd_D = Wd[:, drop]
+        out.append(float(((Wd_D @ V[drop][:, drop]) * Wd_D).sum()))
+    return out
