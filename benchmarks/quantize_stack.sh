@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 W=${WORK:-/tmp/a3-quant-stack}
 OUT=${OUT_DIR:-benchmarks/results/quantize-stack}
 NS=${NSAMPLES:-32}      # export calibration: NS x 512 tokens of the default mix
-QNS=${QNSAMPLES:-64}    # quantizer calibration: QNS x 512 tokens of the default mix
+QNS=${QNSAMPLES:-16}    # quantizer calibration: QNS x 512 tokens of the default mix (64: 15+ min per GPTQ run here)
 CRS=${CRS:-"0.1 0.2"}
 STEP=${STEP:-all}
 D=$(a3-demo-model)

@@ -365,7 +365,6 @@ def mix_documents(split: str) -> tuple[str, ...]:
     return tuple(doc for _, doc in _mix_interleave(split))
 
 
-@lru_cache(maxsize=2)
 def _mix_interleave(split: str) -> tuple[tuple[str, str], ...]:
     """``(part name, document)`` of every ``mix`` document, in :func:`mix_documents` order."""
     parts = [builtin_documents(name, split) for name in MIX_PARTS]
