@@ -50,7 +50,7 @@ log = logging.getLogger("a3_serve.calibration")
 
 #: folds of the ``documents`` and ``positions`` rules
 N_FOLDS = 3
-#: a fold needs at least this many windows to be scored on its own
+#: a fold needs at least this many windows' worth of tokens to be scored on its own
 MIN_FOLD_WINDOWS = 2
 RULES = ("domains", "documents", "positions", "none")
 
