@@ -38,13 +38,6 @@ def is_quantized(config: dict[str, Any]) -> bool:
     return bool(q) or (isinstance(a3, dict) and bool(a3.get("quantization")))
 
 
-def describe_quantization(config: dict[str, Any]) -> str:
-    q = config.get("quantization_config") or {}
-    method = q.get("quant_method") or "unknown method"
-    fmt = q.get("format")
-    return f"{method}{', ' + fmt if fmt else ''}"
-
-
 def is_quantize_output(folder: Path) -> bool:
     """A folder written by a3-quantize (its ``a3_quantize.json``), or by a3-export."""
     return (Path(folder) / REPORT_NAME).is_file() or is_a3_output(Path(folder))

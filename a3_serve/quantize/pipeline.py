@@ -25,6 +25,7 @@ import a3_serve
 from a3_serve.errors import InputError
 from a3_serve.folders import FolderLock, check_destination, folder_abandoned, swap_into_place
 from a3_serve.progress import progress_bar
+from a3_serve.provenance import describe_quantization, quantization_info
 from a3_serve.runtime import check_context_length, default_cache_root, read_config, resolve_model
 
 from . import checkpoint, driver, rules
@@ -85,8 +86,9 @@ def check_options(opts: QuantizeOptions) -> tuple[Scheme, Optional[int], str]:
 def check_source(path: Path, cfg: dict[str, Any]) -> str:
     """The model type, after refusing what a3-quantize cannot take."""
     if checkpoint.is_quantized(cfg):
-        raise InputError(f"{str(path)!r} is already quantized ({checkpoint.describe_quantization(cfg)}); quantize the "
-                         "unquantized checkpoint it came from instead")
+        info = quantization_info(path) or {}
+        raise InputError(f"{str(path)!r} is already quantized ({info.get('method')}: {describe_quantization(info)}); "
+                         "quantize the unquantized checkpoint it came from instead")
     mtype = cfg.get("model_type")
     if mtype not in DENSE_TYPES + (A3_TYPE,):
         raise InputError(f"{str(path)!r} has model_type {mtype!r}; a3-quantize takes A3 exports (a3_llama) and the "
