@@ -77,6 +77,7 @@ def test_one_pass_allocation_equals_two_passes(random_models, tmp_path, monkeypa
     src = random_models["llama3-gqa"]
     rep = _export(src, tmp_path / "one-pass")
     monkeypatch.setattr(passes, "CACHED_STATS_MAX_BYTES", 0)
+    monkeypatch.setattr(passes, "DISK_STATS_SHARE", 0.0)
     _export(src, tmp_path / "two-pass")
     _export(src, tmp_path / "two-pass-memory", stream=False)
     assert rep["summary"]["layer_dims"] is not None
@@ -254,3 +255,24 @@ def test_workdir_lock_and_no_resume(tmp_path):
     other.release()
     WorkDir(out, "k2")  # k1's export is gone now: its folder is discarded
     assert not fresh.path.exists()
+
+
+def test_one_pass_statistics_go_to_disk_when_memory_is_too_small():
+    """At a 0.5B shape (MLP 4,864, three held-out folds: 14 GB of statistics) the streamed export keeps every layer's
+    statistics on disk when the disk has room, instead of a second forward pass; in memory it takes two passes."""
+    from a3_serve.export.architectures import inspect_architecture
+    from a3_serve.export.methods import RECIPES
+    from a3_serve.export.passes import CACHED_STATS_MAX_BYTES, cached_stats_bytes, plan_passes
+
+    cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+           "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False,
+           "hidden_act": "silu"}
+    arch = inspect_architecture(cfg)
+    best = RECIPES["best"][0]
+    need = cached_stats_bytes(arch, best.stats_request(), 3)
+    assert 13e9 < need < 15e9 and need > CACHED_STATS_MAX_BYTES
+    assert plan_passes(best, False, arch, 3, "original", True, disk_free=4 * need).count == 1
+    assert plan_passes(best, False, arch, 3, "original", True, disk_free=need).count == 2  # only half may be used
+    assert plan_passes(best, False, arch, 3, "original", False, disk_free=4 * need).count == 2  # in memory
+    assert plan_passes(best, False, arch, 3, "propagated", True, disk_free=4 * need).count == 2

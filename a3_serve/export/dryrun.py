@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from a3_serve.calibration.folds import folds_line
+from a3_serve.export.passes import cached_stats_bytes
 from a3_serve.folders import fmt_bytes
 from a3_serve.runtime import dtype_name
 from a3_serve.solvers.mlp import DEFAULT_RIDGES
@@ -82,7 +83,9 @@ def dry_run_report(job) -> dict[str, Any]:
     F = 2.0 * N * lin_before + 4.0 * N * T * hq * dh * L / 2
     passes = (1 + STATS_OVERHEAD) * job.passes.count + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
     flops = F * passes
-    n_folds = job.folds.n_folds if req.heldout and job.folds is not None else 1  # one ridge search per fold
+    # a one-pass streamed export writes every layer's full statistics into its working folder
+    kept = cached_stats_bytes(arch, req, n_folds_of(job)) if job.passes.one_pass else 0
+    n_folds = n_folds_of(job)  # one ridge search per fold
     if req.mlp_moment:
         flops += L * (2.0 * N * dint**2 + ((n_folds if n_folds >= 2 else 0) * len(DEFAULT_RIDGES) + 1) * dint**3 / 3)
     speed = probe_flops(device, dtype)
@@ -115,6 +118,7 @@ def dry_run_report(job) -> dict[str, Any]:
         "size_rules": job.serving.record() if job.serving else None,
         "device": str(device), "compute_dtype": dtype_name(dtype),
         "estimate": {"flops": flops, "probe_flops_per_s": speed, "seconds": est_s, "calibration_passes": passes,
+                     "statistics_on_disk_bytes": kept,
                      "streamed_peak_memory_bytes": mem_stream},
     }
     rep["lines"] = [
@@ -130,10 +134,17 @@ def dry_run_report(job) -> dict[str, Any]:
         *([f"  sizes       for {job.serving.describe()}: head sizes multiples of {opts.head_multiple}, MLP widths "
             f"multiples of {opts.mlp_multiple} (the planned sizes pass every rule)"] if job.serving else []),
         f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
-        f"{passes:.1f} forward-pass equivalents",
+        f"{passes:.1f} forward-pass equivalents"
+        + (f"; one pass keeps every layer's statistics on disk ({fmt_bytes(kept)})" if kept else ""),
         *([f"  held-out    folds for the fitted choices: {folds_line(job.calibration['heldout_folds'])}"]
           if job.calibration.get("heldout_folds") else []),
         f"  estimate    {_fmt_s(est_s)} on {device} in {dtype_name(dtype)} ({flops / 1e12:.2f} TFLOP at a probed "
         f"{speed / 1e9:.0f} GFLOP/s); streamed peak memory about {fmt_bytes(mem_stream)}",
     ]
     return rep
+
+
+def n_folds_of(job) -> int:
+    """The held-out folds the job's statistics are kept in (1 without)."""
+    heldout = job.passes.solve_request.heldout and job.folds is not None
+    return job.folds.n_folds if heldout and job.folds.n_folds >= 2 else 1

@@ -195,9 +195,21 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
                  folds_line(calibration["heldout_folds"]))
     # the dry run estimates the streamed export's passes, whatever the source format
     passes = plan_passes(opts.methods, opts.layer_dims is not None, arch, folds.n_folds if folds else 1, opts.stats,
-                         streamed or opts.dry_run)
+                         streamed or opts.dry_run, disk_free=_free_bytes(Path(opts.out)))
     return ExportJob(opts=opts, source=source, src_cfg=src_cfg, arch=arch, plan=plan, tokens=tokens,
                      tokenizer=tokenizer, calibration=calibration, device=device, dtype=dtype,
                      save_dtype=resolve_save_dtype(opts, src_cfg), streamed=streamed, passes=passes, t_start=t_start,
                      serving=serving, folds=folds)
 
+
+def _free_bytes(out: Path) -> int | None:
+    """Free bytes on the disk that will hold ``out`` (and the streamed export's working folder beside it)."""
+    import shutil
+
+    for p in [out, *out.resolve().parents]:
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None

@@ -9,9 +9,12 @@ decides how many (as llm-compressor infers its pipeline from what its modifiers 
   keeps them, compactly, until the plan is known: *one pass*), or from a **solve pass** of their own.
 
 One pass is possible with original-model statistics (propagated ones depend on the plan) when every layer's
-statistics fit :data:`CACHED_STATS_MAX_BYTES`; above it (the MLP refit's ``d_int x d_int`` moments of a 7B model:
-62 GB) the allocation pass gathers only the light moments its curves need and the solve pass recomputes the rest
-one layer at a time.
+statistics fit where they are kept: the in-memory export holds them in memory, up to :data:`CACHED_STATS_MAX_BYTES`;
+the streamed export writes one file per layer into its working folder, up to :data:`DISK_STATS_SHARE` of the free
+space on that disk (at least :data:`CACHED_STATS_MAX_BYTES`). The MLP refit's ``d_int x d_int`` moments, one set per
+held-out fold, make them large (a 0.5B model with a 4,864-wide MLP and three folds: 14 GB; Llama-2-7B's shape: 93
+GB). Above the limit the allocation pass gathers only the light moments its curves need and the solve pass
+recomputes the rest one layer at a time (one more forward pass).
 
 How a pass runs: the streamed export always goes layer by layer (:mod:`a3_serve.calibration.sequential`); the
 in-memory export runs the whole model at once (:func:`a3_serve.calibration.stats.collect_stats`) when the
@@ -27,8 +30,10 @@ from a3_serve.calibration.stats import StatsRequest, stats_nbytes
 from a3_serve.export.architectures import SourceArch
 from a3_serve.export.methods import Methods
 
-#: every layer's statistics are kept for the solve when they take at most this many bytes (module docstring)
+#: every layer's statistics are kept in memory for the solve when they take at most this many bytes (module docstring)
 CACHED_STATS_MAX_BYTES = 4 * 2**30
+#: the streamed export keeps them on disk when they take at most this share of the free space there
+DISK_STATS_SHARE = 0.5
 
 
 def cached_stats_bytes(arch: SourceArch, request: StatsRequest, n_folds: int) -> int:
@@ -65,13 +70,22 @@ class CalibrationPasses:
         return (self.first_request is not None) + (not self.solve_from_first)
 
 
+def stats_limit(streamed: bool, disk_free: int | None) -> int:
+    """Bytes of statistics one pass may keep (module docstring): in memory, or on a disk with ``disk_free`` bytes."""
+    if streamed and disk_free is not None:
+        return max(CACHED_STATS_MAX_BYTES, int(DISK_STATS_SHARE * disk_free)) if DISK_STATS_SHARE > 0 else \
+            CACHED_STATS_MAX_BYTES
+    return CACHED_STATS_MAX_BYTES
+
+
 def plan_passes(methods: Methods, explicit_dims: bool, arch: SourceArch, n_folds: int, stats_mode: str,
-                streamed: bool) -> CalibrationPasses:
-    """The passes for these methods (``explicit_dims``: per-layer dims given, no allocation)."""
+                streamed: bool, disk_free: int | None = None) -> CalibrationPasses:
+    """The passes for these methods (``explicit_dims``: per-layer dims given, no allocation; ``disk_free``: free bytes
+    where the streamed export's working folder lives)."""
     allocate = methods.allocation == "loss" and not explicit_dims
     full = methods.stats_request()
     light = StatsRequest(rope_energy=full.rope_energy)  # what the allocation's curves read
-    fits = stats_mode == "original" and cached_stats_bytes(arch, full, n_folds) <= CACHED_STATS_MAX_BYTES
+    fits = stats_mode == "original" and cached_stats_bytes(arch, full, n_folds) <= stats_limit(streamed, disk_free)
     if streamed:
         keep = allocate and fits
         first = (full if keep else light) if allocate else None
