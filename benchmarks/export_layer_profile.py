@@ -41,7 +41,7 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from a3_serve.calibration.folds import single_fold, window_folds
+    from a3_serve.calibration.folds import heldout_folds, single_fold
     from a3_serve.calibration.sequential import capture_first_layer_inputs, layer_output
     from a3_serve.calibration.sources import calibration_windows
     from a3_serve.calibration.stats import StatsCollector, rope_inv_freq
@@ -64,9 +64,9 @@ def main() -> int:
     full = methods.stats_request()
     light = replace(full, mlp_moment=False)
     inv_freq = rope_inv_freq(model) if full.rope_energy else None
-    folds = (window_folds(tok, args.calib, None, args.nsamples, args.seqlen, 0) if full.heldout
-             else single_fold(args.nsamples, args.seqlen))
-    batches, token_folds = folds.batches(tokens, args.batch_size)
+    folds = (heldout_folds("batches", tok, args.calib, None, args.nsamples, args.seqlen, 0, args.batch_size)
+             if full.heldout else single_fold(args.nsamples, args.seqlen))
+    batches, heldout = folds.batches(tokens, args.batch_size)
     keys = ("forward", "stats_light", "stats_full", "solve_qk", "solve_ov", "solve_mlp")
     total = dict.fromkeys(keys, 0.0)
     rows = []
@@ -74,7 +74,7 @@ def main() -> int:
     def run(layer, hidden, kwargs, request):
         t0 = time.perf_counter()
         route = StatsCollector(1, arch.num_heads, arch.num_kv_heads, arch.head_dim, request,
-                               token_folds) if request else None
+                               heldout) if request else None
         handles = route.attach(layer, 0, inv_freq) if route is not None else []
         out = []
         try:

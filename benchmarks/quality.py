@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import a3_serve
-from a3_serve.calibration.folds import single_fold, window_folds
+from a3_serve.calibration.folds import HELDOUT_RULES, heldout_folds, single_fold
 from a3_serve.calibration.sources import (
     MIX_PARTS,
     calibration_windows,
@@ -85,6 +85,8 @@ def main() -> int:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--head-multiple", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--heldout-folds", default="batches", choices=list(HELDOUT_RULES),
+                   help="what the fitted choices are scored on, as a3-export --heldout-folds (default: batches)")
     p.add_argument("--out-dir", default="benchmarks/results/quality")
     p.add_argument("--leave-one-out", action="store_true",
                    help="transfer: one calibration per domain of --calib (mix: wiki, austen, pydoc) without it, "
@@ -168,12 +170,13 @@ class Grid:
         tokens = calibration_windows(self.tok, calib, None, args.nsamples, args.seqlen, args.seed,
                                      model_dir=Path(args.model))
         request = union_request([RECIPES[r.split("@")[0]][1] for r in recipes])
-        folds = (window_folds(self.tok, calib, None, args.nsamples, args.seqlen, args.seed) if request.heldout
+        folds = (heldout_folds(args.heldout_folds, self.tok, calib, None, args.nsamples, args.seqlen, args.seed,
+                               args.batch_size) if request.heldout
                  else single_fold(args.nsamples, args.seqlen))  # as a3-export draws them
-        batches, token_folds = folds.batches(tokens, args.batch_size)
+        batches, heldout = folds.batches(tokens, args.batch_size)
         t0 = time.perf_counter()
         stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, request=request,
-                              token_folds=token_folds)
+                              heldout=heldout)
         t_stats = time.perf_counter() - t0
         print(f"statistics over {tokens.numel():,} calibration tokens: {t_stats:.1f} s", flush=True)
         result: dict = {}
@@ -210,7 +213,7 @@ class Grid:
         # recipe-major: the first recipes are complete early; (0, 0) and (0, default) would be the dense model
         grid = [(cr, kv, r) for r in recipes for cr in crs for kv in self.kv_crs if cr > 0 or (kv or 0) > 0]
         for cr, kv_target, recipe in progress_bar(grid, desc="grid", unit="model", force=True):
-            row = self.one(stats, batches, token_folds, cr, kv_target, recipe)
+            row = self.one(stats, batches, heldout, cr, kv_target, recipe)
             if row is None:
                 continue
             rows.append(row)
@@ -219,7 +222,7 @@ class Grid:
         save(rows)
         return result
 
-    def one(self, stats, batches, token_folds, cr: float, kv_target, recipe: str):
+    def one(self, stats, batches, heldout, cr: float, kv_target, recipe: str):
         """Solve, build and evaluate one model; None when its budget cannot be met (said so)."""
         args, arch, model = self.args, self.arch, self.model
         base, _, stats_mode = recipe.partition("@")
@@ -238,7 +241,7 @@ class Grid:
         dims = plan.dim_lists(arch.num_layers)
         if stats_mode:  # layer-by-layer calibration through the already-compressed layers (costs a forward pass)
             state, _ = compress_model(model, None, arch, *dims, methods, batches=batches,
-                                      stats_mode=stats_mode, a3_config=cfg, token_folds=token_folds)
+                                      stats_mode=stats_mode, a3_config=cfg, heldout=heldout)
         else:
             state, _ = compress_model(model, stats, arch, *dims, methods)
         solve_s = time.perf_counter() - t0

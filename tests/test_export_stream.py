@@ -87,13 +87,13 @@ def test_one_pass_allocation_equals_two_passes(random_models, tmp_path, monkeypa
 
 def test_compact_stats_round_trip_bit_for_bit():
     """What the one-pass export stores per layer rebuilds the same statistics, with and without held-out folds."""
-    from a3_serve.calibration.stats import CompactStatsList, StatsCollector, StatsRequest, stats_nbytes
+    from a3_serve.calibration.stats import CompactStatsList, HeldOut, StatsCollector, StatsRequest, stats_nbytes
 
     torch.manual_seed(0)
     token_folds = [torch.tensor([[0, 0, 1, 1, 2], [2, 2, 0, 1, 1]])] * 4  # batches of 2 sequences x 5 tokens
     for heldout in (False, True):
         req = StatsRequest(mlp_moment=True, heldout=heldout, rope_energy=False)
-        route = StatsCollector(1, 4, 2, 8, req, token_folds)
+        route = StatsCollector(1, 4, 2, 8, req, HeldOut(token_folds, cross_validate=not heldout))
         for b in range(4):
             route.start_batch(b)
             acc = route(0)
@@ -115,6 +115,7 @@ def test_compact_stats_round_trip_bit_for_bit():
                 assert torch.equal(getattr(obj_a, k), getattr(obj_b, k)), k
         assert torch.equal(st.E_rope, back.E_rope) and st.n_tokens == 40
         assert (back.folds is None) == (not heldout)
+        assert back.cross_validate == (not heldout)  # the flag survives the round trip
         assert [f.n_tokens for f in back.folds or []] == ([12, 16, 12] if heldout else [])
         n_sets = 3 if heldout else 1
         stored = sum(t.numel() * t.element_size() for m in (kept.items[0].get("folds") or [kept.items[0].get("all")])

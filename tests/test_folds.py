@@ -38,9 +38,9 @@ def test_domains_of_a_combined_source_are_the_folds(tok, tmp_path):
     mixed = [i for i in range(44) if len(torch.unique(folds.fold[i])) == 2]
     assert mixed, "no window spans both files: the test does not exercise per-token folds"
     assert sum(folds.sizes().values()) == 44 * 64
-    batches, fold_maps = folds.batches(tokens, 5)
+    batches, heldout = folds.batches(tokens, 5)
     assert [bt.shape[0] for bt in batches] == [5] * 8 + [4] and torch.equal(torch.cat(batches), tokens)
-    assert torch.equal(torch.cat(fold_maps), folds.fold)
+    assert heldout.cross_validate and torch.equal(torch.cat(heldout.token_folds), folds.fold)
 
 
 def test_one_domain_folds_by_document_then_by_position(tok, tmp_path):
@@ -59,8 +59,8 @@ def test_too_little_text_per_fold_means_one_fold(tok, tmp_path):
     f = F.window_folds(tok, f"{a}+{b}", None, 2, 32, seed=0)  # one window per domain: below MIN_FOLD_WINDOWS
     assert f.rule == "none" and f.n_folds == 1 and f.names == ("all",)
     tokens = calibration_windows(tok, f"{a}+{b}", None, 2, 32, seed=0)
-    batches, fold_maps = f.batches(tokens, 4)
-    assert fold_maps == [] and torch.equal(batches[0], tokens)
+    batches, heldout = f.batches(tokens, 4)
+    assert heldout is None and torch.equal(batches[0], tokens)
 
 
 def test_builtin_mix_folds_are_its_three_domains(tok):
@@ -85,3 +85,18 @@ def test_relative_fold_losses_and_choice():
         relative_fold_losses([torch.tensor([1.0, -1.0])])
     with pytest.raises(ValueError):
         relative_fold_losses([torch.ones(3), torch.ones(2)])
+
+
+def test_default_rule_holds_out_every_8th_batch():
+    """The default ``batches`` rule: the windows of batches 7, 15, ... are the one held-out set (no cross-validation);
+    fewer than 8 batches: none."""
+    f = F.heldout_folds("batches", None, "mix", None, 64, 16, 0, batch_size=4)
+    assert f.rule == "batches" and not f.cross_validate and f.names == ("fit", "held-out")
+    held_rows = [i for i in range(64) if bool(f.fold[i].eq(1).all())]
+    assert held_rows == [28, 29, 30, 31, 60, 61, 62, 63]
+    assert bool((f.fold[[i for i in range(64) if i not in held_rows]] == 0).all())
+    _, heldout = f.batches(torch.zeros(64, 16, dtype=torch.long), 4)
+    assert heldout is not None and not heldout.cross_validate and len(heldout.token_folds) == 16
+    assert F.heldout_folds("batches", None, "mix", None, 28, 16, 0, batch_size=4).rule == "none"  # 7 batches
+    with pytest.raises(ValueError, match="unknown held-out rule"):
+        F.heldout_folds("random", None, "mix", None, 64, 16, 0, batch_size=4)

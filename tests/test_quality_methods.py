@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import a3_serve  # noqa: F401
 from a3_serve.calibration.sequential import capture_first_layer_inputs, sequential_calibrate
-from a3_serve.calibration.stats import StatsRequest, collect_stats
+from a3_serve.calibration.stats import HeldOut, StatsRequest, collect_stats
 from a3_serve.export.architectures import inspect_architecture
 from a3_serve.export.compress_layer import compressed_layer
 from a3_serve.export.inmemory import compress_model
@@ -95,9 +95,10 @@ def test_heldout_folds_partition_the_tokens(random_models):
     req = StatsRequest(mlp_moment=True, heldout=True, rope_energy=True)
     plain = collect_stats(*args, request=StatsRequest(mlp_moment=True, rope_energy=True))
     whole = [torch.full((B, T), f) for f in (0, 0, 1, 2, 1, 2)]
-    folded = collect_stats(*args, request=req, token_folds=whole)
-    one_fold = collect_stats(*args, request=req, token_folds=[torch.zeros(B, T, dtype=torch.long)] * 6)
-    unasked = collect_stats(*args, request=StatsRequest(mlp_moment=True), token_folds=whole)
+    folded = collect_stats(*args, request=req, heldout=HeldOut(whole))
+    one_fold = collect_stats(*args, request=req, heldout=HeldOut([torch.zeros(B, T, dtype=torch.long)] * 6))
+    unasked = collect_stats(*args, request=StatsRequest(mlp_moment=True), heldout=HeldOut(whole))
+    last_only = collect_stats(*args, request=req, heldout=HeldOut(whole, cross_validate=False))
     per_fold = [collect_stats(model, [b for b, f in zip(batches, (0, 0, 1, 2, 1, 2)) if f == k], *args[2:],
                               request=StatsRequest(mlp_moment=True)) for k in range(3)]
     rest_of_1 = collect_stats(model, [b for b, f in zip(batches, (0, 0, 1, 2, 1, 2)) if f != 1], *args[2:],
@@ -105,7 +106,7 @@ def test_heldout_folds_partition_the_tokens(random_models):
     # the last token of every sequence in fold 1, the rest in fold 0: fold 1 = exactly those tokens' rows
     last = torch.zeros(B, T, dtype=torch.long)
     last[:, -1] = 1
-    scattered = collect_stats(*args, request=req, token_folds=[last] * 6)
+    scattered = collect_stats(*args, request=req, heldout=HeldOut([last] * 6))
     last_h = [[] for _ in model.model.layers]  # the down_proj inputs of the last tokens, per layer
     handles = [layer.mlp.down_proj.register_forward_pre_hook(
         lambda _m, a, i=i: last_h[i].append(a[0][:, -1].to(torch.float64)))
@@ -120,6 +121,8 @@ def test_heldout_folds_partition_the_tokens(random_models):
         assert f.n_tokens == p.n_tokens and [s.n_tokens for s in f.folds] == [2 * B * T] * 3
         pairs = list(f.held_out_pairs())
         assert len(pairs) == 3 and pairs[1][1] is f.folds[1] and pairs[1][0].n_tokens == 4 * B * T
+        only = list(last_only[i].held_out_pairs())  # without cross-validation: the last fold, fitted on the others
+        assert len(only) == 1 and only[0][1] is last_only[i].folds[2] and only[0][0].n_tokens == 4 * B * T
         for name in ("Gq", "Go", "Gv", "h2", "H", "E_rope", "E_rope_c"):
             torch.testing.assert_close(getattr(f, name), getattr(p, name), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(getattr(scattered[i], name), getattr(p, name), rtol=1e-10, atol=1e-12)
@@ -223,7 +226,7 @@ def test_refit_lowers_the_real_mlp_output_error(demo_model):
     ids = sample_calibration(tok, load_texts("wiki"), 80, 256, 0)
     fit = collect_stats(model, list(ids[:64].split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim,
                         request=StatsRequest(mlp_moment=True, heldout=True),
-                        token_folds=[torch.full((4, 256), b % 3) for b in range(16)])
+                        heldout=HeldOut([torch.full((4, 256), b % 3) for b in range(16)]))
     test = collect_stats(model, list(ids[64:].split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim,
                          request=StatsRequest(mlp_moment=True))
     for i in (1, 3):

@@ -8,22 +8,28 @@ held-out data differs from the fitted data as much as the calibration set allows
 (cross-validation, :func:`a3_serve.solvers.crossval.choose_setting`): a setting is fitted on all folds but one and
 scored on that one.
 
-Folds are assigned per TOKEN: a token's activations (its rows of every moment) go to the fold of the text it
-belongs to, so a window that spans two domains (the built-in ``mix`` interleaves short encyclopedia and manual
-sections between long novel chapters) still never lets one domain into another's fold. Fold rule (the first that
-applies):
+Two rules (``a3-export --heldout-folds``):
 
-1. ``domains``: the windows hold tokens of at least two domains (the parts of the built-in ``mix``, the parts of an
-   ``A+B`` spec, ``self`` next to other text; :func:`a3_serve.calibration.sources.document_domains`): one fold per
-   domain, i.e. leave-one-domain-out; a document's end-of-text token belongs to it;
-2. ``documents``: one domain, tokens of at least :data:`N_FOLDS` documents: document ``j`` (in source order)
-   belongs to fold ``j mod N_FOLDS``;
-3. ``positions``: otherwise (one long document, or ``self`` alone): :data:`N_FOLDS` equal bands of the token stream
-   (``self``: window ``i`` in fold ``i mod N_FOLDS``; every sampled sequence is its own text).
+* ``batches`` (the default): every :data:`HELDOUT_EVERY`-th calibration batch (``b mod 8 = 7``) is held out and
+  the rest is fitted: ONE held-out set drawn like the fitted data (no cross-validation); without
+  :data:`HELDOUT_EVERY` batches there is none and the solvers use their fixed defaults. Measured best
+  (docs/RESULTS.md, "Transfer to unseen domains").
+* ``domains``: leave-one-domain-out cross-validation. Folds are assigned per TOKEN: a token's activations (its rows
+  of every moment) go to the fold of the text it belongs to, so a window that spans two domains (the built-in
+  ``mix`` interleaves short encyclopedia and manual sections between long novel chapters) never lets one domain
+  into another's fold. The first sub-rule that applies:
 
-A fold with fewer than :data:`MIN_FOLD_WINDOWS` windows' worth of tokens joins the largest fold; with fewer than two
-folds left the rule is ``none`` and the solvers use their fixed defaults. Statistics that pair tokens of one sequence
-(the RoPE pair energies) are not split: they are used for selection, never for a fitted choice.
+  1. ``domains``: the windows hold tokens of at least two domains (the parts of the built-in ``mix``, the parts of
+     an ``A+B`` spec, ``self`` next to other text; :func:`a3_serve.calibration.sources.document_domains`): one fold
+     per domain; a document's end-of-text token belongs to it;
+  2. ``documents``: one domain, tokens of at least :data:`N_FOLDS` documents: document ``j`` (in source order)
+     belongs to fold ``j mod N_FOLDS``;
+  3. ``positions``: otherwise (one long document, or ``self`` alone): :data:`N_FOLDS` equal bands of the token
+     stream (``self``: window ``i`` in fold ``i mod N_FOLDS``; every sampled sequence is its own text).
+
+  A fold with fewer than :data:`MIN_FOLD_WINDOWS` windows' worth of tokens joins the largest fold; with fewer than
+  two folds left the rule is ``none``. Statistics that pair tokens of one sequence (the RoPE pair energies) are not
+  split: they are used for selection, never for a fitted choice.
 
 The windows themselves are exactly :func:`a3_serve.calibration.sources.calibration_windows`' (same positions, same
 order, same batches); only the fold of every token is added.
@@ -45,23 +51,30 @@ from a3_serve.calibration.sources import (
     uses_self,
     window_positions,
 )
+from a3_serve.calibration.stats import HeldOut
 
 log = logging.getLogger("a3_serve.calibration")
 
+#: the ``batches`` rule: every HELDOUT_EVERY-th calibration batch is held out
+HELDOUT_EVERY = 8
+#: how the held-out data is chosen (module docstring); the first is the default
+HELDOUT_RULES = ("batches", "domains")
 #: folds of the ``documents`` and ``positions`` rules
 N_FOLDS = 3
 #: a fold needs at least this many windows' worth of tokens to be scored on its own
 MIN_FOLD_WINDOWS = 2
-RULES = ("domains", "documents", "positions", "none")
+RULES = ("batches", "domains", "documents", "positions", "none")
 
 
 @dataclass(frozen=True)
 class WindowFolds:
-    """The fold of every calibration token: ``fold`` LongTensor [nsamples, seqlen], values ``0..len(names)-1``."""
+    """The fold of every calibration token: ``fold`` LongTensor [nsamples, seqlen], values ``0..len(names)-1``.
+    ``cross_validate``: every fold is held out in turn; otherwise only the last one (the ``batches`` rule)."""
 
     fold: torch.Tensor
     names: tuple[str, ...]
     rule: str
+    cross_validate: bool = True
 
     @property
     def n_folds(self) -> int:
@@ -72,21 +85,25 @@ class WindowFolds:
         return {name: int((self.fold == i).sum()) for i, name in enumerate(self.names)}
 
     def describe(self) -> dict:
-        """Provenance: ``{"rule": ..., "tokens": {fold name: tokens}}``."""
-        return {"rule": self.rule, "tokens": self.sizes()}
+        """Provenance: ``{"rule": ..., "tokens": {fold name: tokens}, "cross_validate": ...}``."""
+        return {"rule": self.rule, "tokens": self.sizes(), "cross_validate": self.cross_validate}
 
-    def batches(self, tokens: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``tokens`` [nsamples, T] in batches of ``batch_size`` windows (in order, as without folds) and the fold of
-        every token of each batch (``[B, T]``), or ``[]`` for the folds with a single fold."""
+    def batches(self, tokens: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], HeldOut | None]:
+        """``tokens`` [nsamples, T] in batches of ``batch_size`` windows (in order, as without folds) and their
+        held-out folds (the fold of every token of each batch, ``[B, T]``), or None with a single fold."""
         batches = list(tokens.split(batch_size))
-        return batches, (list(self.fold.split(batch_size)) if self.n_folds >= 2 else [])
+        if self.n_folds < 2:
+            return batches, None
+        return batches, HeldOut(list(self.fold.split(batch_size)), self.cross_validate)
 
 
 def folds_line(described: dict) -> str:
     """One line from :meth:`WindowFolds.describe`'s dict: ``domains: wiki 22,016 tokens, austen ...``."""
     if described["rule"] == "none":
-        return "none (too little text per fold: the fitted choices take their fixed defaults)"
-    return f"{described['rule']}: " + ", ".join(f"{n} {c:,}" for n, c in described["tokens"].items()) + " tokens"
+        return "none (too little text: the fitted choices take their fixed defaults)"
+    how = " (cross-validated)" if described.get("cross_validate", True) else ""
+    return (f"{described['rule']}{how}: " + ", ".join(f"{n} {c:,}" for n, c in described["tokens"].items())
+            + " tokens")
 
 
 def single_fold(nsamples: int, seqlen: int) -> WindowFolds:
@@ -94,8 +111,31 @@ def single_fold(nsamples: int, seqlen: int) -> WindowFolds:
     return WindowFolds(torch.zeros(nsamples, seqlen, dtype=torch.long), ("all",), "none")
 
 
+def batch_folds(nsamples: int, seqlen: int, batch_size: int) -> WindowFolds:
+    """The ``batches`` rule (module docstring): the windows of every :data:`HELDOUT_EVERY`-th batch of ``batch_size``
+    held out (fold 1), the rest fitted (fold 0); one fold (rule ``none``) with fewer batches."""
+    n_batches = -(-nsamples // batch_size)
+    if n_batches < HELDOUT_EVERY:
+        return single_fold(nsamples, seqlen)
+    held = (torch.arange(nsamples) // batch_size) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+    return WindowFolds(held.long()[:, None].expand(nsamples, seqlen).clone(), ("fit", "held-out"), "batches",
+                       cross_validate=False)
+
+
+def heldout_folds(rule: str, tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int, seed: int,
+                  batch_size: int) -> WindowFolds:
+    """The held-out folds of ``calibration_windows(tokenizer, spec, split, nsamples, seqlen, seed)`` in batches of
+    ``batch_size`` under ``rule`` (:data:`HELDOUT_RULES`)."""
+    if rule == "batches":
+        return batch_folds(nsamples, seqlen, batch_size)
+    if rule == "domains":
+        return window_folds(tokenizer, spec, split, nsamples, seqlen, seed)
+    raise ValueError(f"unknown held-out rule {rule!r}; use one of {', '.join(HELDOUT_RULES)}")
+
+
 def window_folds(tokenizer, spec: str, split: Optional[str], nsamples: int, seqlen: int, seed: int) -> WindowFolds:
-    """The folds (module docstring) of ``calibration_windows(tokenizer, spec, split, nsamples, seqlen, seed)``."""
+    """The ``domains`` rule's folds (module docstring) of ``calibration_windows(tokenizer, spec, split, nsamples,
+    seqlen, seed)``."""
     parts: list[tuple[torch.Tensor, list[str]]] = []  # (fold ids [rows, T], names) of the self rows, then the rest
     if uses_self(spec):
         k, rest = self_share(spec, nsamples)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from a3_serve.calibration.stats import (
+    HeldOut,
     LayerStats,
     StatsCollector,
     StatsRequest,
@@ -82,7 +83,7 @@ def sequential_calibrate(
     hidden: list[torch.Tensor] | None = None,
     before_layer: Callable[[int], None] | None = None,
     after_layer: Callable[[int, list[torch.Tensor]], None] | None = None,
-    token_folds: list[torch.Tensor] | None = None,
+    heldout: HeldOut | None = None,
 ) -> None:
     """Calibrate and solve layer by layer (module docstring).
 
@@ -94,7 +95,7 @@ def sequential_calibrate(
     used (load its weights), ``after_layer(idx, hidden)`` after it is solved, with ``hidden`` = the inputs of layer
     ``idx + 1`` (free the weights, checkpoint the activations). ``start``/``hidden`` resume at layer ``start``
     from saved inputs ``hidden`` (one ``[B, T, d]`` tensor per batch) instead of the embeddings' output.
-    ``token_folds`` gives the held-out fold of every token of each batch
+    ``heldout`` gives the held-out fold of every token of each batch
     (:class:`~a3_serve.calibration.stats.StatsCollector`).
     """
     if mode not in MODES:
@@ -109,7 +110,7 @@ def sequential_calibrate(
         if before_layer is not None:
             before_layer(idx)
         layer = model.model.layers[idx]
-        route = StatsCollector(1, num_heads, num_kv_heads, head_dim, request, token_folds)  # one layer's slot
+        route = StatsCollector(1, num_heads, num_kv_heads, head_dim, request, heldout)  # one layer's slot
         handles = route.attach(layer, 0, inv_freq)
         dense_out = []
         try:

@@ -28,8 +28,9 @@ The RoPE energies (docs/METHOD.md §2.5, "exact all-pairs energy") are, per KV g
 post-RoPE complex coordinates of q/k (:func:`a3_serve.solvers.qk.rope_complex`; positions ``0..T-1``:
 calibration windows carry no padding).
 
-Held-out folds: with ``StatsRequest.heldout`` and a fold per batch (:class:`a3_serve.calibration.folds.WindowFolds`,
-e.g. one per calibration domain), every fold is accumulated separately. The returned stats are those of ALL batches;
+Held-out folds: with ``StatsRequest.heldout`` and a fold for every token (:class:`HeldOut`, made by
+:mod:`a3_serve.calibration.folds`: every 8th batch, or one fold per calibration domain), every fold is accumulated
+separately. The returned stats are those of ALL batches;
 ``.folds`` (one LayerStats per fold) are attached, and :meth:`LayerStats.held_out_pairs` gives, for every fold, the
 statistics of the other folds and of that one, so solvers can choose a hyper-parameter (shrinkage, ridge) on data
 they were not fitted on.
@@ -53,6 +54,15 @@ from a3_serve.solvers import qk as qk_solver
 from a3_serve.solvers.linalg import all_finite, gram
 
 log = logging.getLogger("a3_serve.calibration")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out folds of the calibration batches: ``token_folds[b]`` [B, T] is the fold (``0..k-1``) of every token of
+    batch ``b``; ``cross_validate``: every fold is held out in turn, else only the last (fitted on the others)."""
+
+    token_folds: list[torch.Tensor]
+    cross_validate: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class LayerStats:
     inv_ms_attn: Optional[torch.Tensor] = None
     inv_ms_mlp: Optional[torch.Tensor] = None
     folds: Optional[list["LayerStats"]] = None  # one per held-out fold (only with StatsRequest.heldout and >= 2 folds)
+    cross_validate: bool = True  # every fold held out in turn; False: only the last one (fitted on the others)
 
     MOMENTS = ("Gq", "Gk", "Gv", "Go", "x2", "h2", "H", "E_rope", "E_rope_c", "inv_ms_attn", "inv_ms_mlp")
     #: sums over pairs of a sequence's tokens: kept for all tokens, never per held-out fold
@@ -107,10 +118,13 @@ class LayerStats:
         return LayerStats(n_tokens=n, **vals)
 
     def held_out_pairs(self) -> Iterator[tuple["LayerStats", "LayerStats"]]:
-        """``(fit, val)`` for every fold: ``val`` = the fold, ``fit`` = all the other folds merged (built one at a
-        time, so only one extra set of moments is alive). Empty without folds."""
-        for i, val in enumerate(self.folds or []):
-            yield LayerStats.merge_all([f for j, f in enumerate(self.folds) if j != i]), val
+        """``(fit, val)`` for every fold (only the last one without ``cross_validate``): ``val`` = the fold, ``fit`` =
+        all the other folds merged (built one at a time, so only one extra set of moments is alive). Empty without
+        folds."""
+        folds = self.folds or []
+        for i, val in enumerate(folds):
+            if self.cross_validate or i == len(folds) - 1:
+                yield LayerStats.merge_all([f for j, f in enumerate(folds) if j != i]), val
 
 
 def stats_to_tensors(st: LayerStats) -> dict[str, Any]:
@@ -128,7 +142,8 @@ def stats_to_tensors(st: LayerStats) -> dict[str, Any]:
 
     if st.folds:
         seq = {k: getattr(st, k) for k in LayerStats.SEQUENCE_MOMENTS if getattr(st, k) is not None}
-        return {"folds": [moments(f) for f in st.folds], "sequence": seq}
+        return {"folds": [moments(f) for f in st.folds], "sequence": seq,
+                "cross_validate": torch.tensor(st.cross_validate)}
     return {"all": moments(st)}
 
 
@@ -146,6 +161,7 @@ def stats_from_tensors(d: dict[str, Any]) -> LayerStats:
     for k, v in d.get("sequence", {}).items():
         setattr(merged, k, v)
     merged.folds = folds
+    merged.cross_validate = bool(d.get("cross_validate", True))
     return merged
 
 
@@ -281,15 +297,17 @@ class StatsCollector:
     (:func:`collect_stats`) gives every layer its own slot; the layer-by-layer pass
     (:func:`a3_serve.calibration.sequential.sequential_calibrate`) uses one slot per layer in turn.
 
-    ``token_folds[b]`` [B, T] is the fold of every token of batch ``b``
+    ``heldout.token_folds[b]`` [B, T] is the fold of every token of batch ``b``
     (:meth:`a3_serve.calibration.folds.WindowFolds.batches`); with ``request.heldout`` and at least two folds, each
     fold has its own accumulators and every token's rows go to its fold (the RoPE pair energies, sums over pairs of
     a sequence's tokens, are kept for all tokens only).
     """
 
     def __init__(self, n_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, request: StatsRequest,
-                 token_folds: Sequence[torch.Tensor] | None = None):
+                 heldout: HeldOut | None = None):
         self.request = request
+        token_folds = heldout.token_folds if heldout is not None else None
+        self.cross_validate = heldout.cross_validate if heldout is not None else True
         n_folds = max((int(f.max()) + 1 for f in token_folds), default=0) if token_folds else 0
         self.token_folds = list(token_folds) if request.heldout and n_folds >= 2 else None
         n_acc = n_folds if self.token_folds is not None else 1
@@ -324,6 +342,7 @@ class StatsCollector:
         for k, v in self.shared[idx].means(name).items():  # per-sequence sums: means over all tokens
             setattr(merged, k, v)
         merged.folds = folds
+        merged.cross_validate = self.cross_validate
         return merged
 
     def attach(self, layer: nn.Module, idx: int, inv_freq: torch.Tensor | None = None) -> list:
@@ -397,19 +416,19 @@ def collect_stats(
     head_dim: int,
     progress=None,
     request: StatsRequest = StatsRequest(),
-    token_folds: Sequence[torch.Tensor] | None = None,
+    heldout: HeldOut | None = None,
 ) -> list[LayerStats]:
     """Run ``model`` (a Llama-style causal LM) over token batches and return one LayerStats per layer.
 
     ``batches`` yields LongTensors ``[B, T]`` of calibration tokens (no padding). Statistics are those
     of the ORIGINAL model at every layer (the paper's protocol). Only the decoder runs (``model.model``):
     the LM head's logits are not needed. ``progress`` is an optional callable ``progress(n_sequences)``
-    called after each batch. ``request`` asks for the optional statistics (module docstring); ``token_folds`` gives
+    called after each batch. ``request`` asks for the optional statistics (module docstring); ``heldout`` gives
     the held-out fold of every token of each batch (:class:`StatsCollector`).
     """
     layers = model.model.layers
     batches = list(batches)
-    route = StatsCollector(len(layers), num_heads, num_kv_heads, head_dim, request, token_folds)
+    route = StatsCollector(len(layers), num_heads, num_kv_heads, head_dim, request, heldout)
     inv_freq = rope_inv_freq(model) if request.rope_energy else None
     handles = [h for i, layer in enumerate(layers) for h in route.attach(layer, i, inv_freq)]
     device = next(model.parameters()).device

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from a3_serve.calibration.folds import HELDOUT_RULES
 from a3_serve.export.methods import (
     ALLOCATIONS,
     DEFAULT_RECIPE,
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per calibration sequence (default: 2048, the paper's; see 'cost' below)")
     cal.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows (default: 0)")
     cal.add_argument("--batch-size", type=int, default=4, help="sequences per calibration forward pass (default: 4)")
+    cal.add_argument("--heldout-folds", default="batches", choices=list(HELDOUT_RULES),
+                     help="what the fitted choices (MLP refit ridge, OV shrinkage) are scored on: 'batches' = every "
+                          "8th calibration batch, fitted on the rest (default; measured best), 'domains' = "
+                          "leave-one-domain-out cross-validation over the calibration set's domains (mix: wiki, "
+                          "austen, pydoc), else its documents (docs/METHOD.md 1.5)")
     cal.add_argument("--stats", default="original", choices=["original", "propagated"],
                      help="where each layer's statistics come from: 'original' = the dense model's activations at "
                           "every layer (the paper; one pass for all layers), 'propagated' = activations that went "
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             quant_backend=args.quant_backend, kv_cache_dtype=args.kv_cache_dtype,
             components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
             methods=_methods(args), recipe=args.recipe, damp=args.damp, stats=args.stats,
-            overwrite=args.overwrite, eval_data=args.eval_data, eval_tokens=args.eval_tokens,
+            heldout_folds=args.heldout_folds, overwrite=args.overwrite, eval_data=args.eval_data,
+            eval_tokens=args.eval_tokens,
             eval_seqlen=args.eval_seqlen, verify=not args.no_verify, max_shard_size=args.max_shard_size,
             stream=not args.in_memory, resume=not args.no_resume, dry_run=args.dry_run,
         )

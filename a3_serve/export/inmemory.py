@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from a3_serve.calibration.sequential import sequential_calibrate
-from a3_serve.calibration.stats import CompactStatsList, collect_stats
+from a3_serve.calibration.stats import CompactStatsList, HeldOut, collect_stats
 from a3_serve.errors import InputError, NumericalError
 from a3_serve.export.architectures import SourceArch
 from a3_serve.export.card import render_model_card
@@ -63,7 +63,7 @@ def compress_model(
     batches: list[torch.Tensor] | None = None,
     stats_mode: str = "original",
     a3_config: dict[str, Any] | None = None,
-    token_folds: list[torch.Tensor] | None = None,
+    heldout: HeldOut | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Solve every layer of a loaded dense model; returns (compressed state dict, per-layer reports).
 
@@ -71,7 +71,7 @@ def compress_model(
     With ``stats`` (one LayerStats per layer, from :func:`collect_stats`), every layer is solved from those
     original-model statistics. With ``stats=None``, ``batches`` of calibration tokens are run layer by layer
     (:mod:`a3_serve.calibration.sequential`) in ``stats_mode`` ``"original"`` or ``"propagated"`` (the latter needs
-    ``a3_config``, the compressed config dict, to build each compressed layer); ``token_folds`` gives the held-out
+    ``a3_config``, the compressed config dict, to build each compressed layer); ``heldout`` gives the held-out
     fold of every token of each batch (:meth:`a3_serve.calibration.folds.WindowFolds.batches`).
 
     The state dict uses the checkpoint's tensor names (embeddings, norms and an untied lm_head are
@@ -104,7 +104,7 @@ def compress_model(
 
             sequential_calibrate(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim, solve_fn,
                                  mode=stats_mode, request=methods.stats_request(), progress=bar.update,
-                                 token_folds=token_folds)
+                                 heldout=heldout)
     for k, v in model.state_dict().items():  # embeddings, norms, lm_head
         if ".self_attn." in k or ".mlp." in k:
             continue
@@ -150,12 +150,12 @@ def _first_pass(job, model: torch.nn.Module, progress: bool) -> list | None:
         desc = "calibrating" if passes.solve_from_first else "calibrating (allocation pass)"
         with progress_bar(total=job.opts.nsamples, desc=desc, unit="seq", force=force) as bar:
             return collect_stats(model, job.batches, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                                 progress=bar.update, request=passes.first_request, token_folds=job.token_folds)
+                                 progress=bar.update, request=passes.first_request, heldout=job.heldout)
     kept = CompactStatsList()
     with progress_bar(total=arch.num_layers, desc="calibrating (all statistics)", unit="layer", force=force) as bar:
         sequential_calibrate(model, job.batches, arch.num_heads, arch.num_kv_heads, arch.head_dim,
                              lambda _i, st: kept.append(st), mode="original", request=passes.first_request,
-                             progress=bar.update, token_folds=job.token_folds)
+                             progress=bar.update, heldout=job.heldout)
     return kept
 
 
@@ -187,7 +187,7 @@ def run_in_memory(job, progress: bool = True) -> dict[str, Any]:
         new_state, layer_reports = compress_model(
             model, None, arch, *dims, opts.methods, opts.damp, progress=progress, batches=job.batches,
             stats_mode=opts.stats, a3_config=compressed_config(job.src_cfg, arch, plan, {}, job.dtype),
-            token_folds=job.token_folds,
+            heldout=job.heldout,
         )
         t_solve = sum(r["seconds"] for r in layer_reports)
         t_calib = time.perf_counter() - t0 - t_solve + t_first

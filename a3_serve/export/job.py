@@ -19,13 +19,14 @@ from typing import Any, Optional
 import torch
 from transformers import AutoTokenizer
 
-from a3_serve.calibration.folds import WindowFolds, folds_line, window_folds
+from a3_serve.calibration.folds import WindowFolds, folds_line, heldout_folds
 from a3_serve.calibration.sources import (
     calibration_windows,
     describe_source,
     sources_overlap,
     uses_self,
 )
+from a3_serve.calibration.stats import HeldOut
 from a3_serve.errors import InputError
 from a3_serve.export.architectures import (
     SourceArch,
@@ -96,9 +97,9 @@ class ExportJob:
         return list(self.tokens.split(self.opts.batch_size))
 
     @property
-    def token_folds(self) -> list[torch.Tensor] | None:
-        """The held-out fold of every token of each batch (``[batch_size, seqlen]``), or None with one fold."""
-        if self.folds is None or self.folds.n_folds < 2:
+    def heldout(self) -> HeldOut | None:
+        """The held-out folds of :attr:`batches` (the fold of every token), or None with one fold."""
+        if self.folds is None:
             return None
         return self.folds.batches(self.tokens, self.opts.batch_size)[1]
 
@@ -189,7 +190,8 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
                    "n_tokens": int(tokens.numel()), "statistics": opts.stats}
     folds = None
     if opts.methods.stats_request().heldout:  # the folds a fitted choice is scored on (leave-one-domain-out, ...)
-        folds = window_folds(tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen, opts.seed)
+        folds = heldout_folds(opts.heldout_folds, tokenizer, opts.calib, opts.calib_split, opts.nsamples, opts.seqlen,
+                              opts.seed, opts.batch_size)
         calibration["heldout_folds"] = folds.describe()
         log.info("held-out folds for the fitted choices (refit ridge, OV shrinkage): %s",
                  folds_line(calibration["heldout_folds"]))

@@ -29,7 +29,7 @@ OV_METHODS = {
     "a3-avg": "closed form whitened by the group-averaged attention-weighted moment mean_i E[o_i o_iᵀ] (GQA; MHA: = "
               "a3)",
     "a3-shrink": "a3-avg's moment shrunk toward E[v vᵀ], (1-β)·G_o + β·(tr G_o/tr G_v)·G_v, β per value head chosen "
-                 "on held-out calibration folds, e.g. leave-one-domain-out (METHOD.md §1.5, §3.5-§3.6)",
+                 "on held-out calibration data (--heldout-folds; METHOD.md §1.5, §3.5-§3.6)",
     "svd": "plain SVD of W_v W_o without whitening (CLOVER-like baseline)",
     "wanda": "keep value dims by E[v_c²]·‖W_o[c]‖² (selection baseline)",
     "weight-norm": "keep value dims by ‖W_v[c]‖²·‖W_o[c]‖² (selection baseline, no data)",
@@ -38,7 +38,7 @@ MLP_METHODS = {
     "a3": "the paper's score E[h_i²]·‖W_down[:, i]‖² ('rxx-w')",
     "rxx": "activation energy E[h_i²] only ('rxx')",
     "a3-refit": "the paper's selection, then a least-squares refit of down_proj on the kept neurons (ridge chosen on "
-                "held-out calibration folds, e.g. leave-one-domain-out; METHOD.md §1.5, §4.4, §4.6)",
+                "held-out calibration data, --heldout-folds; METHOD.md §1.5, §4.4, §4.6)",
     "a3-refit-shrunk": "a3-refit, with the activation energies of the paper's score shrunk toward weight-only ones "
                        "by a share chosen on held-out calibration folds (METHOD.md §4.8)",
     "greedy-refit": "greedy selection on the refit objective (backward elimination), then the refit",

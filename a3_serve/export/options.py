@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from a3_serve.calibration.folds import HELDOUT_RULES
 from a3_serve.calibration.sequential import MODES as STATS_MODES
 from a3_serve.errors import InputError
 from a3_serve.export.methods import (
@@ -55,6 +56,7 @@ class ExportOptions:
     layer_dims: tuple | None = None  # Python API: explicit per-layer (r_qk, r_vo, r_int), overriding cr
     kv_cr: float | None = None  # KV-cache bytes per token removed, at least; None: the same as cr (0 frees it)
     stats: str = "original"  # "original" (the paper) or "propagated" (through the compressed earlier layers)
+    heldout_folds: str = "batches"  # what the fitted choices are scored on (a3_serve.calibration.folds.HELDOUT_RULES)
     verify: bool = True  # load the written folder and run a forward pass before it is renamed into place
     allow_zero_cr: bool = False  # Python API only: CR 0 runs the whole pipeline without removing anything
     stream: bool = True  # layer by layer from the safetensors files (False: load the whole model, the reference path)
@@ -87,6 +89,8 @@ def validate_options(opts: ExportOptions) -> None:
                          "--nsamples 64 --seqlen 512")
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.heldout_folds not in HELDOUT_RULES:
+        raise InputError(f"--heldout-folds must be one of {', '.join(HELDOUT_RULES)}, got {opts.heldout_folds!r}")
     if isinstance(opts.mlp_multiple, bool) or not isinstance(opts.mlp_multiple, int) or opts.mlp_multiple < 1:
         raise InputError(f"--mlp-multiple must be a positive integer, got {opts.mlp_multiple}; e.g. 32, or 128 for "
                          "INT4 with groups of 128 (docs/QUANTIZATION.md)")

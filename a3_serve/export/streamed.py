@@ -125,7 +125,7 @@ def resume_key(job) -> str:
         "save_dtype": opts.save_dtype, "head_multiple": opts.head_multiple, "components": list(opts.components),
         "methods": [opts.methods.qk, opts.methods.ov, opts.methods.mlp, opts.methods.allocation], "damp": opts.damp,
         "layer_dims": opts.layer_dims, "stats": opts.stats, "kv_cr": job.kv_cr,
-        "mlp_multiple": opts.mlp_multiple,
+        "mlp_multiple": opts.mlp_multiple, "heldout_folds": opts.heldout_folds,
     }
     return export_key(fields)
 
@@ -170,7 +170,7 @@ class _StreamedRun:
         self.model = skeleton_with_embeddings(job.model_dir, self.source, job.dtype, job.device)
         self.params_before = sum(p.numel() for name, p in self.model.named_parameters()
                                  if not (self.arch.tie_word_embeddings and name == "lm_head.weight"))
-        self.batches, self.token_folds = job.batches, job.token_folds
+        self.batches, self.heldout = job.batches, job.heldout
         self.t_load = time.perf_counter() - t0
 
     def bar(self, desc: str, start: int):
@@ -220,7 +220,7 @@ class _StreamedRun:
             sequential_calibrate(self.model, self.batches, self.arch.num_heads, self.arch.num_kv_heads,
                                  self.arch.head_dim, on_layer, mode="original", request=passes.first_request,
                                  progress=bar.update, start=start, hidden=hidden, before_layer=self.load,
-                                 after_layer=after_layer, token_folds=self.token_folds)
+                                 after_layer=after_layer, heldout=self.heldout)
         plan = plan_from_curves([LayerCurves(qk=c["qk"], ov=c["ov"], mlp=c["mlp"]) for c in curves], self.arch, opts.cr,
                                  tuple(opts.components), opts.head_multiple, kv_cr=job.kv_cr,
                                  mlp_multiple=opts.mlp_multiple)
@@ -293,7 +293,7 @@ class _StreamedRun:
                                      self.arch.head_dim, solve_and_write, mode=opts.stats,
                                      request=job.passes.solve_request, progress=bar.update, start=start,
                                      hidden=hidden, before_layer=self.load, after_layer=after_layer,
-                                     token_folds=self.token_folds)
+                                     heldout=self.heldout)
         return reports, float(self.timings.get("solve_pass_s", 0.0))
 
     # -- step 4 ----------------------------------------------------------------------------------------------------
