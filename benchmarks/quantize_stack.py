@@ -108,6 +108,10 @@ def _describe(path: str) -> dict:
             "head_sizes": sorted(set(layers)), "mlp_widths": [min(mlp), max(mlp)], **times}
 
 
+def _fmt_cr(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _fmt_s(x) -> str:
     return "-" if x is None else f"{x:.0f}"
 
@@ -119,7 +123,7 @@ def _markdown(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['a3_cr'] if r['a3_cr'] is not None else '-'} | "
+            f"| {r['name']} | {_fmt_cr(r['a3_cr'])} | "
             f"{(r['scheme'] or '-') + ('/g' + str(r['group_size']) if r.get('group_size') else '')} | "
             f"{r['kv_cache_dtype']} | {r['ppl_wiki']:.2f} | {r['ppl_austen']:.2f} | {r['ppl_pydoc']:.2f} | "
             f"{r['weight_bytes'] / 1e6:.1f} | {dense['weight_bytes'] / r['weight_bytes']:.2f} | "
