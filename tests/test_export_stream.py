@@ -277,3 +277,23 @@ def test_one_pass_statistics_go_to_disk_when_memory_is_too_small():
     assert plan_passes(best, False, arch, 3, "original", True, disk_free=need).count == 2  # only half may be used
     assert plan_passes(best, False, arch, 3, "original", False, disk_free=4 * need).count == 2  # in memory
     assert plan_passes(best, False, arch, 3, "propagated", True, disk_free=4 * need).count == 2
+
+
+def test_leave_one_domain_out_folds_stream_like_memory(random_models, tmp_path):
+    """--heldout-folds domains: the streamed and in-memory exports give the same checkpoint, the report records the
+    three domain folds (cross-validated) and every layer's chosen ridge and shrinkage; the default records the
+    every-8th-batch split."""
+    src = random_models["llama3-gqa"]
+    rep = _export(src, tmp_path / "domains", heldout_folds="domains", nsamples=24)
+    _export(src, tmp_path / "domains-memory", heldout_folds="domains", nsamples=24, stream=False)
+    assert_same_checkpoint(tmp_path / "domains", tmp_path / "domains-memory")
+    folds = rep["calibration"]["heldout_folds"]
+    assert folds["rule"] == "domains" and folds["cross_validate"]
+    assert set(folds["tokens"]) == {"wiki", "austen", "pydoc"}
+    assert sum(folds["tokens"].values()) == 24 * 64
+    assert all("shrinkage" in lay["ov"] and "ridge" in lay["mlp"] for lay in rep["layers"])
+    card = (tmp_path / "domains" / "README.md").read_text()
+    assert "held-out folds for the fitted choices: domains (cross-validated)" in card
+    default = _export(src, tmp_path / "batches", nsamples=16)  # 8 batches of 2: the last one held out
+    assert default["calibration"]["heldout_folds"] == {
+        "rule": "batches", "tokens": {"fit": 14 * 64, "held-out": 2 * 64}, "cross_validate": False}
