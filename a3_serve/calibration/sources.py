@@ -707,9 +707,7 @@ def calibration_windows(tokenizer, spec: str, split: Optional[str], nsamples: in
     ``self`` (:mod:`a3_serve.calibration.selfgen`) takes its windows from the model in ``model_dir`` (sampled once,
     cached): alone, all of them; in a combined spec (``self+mix``), the share ``k / parts`` of the windows for ``k``
     ``self`` parts, the rest drawn from the other parts as above, stacked in that order."""
-    parts = _split_parts(spec)
-    n_self = sum(1 for p in parts if p.strip() == SELF_SOURCE)
-    if not n_self:  # uses_self(spec) is False
+    if not uses_self(spec):
         return sample_calibration_from_stream(corpus_token_stream(tokenizer, spec, split), nsamples, seqlen, seed)
     if model_dir is None:
         raise InputError(f"--calib {spec}: '{SELF_SOURCE}' samples text from the model, which this tool does not load")

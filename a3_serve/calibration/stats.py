@@ -250,18 +250,17 @@ class _Accumulator:
 
 
 class _FoldRouter:
-    """One batch's statistics split among the fold accumulators by the fold of every token (``masks[f]`` [B·T] bool:
-    the tokens of fold f); per-sequence sums and the total count go to ``shared``. Same methods as _Accumulator."""
+    """One batch's statistics split among the fold accumulators by the fold of every token: ``routes`` holds
+    ``(fold accumulator, mask)`` for the folds present in the batch (``mask`` [B·T] bool, or None when the whole batch
+    is that fold's: no copy); per-sequence sums and the total count go to ``shared``. Same methods as _Accumulator."""
 
-    def __init__(self, folds: list[_Accumulator], shared: _Accumulator, masks: list[torch.Tensor]):
-        self.folds, self.shared, self.masks = folds, shared, masks
+    def __init__(self, routes: list[tuple[_Accumulator, torch.Tensor | None]], shared: _Accumulator):
+        self.routes, self.shared = routes, shared
 
     def _split(self, act: torch.Tensor):
         flat = act.reshape(-1, act.shape[-1])
-        for acc, m in zip(self.folds, self.masks):
-            m = m.to(flat.device)
-            if bool(m.any()):
-                yield acc, flat[m]
+        for acc, m in self.routes:
+            yield acc, (flat if m is None else flat[m.to(flat.device)])
 
     def count(self, act: torch.Tensor) -> None:
         self.shared.count(act)
@@ -317,19 +316,20 @@ class StatsCollector:
 
         self.acc = [accs() for _ in range(n_acc)]
         self.shared = accs() if self.token_folds is not None else None
-        self.masks: list[torch.Tensor] = []
+        self.routes: list[tuple[int, torch.Tensor | None]] = []  # (fold, token mask or None: all) of the batch
 
     def start_batch(self, b: int) -> None:
         """Route the next statistics by the token folds of batch ``b``."""
         if self.token_folds is not None:
             ids = self.token_folds[b].reshape(-1)
-            self.masks = [ids == f for f in range(len(self.acc))]
+            present = torch.unique(ids).tolist()
+            self.routes = [(f, None) if len(present) == 1 else (f, ids == f) for f in present]
 
     def __call__(self, idx: int):
         """The accumulator (or the fold router) of slot ``idx`` that receives the current batch."""
         if self.shared is None:
             return self.acc[0][idx]
-        return _FoldRouter([a[idx] for a in self.acc], self.shared[idx], self.masks)
+        return _FoldRouter([(self.acc[f][idx], m) for f, m in self.routes], self.shared[idx])
 
     def finish(self, idx: int, layer_idx: int | None = None) -> LayerStats:
         """The statistics of slot ``idx`` (all batches; ``.folds`` attached with held-out folds).

@@ -83,11 +83,12 @@ def dry_run_report(job) -> dict[str, Any]:
     F = 2.0 * N * lin_before + 4.0 * N * T * hq * dh * L / 2
     passes = (1 + STATS_OVERHEAD) * job.passes.count + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
     flops = F * passes
+    n_folds = n_folds_of(job)
     # a one-pass streamed export writes every layer's full statistics into its working folder
-    kept = cached_stats_bytes(arch, req, n_folds_of(job)) if job.passes.one_pass else 0
-    n_folds = n_folds_of(job)  # one ridge search per fold
+    kept = cached_stats_bytes(arch, req, n_folds) if job.passes.one_pass else 0
+    n_scored = job.folds.n_scored if req.heldout and job.folds is not None else 0  # one ridge search per held-out set
     if req.mlp_moment:
-        flops += L * (2.0 * N * dint**2 + ((n_folds if n_folds >= 2 else 0) * len(DEFAULT_RIDGES) + 1) * dint**3 / 3)
+        flops += L * (2.0 * N * dint**2 + (n_scored * len(DEFAULT_RIDGES) + 1) * dint**3 / 3)
     speed = probe_flops(device, dtype)
     est_s = flops / speed
 

@@ -73,8 +73,7 @@ class CalibrationPasses:
 def stats_limit(streamed: bool, disk_free: int | None) -> int:
     """Bytes of statistics one pass may keep (module docstring): in memory, or on a disk with ``disk_free`` bytes."""
     if streamed and disk_free is not None:
-        return max(CACHED_STATS_MAX_BYTES, int(DISK_STATS_SHARE * disk_free)) if DISK_STATS_SHARE > 0 else \
-            CACHED_STATS_MAX_BYTES
+        return max(CACHED_STATS_MAX_BYTES, int(DISK_STATS_SHARE * disk_free))
     return CACHED_STATS_MAX_BYTES
 
 

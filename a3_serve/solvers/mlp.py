@@ -373,7 +373,8 @@ def mlp_ridge_losses(
             continue
         delta = _ridge_delta(diag_mean, rho)
         Y = _spd_solve(H_SS + delta * eye, H_SD, delta)  # [r, m]
-        out.append(float(((Y.T @ (V_SS @ Y)) * K).sum() - 2.0 * ((Y.T @ V_SD) * K).sum()) + c_DD)
+        loss = float(((Y.T @ (V_SS @ Y)) * K).sum() - 2.0 * ((Y.T @ V_SD) * K).sum()) + c_DD
+        out.append(max(loss, 0.0))  # a quadratic form: only rounding can take the three-term sum below 0
     return out
 
 
@@ -440,9 +441,5 @@ def mlp_selection_losses(
     out = []
     for alpha in alphas:
         keep = select_neurons(shrink_energies(as_f64(h2_fit).to(dev), alpha) * norms, r)
-        mask = torch.ones(d_int, dtype=torch.bool, device=dev)
-        mask[keep] = False
-        drop = mask.nonzero().squeeze(1)
-        Wd_D = Wd[:, drop]
-        out.append(float(((Wd_D @ V[drop][:, drop]) * Wd_D).sum()))
+        out.append(mlp_objective(V, Wd, keep, Wd[:, keep]))
     return out
