@@ -140,6 +140,24 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        shutil.copy2(src, dst)
+
+
+def link_model(src: Path, dst: Path) -> Path:
+    """A copy of a model folder whose ``*.safetensors`` are hard links to ``src``'s (no disk space: the suite keeps
+    several variants of a 0.5 GB checkpoint). A test that changes a weights file must replace it (unlink, then write),
+    never write into it, or it would change ``src`` too."""
+    def copy(s: str, d: str) -> None:
+        (_link_or_copy if s.endswith(".safetensors") else shutil.copy2)(s, d)
+
+    shutil.copytree(src, dst, copy_function=copy)
+    return dst
+
+
 def run_without_a3_serve(code: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run Python ``code`` in a fresh interpreter where a3_serve cannot be imported.
 

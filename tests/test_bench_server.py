@@ -31,7 +31,7 @@ import httpx  # noqa: E402
 from a3_serve.bench.server.models import CLI_FLAGS  # noqa: E402
 from a3_serve.bench.server.runner import marked_pids  # noqa: E402
 
-from conftest import hf_param_bytes  # noqa: E402
+from conftest import hf_param_bytes, link_model  # noqa: E402
 
 TOKEN = "test-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -160,9 +160,11 @@ def bench_models(demo_model: Path, smol_a3_cr01: Path, tmp_path_factory) -> dict
         compressed = smol_a3_cr01
         root = compressed.parent
         broken = root / "broken"
-        shutil.copytree(compressed, broken)
+        link_model(compressed, broken)
         weights = broken / "model.safetensors"
-        os.truncate(weights, weights.stat().st_size // 2)
+        half = weights.read_bytes()[: weights.stat().st_size // 2]
+        weights.unlink()  # a hard link to the shared export's weights: replace it, never truncate it
+        weights.write_bytes(half)
         outside = tmp_path_factory.mktemp("outside_roots") / "model"
         outside.mkdir()
         shutil.copy(compressed / "config.json", outside / "config.json")

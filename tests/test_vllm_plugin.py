@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import a3_serve  # noqa: E402,F401  (registers a3_llama with the Auto classes)
 from a3_serve.export.pipeline import ExportOptions, run_export  # noqa: E402
+
+from conftest import link_model  # noqa: E402
 
 N_STEPS = 32
 TOP_K = 5
@@ -64,7 +67,7 @@ def _export(model: Path, out: Path, cr: float, **kw) -> Path:
 
 
 def _edit_config(src: Path, dst: Path, **fields) -> Path:
-    shutil.copytree(src, dst)
+    link_model(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg.update(fields)
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -72,9 +75,11 @@ def _edit_config(src: Path, dst: Path, **fields) -> Path:
 
 
 def _edit_tensors(src: Path, dst: Path, fn) -> Path:
-    shutil.copytree(src, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    save_file(fn(tensors), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    link_model(src, dst)
+    weights = dst / "model.safetensors"
+    tensors = load_file(str(weights))
+    weights.unlink()  # a hard link to src's weights: replace it, never write into it
+    save_file(fn(tensors), str(weights), metadata={"format": "pt"})
     return dst
 
 
@@ -110,7 +115,7 @@ def _misshape_index(tensors):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01, smol_a3_cr0) -> dict[str, Path]:
+def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01, smol_a3_cr0) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("vllm_ckpts")
     c = {
         "smol-cr0.1": smol_a3_cr01,
@@ -132,7 +137,8 @@ def ckpts(tmp_path_factory, demo_model, random_models, smol_a3_cr01, smol_a3_cr0
     c["misshaped-index"] = _edit_tensors(c["smol-cr0.1"], root / "misshaped-index", _misshape_index)
     c["head-40"] = _edit_config(c["smol-cr0.1"], root / "head-40", qk_head_dim=40, v_head_dim=40)
     c["diff-kv"] = _edit_config(c["smol-cr0.1"], root / "diff-kv", v_head_dim=32)
-    return c
+    yield c
+    shutil.rmtree(root, ignore_errors=True)  # ~4 GB of checkpoints: free the disk for the modules that follow
 
 
 @pytest.fixture(scope="module")
