@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import a3_serve
+from a3_serve.calibration import stats as calibration_stats
 from a3_serve.calibration.folds import HELDOUT_RULES, heldout_folds, single_fold
 from a3_serve.calibration.sources import (
     MIX_PARTS,
@@ -87,6 +88,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--heldout-folds", default="batches", choices=list(HELDOUT_RULES),
                    help="what the fitted choices are scored on, as a3-export --heldout-folds (default: batches)")
+    p.add_argument("--moment-batch-dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype of one batch's MLP refit moment before it joins the float64 sum (as a3-export: "
+                        "float32; float64 = the all-float64 accumulation, to check that float32 changes nothing)")
     p.add_argument("--out-dir", default="benchmarks/results/quality")
     p.add_argument("--leave-one-out", action="store_true",
                    help="transfer: one calibration per domain of --calib (mix: wiki, austen, pydoc) without it, "
@@ -95,6 +99,7 @@ def main() -> int:
                         "domain; --recipes must include paper)")
     args = p.parse_args()
     torch.manual_seed(0)
+    calibration_stats.OUTER_BATCH_DTYPE = getattr(torch, args.moment_batch_dtype)
 
     if args.model is None:
         from a3_serve.demo import build_demo_model

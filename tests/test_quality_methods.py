@@ -125,7 +125,10 @@ def test_heldout_folds_partition_the_tokens(random_models):
         assert len(only) == 1 and only[0][1] is last_only[i].folds[2] and only[0][0].n_tokens == 4 * B * T
         for name in ("Gq", "Go", "Gv", "h2", "H", "E_rope", "E_rope_c"):
             torch.testing.assert_close(getattr(f, name), getattr(p, name), rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(getattr(scattered[i], name), getattr(p, name), rtol=1e-10, atol=1e-12)
+            if name == "H":  # each batch's rows are a float32 product (calibration.stats): a fold rounds differently
+                assert (scattered[i].H - p.H).norm() <= 1e-6 * p.H.norm()
+            else:
+                torch.testing.assert_close(getattr(scattered[i], name), getattr(p, name), rtol=1e-10, atol=1e-12)
         for name in ("Gq", "Go", "Gv", "h2", "H"):
             for k in range(3):
                 torch.testing.assert_close(getattr(f.folds[k], name), getattr(per_fold[k][i], name), rtol=1e-10,
@@ -135,8 +138,9 @@ def test_heldout_folds_partition_the_tokens(random_models):
         assert f.folds[0].E_rope is None  # pair energies are not split by token
         assert [s.n_tokens for s in scattered[i].folds] == [6 * B * (T - 1), 6 * B]
         h_last = torch.cat(last_h[i])  # [6·B, d_int]
-        torch.testing.assert_close(scattered[i].folds[1].H, h_last.T @ h_last / h_last.shape[0], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(torch.diagonal(p.H), p.h2, rtol=1e-10, atol=1e-12)  # H's diagonal is E[h²]
+        h_ref = h_last.T @ h_last / h_last.shape[0]
+        assert (scattered[i].folds[1].H - h_ref).norm() <= 1e-6 * h_ref.norm()
+        torch.testing.assert_close(torch.diagonal(p.H), p.h2, rtol=1e-6, atol=1e-12)  # H's diagonal is E[h²]
 
 
 def test_sequential_original_statistics_equal_the_whole_model_pass(random_models):
@@ -239,6 +243,34 @@ def test_refit_lowers_the_real_mlp_output_error(demo_model):
         e_plain = mlp_objective(test[i].H, w["down_w"], sel, plain["down_w"])
         e_refit = mlp_objective(test[i].H, w["down_w"], sel, refit["down_w"])
         assert e_refit < 0.9 * e_plain, (i, e_plain, e_refit, rep)
+
+
+def test_float32_batch_moments_leave_the_refit_unchanged(demo_model, monkeypatch):
+    """The refit moment H sums each batch's h hᵀ in float32 before the float64 sum (calibration.stats): on SmolLM2's
+    real activations H matches the all-float64 sum to 1e-6 relative, and the refit it gives (neurons, chosen ridge,
+    down_proj) is the same to 1e-5 relative (measured: H 0.7-2.7e-7, down_proj 0.6-1.3e-7)."""
+    from transformers import AutoTokenizer
+
+    from a3_serve.calibration import stats as calibration_stats
+    from a3_serve.calibration.sources import load_texts, sample_calibration
+    from a3_serve.export.compress_layer import layer_tensors, solve_mlp
+
+    model, arch = _load(demo_model)
+    tok = AutoTokenizer.from_pretrained(str(demo_model))
+    model.model.layers = model.model.layers[:3]
+    ids = sample_calibration(tok, load_texts("wiki"), 32, 512, 0)
+    run = dict(request=StatsRequest(mlp_moment=True, heldout=True),
+               heldout=HeldOut([torch.full((4, 512), int(b == 7)) for b in range(8)], cross_validate=False))
+    assert calibration_stats.OUTER_BATCH_DTYPE == torch.float32
+    f32 = collect_stats(model, list(ids.split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim, **run)
+    monkeypatch.setattr(calibration_stats, "OUTER_BATCH_DTYPE", torch.float64)
+    f64 = collect_stats(model, list(ids.split(4)), arch.num_heads, arch.num_kv_heads, arch.head_dim, **run)
+    for i in range(3):
+        assert (f32[i].H - f64[i].H).norm() <= 1e-6 * f64[i].H.norm()
+        w = layer_tensors(model.model.layers[i])
+        (a, ra), (b, rb) = solve_mlp(w, f32[i], 1200, "a3-refit"), solve_mlp(w, f64[i], 1200, "a3-refit")
+        assert ra["ridge"] == rb["ridge"] and torch.equal(a["gate_w"], b["gate_w"])
+        assert (a["down_w"] - b["down_w"]).norm() <= 1e-5 * b["down_w"].norm(), i
 
 
 def test_default_recipe_and_cli_record_it(random_models, tmp_path, capsys):

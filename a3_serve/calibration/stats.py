@@ -36,7 +36,11 @@ statistics of the other folds and of that one, so solvers can choose a hyper-par
 they were not fitted on.
 
 Products are formed in float64 from the model's activations (float32 on CPU, bf16 on GPU); the
-result is checked for NaN/Inf.
+result is checked for NaN/Inf. One exception, the refit moment ``H`` (``d_int²`` multiply-adds per token, the
+largest share of the statistics' cost): each batch's ``Σ h hᵀ`` is a float32 product (:data:`OUTER_BATCH_DTYPE`,
+twice as fast as float64 on CPU) added into the float64 sum, so the rounding is a float32 dot product over one
+batch's tokens, ~1e-7 relative, not over the whole calibration set (docs/METHOD.md §7; measured effect on the
+export in docs/RESULTS.md, "Export time").
 """
 
 from __future__ import annotations
@@ -194,6 +198,9 @@ def stats_nbytes(num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: 
     return 8 * n * (n_folds if request.heldout and n_folds >= 2 else 1)
 
 
+OUTER_BATCH_DTYPE = torch.float32  # dtype of one batch's Σ h hᵀ before it joins the float64 sum (module docstring)
+
+
 @dataclass
 class _Accumulator:
     num_heads: int
@@ -227,9 +234,12 @@ class _Accumulator:
         self.add(name, (1.0 / ms.clamp_min(1e-30)).sum())
 
     def add_outer(self, name: str, act: torch.Tensor) -> None:
-        """act [..., n] -> adds Σ_tokens a aᵀ [n, n]."""
-        a = act.reshape(-1, act.shape[-1]).to(torch.float64)
-        self.add(name, gram(a))  # the upper block triangle only: 5/8 of the multiply-adds
+        """act [..., n] -> adds Σ_tokens a aᵀ [n, n]: this batch's sum in :data:`OUTER_BATCH_DTYPE` (or the
+        activations' own dtype where that is wider), added into the float64 sum."""
+        a = act.reshape(-1, act.shape[-1])
+        dtype = OUTER_BATCH_DTYPE if a.dtype.itemsize <= OUTER_BATCH_DTYPE.itemsize else a.dtype
+        partial = gram(a.to(dtype))  # the upper block triangle only: 5/8 of the multiply-adds
+        self.add(name, partial.to(torch.float64))
 
     def means(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """Every sum divided by the token count, checked for NaN / Inf."""
