@@ -301,6 +301,28 @@ def test_mlp_refit_is_least_squares_and_beats_plain_selection():
         mlp.mlp_refit(H, keep, Wd, -1e-3)
 
 
+def test_mlp_refit_with_loss_from_the_dropped_columns_equals_the_direct_form():
+    """Both branches (m dropped <= d: Y = (H_SS+δI)^-1 H_SD; m > d: d right-hand sides) give the direct closed form
+    and its mlp_objective; nothing dropped gives the selection, loss 0."""
+    g = gen(23)
+    d, d_int = 9, 24
+    h, Wd = swiglu(400, d, d_int, g)
+    H = moment(h)
+    for r in (18, 10):  # m = 6 <= d, m = 14 > d
+        keep = torch.sort(torch.randperm(d_int, generator=g)[:r]).values
+        for ridge in (0.0, 0.03, 1.0):
+            W, loss = mlp.mlp_refit_with_loss(H, keep, Wd, ridge)
+            H_SS = H[keep][:, keep]
+            delta = max(ridge, 1e-12) * torch.diagonal(H_SS).mean()
+            want = torch.linalg.solve(H_SS + delta * torch.eye(r, dtype=F64), H[keep] @ Wd.T + delta * Wd[:, keep].T)
+            assert rel(W.T, want) < 1e-10, (r, ridge)
+            direct = mlp.mlp_objective(H, Wd, keep, want.T)
+            assert abs(loss - direct) <= 1e-9 * direct, (r, ridge, loss, direct)
+            assert torch.equal(mlp.mlp_refit(H, keep, Wd, ridge), W)
+    W, loss = mlp.mlp_refit_with_loss(H, torch.arange(d_int), Wd, 0.1)
+    assert torch.equal(W, Wd) and loss == 0.0
+
+
 def test_mlp_refit_non_pd_fallback_is_finite():
     g = gen(22)
     H = rand_psd(1, 6, g)[0]

@@ -239,7 +239,10 @@ class _Accumulator:
         a = act.reshape(-1, act.shape[-1])
         dtype = OUTER_BATCH_DTYPE if a.dtype.itemsize <= OUTER_BATCH_DTYPE.itemsize else a.dtype
         partial = gram(a.to(dtype))  # the upper block triangle only: 5/8 of the multiply-adds
-        self.add(name, partial.to(torch.float64))
+        if name in self.sums:  # our own float64 tensor (made below): add in place, no d_int² temporaries
+            self.sums[name].add_(partial)
+        else:
+            self.sums[name] = partial.to(torch.float64)
 
     def means(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """Every sum divided by the token count, checked for NaN / Inf."""

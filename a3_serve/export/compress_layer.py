@@ -203,11 +203,13 @@ def solve_mlp(w: dict, st: LayerStats, r_int: int, method: str) -> tuple[dict, d
             losses = [torch.tensor(mlp_solver.mlp_ridge_losses(fit.H, val.H, keep, w["down_w"]))
                       for fit, val in st.held_out_pairs()]
             ridge = mlp_solver.DEFAULT_RIDGES[int(crossval.choose_setting(losses))]
+        plain = mlp_solver.mlp_objective(st.H, w["down_w"], keep, plain_down)  # the dropped columns only: cheap
+        loss = plain
         if ridge != float("inf"):  # inf: plain selection won on the held-out fold
-            down = mlp_solver.mlp_refit(st.H, keep, w["down_w"], ridge).to(w["down_w"])
+            down, loss = mlp_solver.mlp_refit_with_loss(st.H, keep, w["down_w"], ridge)
+            down = down.to(w["down_w"])
         report["ridge"] = None if ridge == float("inf") else float(ridge)  # None: plain selection kept
-        plain = mlp_solver.mlp_objective(st.H, w["down_w"], keep, plain_down)
-        report["refit_gain"] = plain / max(mlp_solver.mlp_objective(st.H, w["down_w"], keep, down), 1e-300)
+        report["refit_gain"] = plain / max(loss, 1e-300)  # in-sample error before / after the refit
     new = {
         "gate_w": w["gate_w"][keep], "up_w": w["up_w"][keep], "down_w": down,
         "gate_b": w["gate_b"][keep] if w["gate_b"] is not None else None,
