@@ -35,12 +35,14 @@ separately. The returned stats are those of ALL batches;
 statistics of the other folds and of that one, so solvers can choose a hyper-parameter (shrinkage, ridge) on data
 they were not fitted on.
 
-Products are formed in float64 from the model's activations (float32 on CPU, bf16 on GPU); the
-result is checked for NaN/Inf. One exception, the refit moment ``H`` (``d_int²`` multiply-adds per token, the
-largest share of the statistics' cost): each batch's ``Σ h hᵀ`` is a float32 product (:data:`OUTER_BATCH_DTYPE`,
-twice as fast as float64 on CPU) added into the float64 sum, so the rounding is a float32 dot product over one
-batch's tokens, ~1e-7 relative, not over the whole calibration set (docs/METHOD.md §7; measured effect on the
-export in docs/RESULTS.md, "Export time").
+Sums are float64. Each batch's products are formed in float32 (:data:`OUTER_BATCH_DTYPE`; float64 where the
+activations are float64) and added into the float64 sums: the head moments ``Gq``/``Gk``/``Gv``/``Go`` and the refit
+moment ``H`` (``d_int²`` multiply-adds per token, the largest share of the statistics' cost) are float32 matrix
+products over one batch's tokens; ``x2``/``h2`` and the ``inv_ms_*`` scalars square in float32 and sum (and take
+means) in float64. The rounding is that of a float32 dot product over one batch's tokens, ~1e-7 relative in norm,
+not over the whole calibration set, and avoids a float64 copy of every activation (docs/METHOD.md §7.4; measured
+effect on the export in docs/RESULTS.md, "Export time"). The RoPE pair energies are float64 throughout. The
+result is checked for NaN/Inf.
 """
 
 from __future__ import annotations
@@ -198,7 +200,13 @@ def stats_nbytes(num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: 
     return 8 * n * (n_folds if request.heldout and n_folds >= 2 else 1)
 
 
-OUTER_BATCH_DTYPE = torch.float32  # dtype of one batch's Σ h hᵀ before it joins the float64 sum (module docstring)
+OUTER_BATCH_DTYPE = torch.float32  # dtype of one batch's products before they join the float64 sums (module docstring)
+
+
+def batch_dtype(a: torch.Tensor) -> torch.dtype:
+    """The dtype of one batch's partial products of ``a``: :data:`OUTER_BATCH_DTYPE`, or ``a``'s own dtype where
+    that is wider (float64 activations stay float64; bf16 / fp16 ones are widened to float32)."""
+    return OUTER_BATCH_DTYPE if a.dtype.itemsize <= OUTER_BATCH_DTYPE.itemsize else a.dtype
 
 
 @dataclass
@@ -220,29 +228,37 @@ class _Accumulator:
         """Add a sum over whole sequences (pairs of their tokens), which folds by token cannot split."""
         self.add(name, value)
 
-    def add_head_moment(self, name: str, act: torch.Tensor, n_heads: int) -> None:
-        """act [..., n_heads * d_h] -> adds sum over tokens of a_h a_hᵀ, shape [n_heads, d_h, d_h]."""
-        a = act.reshape(-1, n_heads, act.shape[-1] // n_heads).to(torch.float64).transpose(0, 1)  # [h, N, d_h]
-        self.add(name, torch.bmm(a.transpose(1, 2), a))
-
-    def add_square(self, name: str, act: torch.Tensor) -> None:
-        self.add(name, act.reshape(-1, act.shape[-1]).to(torch.float64).square().sum(0))
-
-    def add_inverse_mean_square(self, name: str, act: torch.Tensor) -> None:
-        """act [..., d] -> adds Σ_tokens 1 / mean_j(a_j²) (a scalar)."""
-        ms = act.reshape(-1, act.shape[-1]).to(torch.float64).square().mean(-1)
-        self.add(name, (1.0 / ms.clamp_min(1e-30)).sum())
-
-    def add_outer(self, name: str, act: torch.Tensor) -> None:
-        """act [..., n] -> adds Σ_tokens a aᵀ [n, n]: this batch's sum in :data:`OUTER_BATCH_DTYPE` (or the
-        activations' own dtype where that is wider), added into the float64 sum."""
-        a = act.reshape(-1, act.shape[-1])
-        dtype = OUTER_BATCH_DTYPE if a.dtype.itemsize <= OUTER_BATCH_DTYPE.itemsize else a.dtype
-        partial = gram(a.to(dtype))  # the upper block triangle only: 5/8 of the multiply-adds
-        if name in self.sums:  # our own float64 tensor (made below): add in place, no d_int² temporaries
+    def _add_partial(self, name: str, partial: torch.Tensor) -> None:
+        """Add one batch's partial sum (any float dtype) into the float64 sum ``name``."""
+        if name in self.sums:  # our own float64 tensor (made below): add in place, no temporaries
             self.sums[name].add_(partial)
         else:
             self.sums[name] = partial.to(torch.float64)
+
+    def add_head_moment(self, name: str, act: torch.Tensor, n_heads: int) -> None:
+        """act [..., n_heads * d_h] -> adds sum over tokens of a_h a_hᵀ, shape [n_heads, d_h, d_h] (this batch's
+        product in :func:`batch_dtype`)."""
+        a = act.reshape(-1, n_heads, act.shape[-1] // n_heads)
+        a = a.to(batch_dtype(a)).transpose(0, 1)  # [h, N, d_h]
+        self._add_partial(name, torch.bmm(a.transpose(1, 2), a))
+
+    def add_square(self, name: str, act: torch.Tensor) -> None:
+        """act [..., n] -> adds Σ_tokens a² [n]: squares in :func:`batch_dtype`, summed in float64."""
+        a = act.reshape(-1, act.shape[-1])
+        self._add_partial(name, a.to(batch_dtype(a)).square().sum(0, dtype=torch.float64))
+
+    def add_inverse_mean_square(self, name: str, act: torch.Tensor) -> None:
+        """act [..., d] -> adds Σ_tokens 1 / mean_j(a_j²) (a scalar): squares in :func:`batch_dtype`, means and sum
+        in float64."""
+        a = act.reshape(-1, act.shape[-1])
+        ms = a.to(batch_dtype(a)).square().mean(-1, dtype=torch.float64)
+        self._add_partial(name, (1.0 / ms.clamp_min(1e-30)).sum())
+
+    def add_outer(self, name: str, act: torch.Tensor) -> None:
+        """act [..., n] -> adds Σ_tokens a aᵀ [n, n]: this batch's product in :func:`batch_dtype`, added into the
+        float64 sum."""
+        a = act.reshape(-1, act.shape[-1])
+        self._add_partial(name, gram(a.to(batch_dtype(a))))  # the upper block triangle only: 5/8 of the multiply-adds
 
     def means(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """Every sum divided by the token count, checked for NaN / Inf."""
