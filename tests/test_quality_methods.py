@@ -189,7 +189,8 @@ def test_propagated_statistics_follow_the_compressed_layers(random_models):
                          mode="propagated")
     sequential_calibrate(model, batches, arch.num_heads, hkv, dh, lambda i, st: dense_seen.__setitem__(i, st),
                          mode="original")
-    torch.testing.assert_close(seen[1].Gv, Gv_ref, rtol=1e-6, atol=1e-9)
+    # each batch's moment is a float32 product (stats.batch_dtype), summed in float64: equal in norm to 1e-6
+    assert (seen[1].Gv - Gv_ref).norm() <= 1e-6 * Gv_ref.norm()
     assert (seen[1].Gv - dense_seen[1].Gv).abs().max() > 1e-4
     torch.testing.assert_close(seen[0].Gv, dense_seen[0].Gv)
 
