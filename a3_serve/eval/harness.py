@@ -123,6 +123,18 @@ def _vllm_environment(device: str, verbose: bool) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+def _close_engine(lm: Any) -> None:
+    """Shut a vLLM engine (lm-eval's ``VLLM.model``, a ``vllm.LLM``) down while the interpreter is fully alive; the
+    hf backend has nothing to close."""
+    engine = getattr(getattr(lm, "model", None), "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        try:
+            core.shutdown()
+        except Exception as exc:  # the scores are complete; a failing shutdown must not discard them
+            log.warning("vLLM engine shutdown failed after the evaluation: %s", exc)
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -195,9 +207,18 @@ def run_tasks(model_dir: Union[str, Path], tasks: Union[str, Sequence[str]], bac
     if backend == "vllm":
         _vllm_environment(device, verbose)
     t0 = time.perf_counter()
-    raw = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=built, task_manager=task_manager(), limit=limit,
-                                  batch_size=batch_size, device=device if backend == "hf" else None,
-                                  log_samples=True)
+    # the model is built here, as simple_evaluate would, so that a vLLM engine is shut down in order below instead of
+    # being torn down by the interpreter at exit (seen once under load: "terminate called without an active
+    # exception", exit -6, after every request had been scored)
+    from lm_eval.api.registry import get_model
+
+    lm = get_model(backend).create_from_arg_obj(
+        args, {"batch_size": batch_size, "max_batch_size": None, "device": device if backend == "hf" else None})
+    try:
+        raw = lm_eval.simple_evaluate(model=lm, tasks=built, task_manager=task_manager(), limit=limit,
+                                      batch_size=batch_size, log_samples=True)
+    finally:
+        _close_engine(lm)
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = {
         "model": str(Path(model_dir).expanduser().resolve()),
