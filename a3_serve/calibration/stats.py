@@ -218,7 +218,11 @@ class _Accumulator:
     n_tokens: int = 0
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        """Add one batch's partial sum (any float dtype) into the float64 sum ``name``."""
+        if name in self.sums:  # our own float64 tensor (made below): add in place, no temporaries
+            self.sums[name].add_(value)
+        else:
+            self.sums[name] = value.to(torch.float64)
 
     def count(self, act: torch.Tensor) -> None:
         """Count the tokens of ``act`` [..., n]."""
@@ -228,37 +232,30 @@ class _Accumulator:
         """Add a sum over whole sequences (pairs of their tokens), which folds by token cannot split."""
         self.add(name, value)
 
-    def _add_partial(self, name: str, partial: torch.Tensor) -> None:
-        """Add one batch's partial sum (any float dtype) into the float64 sum ``name``."""
-        if name in self.sums:  # our own float64 tensor (made below): add in place, no temporaries
-            self.sums[name].add_(partial)
-        else:
-            self.sums[name] = partial.to(torch.float64)
-
     def add_head_moment(self, name: str, act: torch.Tensor, n_heads: int) -> None:
         """act [..., n_heads * d_h] -> adds sum over tokens of a_h a_hᵀ, shape [n_heads, d_h, d_h] (this batch's
         product in :func:`batch_dtype`)."""
         a = act.reshape(-1, n_heads, act.shape[-1] // n_heads)
         a = a.to(batch_dtype(a)).transpose(0, 1)  # [h, N, d_h]
-        self._add_partial(name, torch.bmm(a.transpose(1, 2), a))
+        self.add(name, torch.bmm(a.transpose(1, 2), a))
 
     def add_square(self, name: str, act: torch.Tensor) -> None:
         """act [..., n] -> adds Σ_tokens a² [n]: squares in :func:`batch_dtype`, summed in float64."""
         a = act.reshape(-1, act.shape[-1])
-        self._add_partial(name, a.to(batch_dtype(a)).square().sum(0, dtype=torch.float64))
+        self.add(name, a.to(batch_dtype(a)).square().sum(0, dtype=torch.float64))
 
     def add_inverse_mean_square(self, name: str, act: torch.Tensor) -> None:
         """act [..., d] -> adds Σ_tokens 1 / mean_j(a_j²) (a scalar): squares in :func:`batch_dtype`, means and sum
         in float64."""
         a = act.reshape(-1, act.shape[-1])
         ms = a.to(batch_dtype(a)).square().mean(-1, dtype=torch.float64)
-        self._add_partial(name, (1.0 / ms.clamp_min(1e-30)).sum())
+        self.add(name, (1.0 / ms.clamp_min(1e-30)).sum())
 
     def add_outer(self, name: str, act: torch.Tensor) -> None:
         """act [..., n] -> adds Σ_tokens a aᵀ [n, n]: this batch's product in :func:`batch_dtype`, added into the
         float64 sum."""
         a = act.reshape(-1, act.shape[-1])
-        self._add_partial(name, gram(a.to(batch_dtype(a))))  # the upper block triangle only: 5/8 of the multiply-adds
+        self.add(name, gram(a.to(batch_dtype(a))))  # the upper block triangle only: 5/8 of the multiply-adds
 
     def means(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """Every sum divided by the token count, checked for NaN / Inf."""
