@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A3 stacked on quantization, SmolLM2-135M-Instruct, measured through vLLM on CPU (docs/QUANTIZATION.md, "Measured").
+# A3 stacked on quantization, measured through vLLM on CPU (docs/QUANTIZATION.md, "Measured"): SmolLM2-135M-Instruct
+# by default, any other checkpoint with MODEL=DIR (e.g. MODEL=$(a3-demo-model --model qwen2.5-coder-0.5b)).
 # 1. A3 exports at CR 0.1 / 0.2 whose sizes pass the w4a16 CPU rules at group 32 (a3-export --quant-scheme: heads and
 #    MLP widths multiples of 32; also legal for w8a8 and an FP8 KV cache), so one export per CR serves every row;
 # 2. quantizations (w8a8, w4a16 group 32) of those and of the dense model (a3-quantize);
@@ -16,7 +17,7 @@ NS=${NSAMPLES:-32}      # export calibration: NS x 512 tokens of the default mix
 QNS=${QNSAMPLES:-16}    # quantizer calibration: QNS x 512 tokens of the default mix (64: 15+ min per GPTQ run here)
 CRS=${CRS:-"0.1 0.2"}
 STEP=${STEP:-all}
-D=$(a3-demo-model)
+D=${MODEL:-$(a3-demo-model)}
 mkdir -p "$W" "$OUT"
 if [ "$STEP" != measure ]; then
   for cr in $CRS; do
