@@ -103,7 +103,9 @@ def allocate_plan_fisher(model, stats, arch, cr, methods, components=("qk", "ov"
     if key not in _fisher_cache:
         t0 = time.perf_counter()
         _fisher_cache[key] = residual_fisher(model, tokens)
-        print(f"Fisher over {tokens.numel():,} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
+        per_layer = ", ".join(f"{float(a.sum()):.3g}/{float(m.sum()):.3g}" for a, m in zip(*_fisher_cache[key]))
+        print(f"Fisher over {tokens.numel():,} tokens: {time.perf_counter() - t0:.1f} s; per layer (attn/mlp, sum over "
+              f"channels): {per_layer}", flush=True)
     f_attn, f_mlp = _fisher_cache[key]
     curves = []
     for layer, st, fa, fm in zip(model.model.layers, stats, f_attn, f_mlp):
@@ -115,8 +117,6 @@ def allocate_plan_fisher(model, stats, arch, cr, methods, components=("qk", "ov"
             w["down_w"] = w["down_w"] * fm.sqrt().to(w["down_w"])[:, None]
             st = dataclasses.replace(st, inv_ms_attn=None, inv_ms_mlp=None)
         curves.append(lc.layer_curves(w, st, arch, methods, eps))
-    print("Fisher per layer (attn, mlp; sum over channels): " + ", ".join(
-        f"{float(a.sum()):.3g}/{float(m.sum()):.3g}" for a, m in zip(f_attn, f_mlp)), flush=True)
     return lc.plan_from_curves(curves, arch, cr, components, head_multiple, min_head_dim, kv_cr, mlp_multiple)
 
 
