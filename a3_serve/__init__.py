@@ -4,7 +4,7 @@ Importing the package registers the ``a3_llama`` model type with the transformer
 ``AutoModelForCausalLM.from_pretrained(compressed_dir)`` works without ``trust_remote_code``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _register_with_transformers() -> None:

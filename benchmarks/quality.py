@@ -31,6 +31,7 @@ import torch
 
 import a3_serve
 from a3_serve.calibration import stats as calibration_stats
+from a3_serve.calibration.fisher import fisher_window_count, residual_fisher
 from a3_serve.calibration.folds import HELDOUT_RULES, heldout_folds, single_fold
 from a3_serve.calibration.sources import (
     MIX_PARTS,
@@ -184,6 +185,13 @@ class Grid:
                               heldout=heldout)
         t_stats = time.perf_counter() - t0
         print(f"statistics over {tokens.numel():,} calibration tokens: {t_stats:.1f} s", flush=True)
+        self.fisher, t_fisher = None, 0.0
+        if any(RECIPES[r.split("@")[0]][1].needs_fisher for r in recipes):  # as a3-export: its first windows
+            t0 = time.perf_counter()
+            self.fisher = residual_fisher(model, tokens[:fisher_window_count(args.nsamples, args.seqlen)],
+                                          args.batch_size)
+            t_fisher = time.perf_counter() - t0
+            print(f"residual Fisher over {self.fisher.tokens:,} tokens: {t_fisher:.1f} s", flush=True)
         result: dict = {}
 
         def save(rows: list) -> None:
@@ -199,7 +207,7 @@ class Grid:
                                 "heldout_folds": folds.describe()},
                 "evaluation": {spec: {"tokens": int(w.numel()), "seqlen": args.eval_seqlen}
                                for spec, w in windows.items()},
-                "timing": {"statistics_s": t_stats,
+                "timing": {"statistics_s": t_stats, "fisher_s": t_fisher,
                            "solve_s": {r["recipe"]: r["solve_s"] for r in rows if r["cr"] == crs[0]}},
                 "statistics_request": vars(request),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -235,8 +243,9 @@ class Grid:
         kv = kv_target if kv_target is not None else (cr if {"qk", "ov"} <= set(components) else 0.0)
         t0 = time.perf_counter()
         try:
-            if methods.allocation == "loss":
-                plan = allocate_plan(model, stats, arch, cr, methods, components, args.head_multiple, kv_cr=kv)
+            if methods.loss_aware:
+                plan = allocate_plan(model, stats, arch, cr, methods, components, args.head_multiple, kv_cr=kv,
+                                     fisher=self.fisher)
             else:
                 plan = plan_dims(arch, cr, components=components, head_multiple=args.head_multiple, kv_cr=kv)
         except A3Error as err:  # e.g. a KV target below the minimum head size: a gap in the grid, said so

@@ -240,9 +240,10 @@ def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random
     """End to end on a random GQA model: the exporter's loss-aware plan has a smaller total predicted loss than the
     uniform plan at the same CR, meets the budget within 1%, and the checkpoint records and serves its per-layer
     dims."""
+    from a3_serve.calibration.fisher import residual_fisher
     from a3_serve.calibration.stats import collect_stats
     from a3_serve.export.compress_layer import layer_tensors
-    from a3_serve.export.loss_curves import allocate_plan, layer_curves
+    from a3_serve.export.loss_curves import allocate_plan, layer_curves, layer_weights, weighted_curves
 
     src = random_models["llama3-gqa"]
     arch = inspect_architecture(read_config(src))
@@ -251,7 +252,10 @@ def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random
     batches = list(torch.randint(3, 5000, (8, 32), generator=gen(1)).split(2))
     stats = collect_stats(model, batches, arch.num_heads, arch.num_kv_heads, arch.head_dim)
     methods = RECIPES["paper+alloc"][0]
-    curves = [layer_curves(layer_tensors(layer), st, arch, methods) for layer, st in zip(model.model.layers, stats)]
+    fisher = residual_fisher(model, torch.cat(batches)[:4], 2)
+    curves = [weighted_curves(layer_curves(layer_tensors(layer), st, arch, methods),
+                              *layer_weights(methods, st, fisher, i))
+              for i, (layer, st) in enumerate(zip(model.model.layers, stats))]
 
     def predicted(plan) -> float:
         total = 0.0
@@ -261,7 +265,7 @@ def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random
 
     for cr in (0.2, 0.3):
         uniform = plan_dims(shape, cr, head_multiple=16)
-        alloc = allocate_plan(model, stats, arch, cr, methods, head_multiple=16)
+        alloc = allocate_plan(model, stats, arch, cr, methods, head_multiple=16, fisher=fisher)
         assert cr <= alloc.achieved_cr <= cr + 0.01
         assert predicted(alloc) <= predicted(uniform) * (1 + 1e-9)
         assert all(c.qk[-1] == 0 and c.ov[-1] == 0 and c.mlp[-1] == 0 for c in curves)
@@ -272,6 +276,7 @@ def test_allocation_on_real_statistics_beats_uniform_on_its_own_objective(random
                                    dtype="float32", methods=methods, recipe="paper+alloc"), progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["a3"]["allocation"] == "loss" and rep["allocation"] == "loss"
+    assert len(rep["residual_fisher"]["attn"]) == arch.num_layers and rep["residual_fisher"]["tokens"] == 8 * 32
     assert 0.3 <= cfg["a3"]["achieved_cr"] <= 0.31
     if cfg["layer_qk_head_dims"] is not None:  # per-layer lists when the layers differ
         assert cfg["layer_qk_head_dims"] == cfg["layer_v_head_dims"] and all(r % 16 == 0

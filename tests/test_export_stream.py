@@ -154,6 +154,52 @@ def test_interrupted_solve_from_cached_statistics_resumes(random_models, tmp_pat
     assert not list(tmp_path.glob(f".{out.name}*")), "nothing but the checkpoint may remain"
 
 
+def test_interrupted_fisher_and_allocation_passes_resume(random_models, tmp_path, monkeypatch):
+    """A failure inside the Fisher pass (its layer inputs on disk, no result yet): the same call runs the pass again;
+    a failure in the allocation pass after it: the Fisher is in the state and the resumed call does not run the pass
+    again. Both give the uninterrupted checkpoint (untied LM head, read from the source) and leave nothing behind."""
+    from a3_serve.calibration import fisher
+    from a3_serve.export import streamed
+
+    src = random_models["llama2-mha"]
+    ref = _export(src, tmp_path / "reference")
+    assert len(ref["residual_fisher"]["mlp"]) == 2 and ref["residual_fisher"]["tokens"] == 16 * 64
+    out = tmp_path / "resumed"
+
+    def boom(*a, **k):
+        raise RuntimeError("injected failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(fisher, "_head_gradient", boom)
+        with pytest.raises(RuntimeError, match="injected"):
+            _export(src, out)
+    (work,) = tmp_path.glob(f".{out.name}{RESUME_MARK}*")
+    assert json.loads((work / "state.json").read_text()).get("fisher") is None
+    assert sorted(p.name for p in work.glob("fisher-inputs-*.pt")) == ["fisher-inputs-00000.pt",
+                                                                        "fisher-inputs-00001.pt"]
+    calls = []
+    real_curves = streamed.layer_curves
+
+    def fail_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real_curves(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(streamed, "layer_curves", fail_second)
+        with pytest.raises(RuntimeError, match="injected"):
+            _export(src, out)
+    state = json.loads((work / "state.json").read_text())
+    assert state["fisher"] == ref["residual_fisher"] and not list(work.glob("fisher-inputs-*"))
+    with monkeypatch.context() as m:
+        m.setattr(streamed, "fisher_pass", boom)
+        rep = _export(src, out)
+    assert rep["resumed"] is True and rep["residual_fisher"] == ref["residual_fisher"]
+    assert_same_checkpoint(tmp_path / "reference", out)
+    assert not list(tmp_path.glob(f".{out.name}*")), "nothing but the checkpoint may remain"
+
+
 def test_streamed_equals_in_memory_propagated(random_models, tmp_path):
     src = random_models["llama3-gqa"]
     _export(src, tmp_path / "streamed", stats="propagated", methods=RECIPES["paper"][0], recipe="paper")

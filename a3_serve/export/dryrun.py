@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from a3_serve.calibration.fisher import fisher_window_count
 from a3_serve.calibration.folds import folds_line
 from a3_serve.export.passes import cached_stats_bytes
 from a3_serve.folders import fmt_bytes
@@ -82,6 +83,8 @@ def dry_run_report(job) -> dict[str, Any]:
 
     F = 2.0 * N * lin_before + 4.0 * N * T * hq * dh * L / 2
     passes = (1 + STATS_OVERHEAD) * job.passes.count + ((1 - plan.achieved_cr) if opts.stats == "propagated" else 0)
+    if job.passes.fisher:  # two layer passes and a backward (~2 forwards) over the Fisher windows
+        passes += 4.0 * fisher_window_count(opts.nsamples, opts.seqlen) * T / N
     flops = F * passes
     n_folds = n_folds_of(job)
     # a one-pass streamed export writes every layer's full statistics into its working folder

@@ -1,5 +1,6 @@
 """The in-memory export (``--in-memory``, and sources without safetensors files): load the whole dense model, run
-the calibration passes :mod:`a3_serve.export.passes` decided, solve every layer, write the folder atomically.
+the calibration passes :mod:`a3_serve.export.passes` decided (the Fisher pass first, when the allocation needs it),
+solve every layer, write the folder atomically.
 
 It is the reference the streamed export is tested against (same checkpoint, bit for bit), and
 :func:`compress_model` / :func:`build_a3_model` let ``benchmarks/quality.py`` solve many recipes from one
@@ -23,7 +24,7 @@ from a3_serve.export.architectures import SourceArch
 from a3_serve.export.card import render_model_card
 from a3_serve.export.compress_layer import compress_layer_into, compressed_layer
 from a3_serve.export.folder import write_checkpoint
-from a3_serve.export.loss_curves import allocate_plan
+from a3_serve.export.loss_curves import allocate_plan, fisher_pass
 from a3_serve.export.methods import Methods
 from a3_serve.export.report import (
     build_report,
@@ -168,12 +169,14 @@ def run_in_memory(job, progress: bool = True) -> dict[str, Any]:
     src_params = count_params(model.state_dict(), arch.tie_word_embeddings)
 
     t0 = time.perf_counter()
+    fisher = fisher_pass(job, model, progress) if passes.fisher else None
     stats = _first_pass(job, model, progress)
     t_first = time.perf_counter() - t0
     plan = job.plan
     if passes.allocate:
         plan = allocate_plan(model, stats, arch, opts.cr, opts.methods, tuple(opts.components),
-                             opts.head_multiple, opts.damp, kv_cr=job.kv_cr, mlp_multiple=opts.mlp_multiple)
+                             opts.head_multiple, opts.damp, kv_cr=job.kv_cr, mlp_multiple=opts.mlp_multiple,
+                             fisher=fisher)
         job.check_serving(plan, "the loss-aware allocation's dims")
     dims = plan.dim_lists(arch.num_layers)
     t0 = time.perf_counter()
@@ -197,7 +200,7 @@ def run_in_memory(job, progress: bool = True) -> dict[str, Any]:
                          [new_state[f"model.layers.{i}.self_attn.{ROPE_INDEX_NAME}"] for i in range(arch.num_layers)])
     config, report = build_report(job, plan, layer_reports, src_params,
                                   count_params(new_state, arch.tie_word_embeddings), digest,
-                                  source_fingerprint(job.model_dir, job.src_cfg))
+                                  source_fingerprint(job.model_dir, job.src_cfg), fisher)
     eval_windows = dense_ppl = None
     if opts.eval_tokens:
         eval_windows = heldout_windows(job)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoTokenizer
 
+from a3_serve.calibration.fisher import fisher_window_count
 from a3_serve.calibration.folds import WindowFolds, folds_line, heldout_folds
 from a3_serve.calibration.sources import (
     calibration_windows,
@@ -97,6 +98,12 @@ class ExportJob:
         return list(self.tokens.split(self.opts.batch_size))
 
     @property
+    def fisher_windows(self) -> torch.Tensor:
+        """The calibration windows the Fisher pass runs on (:func:`~a3_serve.calibration.fisher.fisher_window_count`
+        first ones) ``[n, seqlen]``."""
+        return self.tokens[:fisher_window_count(self.opts.nsamples, self.opts.seqlen)]
+
+    @property
     def heldout(self) -> HeldOut | None:
         """The held-out folds of :attr:`batches` (the fold of every token), or None with one fold."""
         if self.folds is None:
@@ -161,7 +168,7 @@ def prepare_job(opts: ExportOptions) -> ExportJob:
         arch.intermediate_size, plan.qk_head_dim, plan.v_head_dim, plan.intermediate_size, opts.cr, plan.achieved_cr,
         plan.target_kv_cr, plan.achieved_kv_cr(arch),
     )
-    if opts.methods.allocation == "loss" and opts.layer_dims is None:
+    if opts.methods.loss_aware and opts.layer_dims is None:
         log.info("those are the uniform dims; the loss-aware allocation replaces them with per-layer dims after "
                  "calibration")
 

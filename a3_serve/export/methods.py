@@ -57,9 +57,15 @@ DEFAULT_RIDGE = 1e-2
 #: how the parameter budget is spread over layers and components
 ALLOCATIONS = {
     "uniform": "every layer and component cut by the same ratio (the paper; head sizes rounded to --head-multiple)",
-    "loss": "per-layer head sizes and MLP widths chosen by the least predicted output error per parameter removed "
-            "(each solver's own loss; docs/DESIGN.md); K and V heads keep one size per layer",
+    "loss": "per-layer head sizes and MLP widths chosen by the least predicted loss increase per parameter removed: "
+            "each solver's own output error, weighted by the loss's sensitivity to the residual stream where it is "
+            "added (diagonal empirical Fisher, one backward pass over 4,096 calibration tokens; METHOD.md §6.3); K "
+            "and V heads keep one size per layer",
+    "loss-rms": "'loss' as in a3-serve 0.1: the output errors weighted by E[1/ms(h)] of the residual stream (the "
+                "next RMSNorm's scale) instead of the Fisher; no backward pass",
 }
+#: the allocations that read per-layer loss curves (an allocation pass); "loss" also needs the Fisher pass
+LOSS_ALLOCATIONS = ("loss", "loss-rms")
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,16 @@ class Methods:
     ov: str = "a3"
     mlp: str = "a3"
     allocation: str = "uniform"
+
+    @property
+    def loss_aware(self) -> bool:
+        """Per-layer dims from loss curves (an allocation pass), not the uniform cut."""
+        return self.allocation in LOSS_ALLOCATIONS
+
+    @property
+    def needs_fisher(self) -> bool:
+        """The loss curves are weighted by the residual Fisher (:mod:`a3_serve.calibration.fisher`)."""
+        return self.allocation == "loss"
 
     def as_dict(self) -> dict[str, str]:
         return {"qk": self.qk, "ov": self.ov, "mlp": self.mlp}
@@ -96,8 +112,12 @@ RECIPES: dict[str, tuple[Methods, str]] = {
                           "chosen on held-out folds)"),
     "best-uniform": (Methods("energy", "a3-shrink", "a3-refit"),
                      "best's solvers with the paper's uniform dims (one head size and MLP width for every layer)"),
+    "best-rms": (Methods("energy", "a3-shrink", "a3-refit", "loss-rms"),
+                 "best with a3-serve 0.1's allocation weight E[1/ms(h)] instead of the residual Fisher"),
     "paper+alloc": (Methods("a3", "a3", "a3", "loss"),
                     "paper, with loss-aware per-layer allocation of head sizes and MLP widths"),
+    "paper+alloc-rms": (Methods("a3", "a3", "a3", "loss-rms"),
+                        "paper+alloc with a3-serve 0.1's allocation weight E[1/ms(h)] instead of the residual Fisher"),
     "paper+energy": (Methods("energy", "a3", "a3"), "paper, with the exact all-pairs RoPE energy score"),
     "paper+energy-causal": (Methods("energy-causal", "a3", "a3"), "paper, with the causal RoPE energy score"),
     "paper+ov-avg": (Methods("a3", "a3-avg", "a3"), "paper, with the group-averaged attention-weighted OV moment"),

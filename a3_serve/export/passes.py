@@ -3,8 +3,11 @@
 A pass is one run of the dense model over the calibration tokens with statistics hooks. What the methods need
 decides how many (as llm-compressor infers its pipeline from what its modifiers need):
 
-* the **allocation pass** runs only for the loss-aware allocation (``--allocation loss`` without explicit
-  per-layer dims): every layer's loss curves must be known before any layer can be solved;
+* the **allocation pass** runs only for the loss-aware allocation (``--allocation loss`` or ``loss-rms`` without
+  explicit per-layer dims): every layer's loss curves must be known before any layer can be solved;
+* the **Fisher pass** (``--allocation loss``): forward and backward over the first calibration windows
+  (:mod:`a3_serve.calibration.fisher`, :data:`~a3_serve.calibration.fisher.FISHER_TOKENS` tokens), one number per
+  layer and residual point that weights that layer's curves; it runs before the allocation pass;
 * the **solve statistics** come either from that first pass (it then gathers the recipe's full statistics and
   keeps them, compactly, until the plan is known: *one pass*), or from a **solve pass** of their own.
 
@@ -46,13 +49,15 @@ def cached_stats_bytes(arch: SourceArch, request: StatsRequest, n_folds: int) ->
 class CalibrationPasses:
     """The passes of one export (module docstring).
 
-    ``allocate``: run the allocation pass. ``first_request``: what the first pass gathers (None: there is none).
+    ``allocate``: run the allocation pass. ``fisher``: run the Fisher pass before it. ``first_request``: what the
+    first pass gathers (None: there is none).
     ``first_whole_model``: the first pass runs the whole model at once (in-memory only). ``solve_from_first``: the
     layers are solved from the first pass's statistics; otherwise a layer-by-layer solve pass gathers
     ``solve_request`` in ``stats_mode``.
     """
 
     allocate: bool
+    fisher: bool
     first_request: StatsRequest | None
     first_whole_model: bool
     solve_from_first: bool
@@ -81,18 +86,19 @@ def plan_passes(methods: Methods, explicit_dims: bool, arch: SourceArch, n_folds
                 streamed: bool, disk_free: int | None = None) -> CalibrationPasses:
     """The passes for these methods (``explicit_dims``: per-layer dims given, no allocation; ``disk_free``: free bytes
     where the streamed export's working folder lives)."""
-    allocate = methods.allocation == "loss" and not explicit_dims
+    allocate = methods.loss_aware and not explicit_dims
+    fisher = allocate and methods.needs_fisher
     full = methods.stats_request()
     light = StatsRequest(rope_energy=full.rope_energy)  # what the allocation's curves read
     fits = stats_mode == "original" and cached_stats_bytes(arch, full, n_folds) <= stats_limit(streamed, disk_free)
     if streamed:
         keep = allocate and fits
         first = (full if keep else light) if allocate else None
-        return CalibrationPasses(allocate, first, False, keep, full, stats_mode)
+        return CalibrationPasses(allocate, fisher, first, False, keep, full, stats_mode)
     whole_model = stats_mode == "original" and not full.mlp_moment
     keep = allocate and full.mlp_moment and fits
     if keep:
-        return CalibrationPasses(allocate, full, False, True, full, stats_mode)
+        return CalibrationPasses(allocate, fisher, full, False, True, full, stats_mode)
     if whole_model or allocate:
-        return CalibrationPasses(allocate, full if whole_model else light, True, whole_model, full, stats_mode)
-    return CalibrationPasses(allocate, None, False, False, full, stats_mode)
+        return CalibrationPasses(allocate, fisher, full if whole_model else light, True, whole_model, full, stats_mode)
+    return CalibrationPasses(allocate, fisher, None, False, False, full, stats_mode)

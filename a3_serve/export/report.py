@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import a3_serve
+from a3_serve.calibration.fisher import ResidualFisher
 from a3_serve.export.methods import RECIPES
 from a3_serve.modeling import AUTO_MAP
 from a3_serve.modeling.modeling_a3_llama import ROPE_DIGEST_KEY, ROPE_INDEX_NAME
@@ -73,9 +74,10 @@ def rss_mb() -> float:
 
 
 def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params_before: int, params_after: int,
-                 rope_digest: str, source_fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+                 rope_digest: str, source_fingerprint: dict[str, Any],
+                 fisher: ResidualFisher | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The compressed config.json and the export report of ``job`` (an :class:`~a3_serve.export.job.ExportJob`)
-    solved with ``plan``."""
+    solved with ``plan``; ``fisher``: the residual Fisher that weighted the allocation (recorded per layer)."""
     opts, arch, src_cfg = job.opts, job.arch, job.src_cfg
     bpe = torch.finfo(job.save_dtype).bits // 8
     source_name = job.source.repo_id or str(src_cfg.get("_name_or_path") or job.model_dir.resolve().name)
@@ -145,6 +147,8 @@ def build_report(job, plan: DimPlan, layer_reports: list[dict[str, Any]], params
         "streamed": job.streamed,
         "layers": layer_reports,
     }
+    if fisher is not None:
+        report["residual_fisher"] = fisher.as_dict()
     return config, report
 
 

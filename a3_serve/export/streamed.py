@@ -5,7 +5,11 @@ Data flow (``L`` decoder layers, ``d`` hidden size, calibration tokens split int
 1. skeleton: the source model's class on ``meta`` with only the embeddings, the final norm and the RoPE tables
    real (:mod:`a3_serve.export.lazy`); the first layer's inputs ``X_0`` ``[B, T, d]`` per batch come from the
    model's own embedding code (:func:`a3_serve.calibration.sequential.capture_first_layer_inputs`);
-2. allocation pass (loss-aware allocation only; :mod:`a3_serve.export.passes` decides): for ``l = 0..L-1``, load
+2. Fisher pass (``--allocation loss``): the loss's sensitivity to the residual stream at every layer
+   (:mod:`a3_serve.calibration.fisher`), over the first calibration windows, each layer loaded twice (forward, then
+   in reverse order for the backward), the layer inputs kept in the working folder in between; the result (two
+   numbers per layer) is saved in the state;
+   allocation pass (loss-aware allocation only; :mod:`a3_serve.export.passes` decides): for ``l = 0..L-1``, load
    layer ``l``'s weights, run it on ``X_l`` with the statistics hooks, keep its loss curves
    (:func:`a3_serve.export.loss_curves.layer_curves`), ``X_{l+1}`` = its output, free the weights; then the
    per-layer dims (:func:`a3_serve.export.loss_curves.plan_from_curves`). In a *one-pass* export this pass gathers
@@ -43,6 +47,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import a3_serve
+from a3_serve.calibration.fisher import ResidualFisher
 from a3_serve.calibration.sequential import sequential_calibrate
 from a3_serve.calibration.stats import (
     stats_from_tensors,
@@ -68,7 +73,13 @@ from a3_serve.export.lazy import (
     release_module,
     skeleton_with_embeddings,
 )
-from a3_serve.export.loss_curves import layer_curves, plan_from_curves
+from a3_serve.export.loss_curves import (
+    fisher_pass,
+    layer_curves,
+    layer_weights,
+    plan_from_curves,
+    weighted_curves,
+)
 from a3_serve.export.report import (
     build_report,
     compressed_config,
@@ -88,6 +99,7 @@ from a3_serve.export.workdir import (
     HIDDEN_FILE,
     WorkDir,
     export_key,
+    fisher_inputs_file,
     stats_file,
 )
 from a3_serve.folders import fmt_bytes, folder_size
@@ -108,7 +120,8 @@ CHEAP_CHECKPOINT_BYTES = 64 * 2**20
 CHECKPOINT_EVERY_S = 120.0
 #: the layout of the working folder (part of the resume key: a folder written by another layout, e.g. one shard per
 #: layer in the first version, is never resumed into this one)
-WORKDIR_FORMAT = 4  # 3: the allocation pass may cache every layer's statistics (one pass); 4: held-out folds
+WORKDIR_FORMAT = 5  # 3: the allocation pass may cache every layer's statistics (one pass); 4: held-out folds;
+# 5: the Fisher pass
 
 
 def resume_key(job) -> str:
@@ -192,6 +205,36 @@ class _StreamedRun:
         return 0, None
 
     # -- step 2 ----------------------------------------------------------------------------------------------------
+    def fisher(self) -> ResidualFisher:
+        """The residual Fisher of the dense model, from the state or from a Fisher pass (saved in the state)."""
+        if self.st.get("fisher") is not None:
+            return ResidualFisher.from_dict(self.st["fisher"])
+        work, arch = self.work, self.arch
+        t0 = time.perf_counter()
+        if arch.tie_word_embeddings:
+            head = self.model.get_input_embeddings().weight
+        else:
+            head = self.source.read(["lm_head.weight"], dtype=self.job.dtype)["lm_head.weight"].to(self.job.device)
+            if not all_finite(head):
+                raise NumericalError("source weight lm_head.weight contains NaN or Inf; the checkpoint is corrupt: "
+                                     "re-download or re-convert it")
+
+        def save(i: int, hidden: list[torch.Tensor]) -> None:
+            work.save_tensors(fisher_inputs_file(i), [h.detach().cpu() for h in hidden])
+
+        def load(i: int) -> list[torch.Tensor]:
+            hidden = [h.to(self.job.device) for h in work.load_tensors(fisher_inputs_file(i))]
+            (work.path / fisher_inputs_file(i)).unlink()
+            return hidden
+
+        fisher = fisher_pass(self.job, self.model, self.progress, before_layer=self.load, after_layer=self.release,
+                             save=save, load=load, lm_head_weight=head)
+        del head
+        self.timings["fisher_s"] = time.perf_counter() - t0
+        self.st["fisher"] = fisher.as_dict()
+        work.save_state()
+        return fisher
+
     def allocation_pass(self) -> tuple[DimPlan, float]:
         """Per-layer loss curves of every layer (and, in a one-pass export, every layer's statistics) -> the plan."""
         job, work, passes = self.job, self.work, self.job.passes
@@ -200,11 +243,14 @@ class _StreamedRun:
         start, hidden = self.resume_point("alloc")
         curves: list[dict[str, torch.Tensor]] = work.load_tensors(CURVES_FILE) if start else []
         keep = passes.solve_from_first
+        fisher = self.fisher() if passes.fisher else None
         ta = time.perf_counter()
         ckpt = _Checkpointer(self.L)
 
         def on_layer(i: int, layer_stats) -> None:
-            c = layer_curves(layer_tensors(self.model.model.layers[i]), layer_stats, self.arch, opts.methods, opts.damp)
+            c = weighted_curves(layer_curves(layer_tensors(self.model.model.layers[i]), layer_stats, self.arch,
+                                             opts.methods, opts.damp),
+                                *layer_weights(opts.methods, layer_stats, fisher, i))
             curves.append({"qk": c.qk, "ov": c.ov, "mlp": c.mlp})
             if keep:
                 work.save_tensors(stats_file(i), stats_to_tensors(layer_stats))
@@ -338,10 +384,12 @@ def _export_into(job, work: WorkDir, progress: bool) -> tuple[dict[str, Any], fl
     digest = rope_digest(job.arch.head_dim,
                          [shards.read(f"model.layers.{i}.self_attn.{ROPE_INDEX_NAME}") for i in range(run.L)])
 
+    fisher = ResidualFisher.from_dict(st["fisher"]) if st.get("fisher") is not None else None
     config, report = build_report(job, plan, reports, run.params_before, params_after, digest,
-                                  source_fingerprint(job.model_dir, job.src_cfg))
+                                  source_fingerprint(job.model_dir, job.src_cfg), fisher)
     report["resumed"] = work.resumed
-    report["timings"] = timings(run.t_load, t_pass - t_solve + t_alloc, t_solve, job.tokens.numel())
+    t_fisher = float(run.timings.get("fisher_s", 0.0))
+    report["timings"] = timings(run.t_load, t_pass - t_solve + t_alloc + t_fisher, t_solve, job.tokens.numel())
     t_write0 = time.perf_counter()  # write_s: the eval, the folder's other files, the check and the move
     eval_windows = dense_ppl = None
     if opts.eval_tokens:

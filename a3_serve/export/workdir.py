@@ -14,6 +14,9 @@ Besides the finished layers' shards it holds:
 * ``stats-<layer>.pt``: when the allocation pass also gathers the solve's statistics (one calibration pass,
   :mod:`a3_serve.export.passes`), each layer's statistics in compact form
   (:func:`a3_serve.calibration.stats.stats_to_tensors`) until that layer is solved;
+* ``fisher-inputs-<layer>.pt``: during the Fisher pass (``--allocation loss``), the inputs of each layer on the
+  Fisher windows, kept between its forward and its reverse half; its result goes into ``state.json`` (``fisher``)
+  and a killed Fisher pass starts over;
 * ``lock``: held with ``flock`` by the export using the folder (:class:`a3_serve.folders.FolderLock`; a second
   export to the same ``--out`` is refused, and a dead export's lock disappears with its process).
 
@@ -46,8 +49,14 @@ HIDDEN_FILE = "hidden.pt"
 CURVES_FILE = "curves.pt"
 LOCK_FILE = "lock"
 STATS_PREFIX = "stats-"
+FISHER_PREFIX = "fisher-inputs-"
 #: files of the working folder that are not part of the checkpoint (besides the per-layer statistics)
 WORK_FILES = (STATE_FILE, HIDDEN_FILE, CURVES_FILE, LOCK_FILE)
+
+
+def fisher_inputs_file(layer: int) -> str:
+    """The working folder's file name for decoder layer ``layer``'s inputs during the Fisher pass."""
+    return f"{FISHER_PREFIX}{layer:05d}.pt"
 
 
 def stats_file(layer: int) -> str:
@@ -139,5 +148,6 @@ class WorkDir:
         for name in WORK_FILES:
             (self.path / name).unlink(missing_ok=True)
             (self.path / (name + ".tmp")).unlink(missing_ok=True)
-        for p in self.path.glob(f"{STATS_PREFIX}*.pt*"):
-            p.unlink(missing_ok=True)
+        for prefix in (STATS_PREFIX, FISHER_PREFIX):
+            for p in self.path.glob(f"{prefix}*.pt*"):
+                p.unlink(missing_ok=True)
