@@ -29,7 +29,9 @@ a3-serve plugin. The write is atomic: nothing appears at --out until the checkpo
 
 CR is the fraction of the decoder's linear-layer parameters (q, k, v, o, gate, up, down) removed.
 The default recipe spends that budget per layer (loss-aware allocation): each layer gets its own head
-size (a multiple of --head-multiple, K = V) and MLP width, written as per-layer lists in config.json.
+size (a multiple of --head-multiple, K = V) and MLP width, written as per-layer lists in config.json,
+where the predicted loss increase per removed parameter is smallest (each solver's error weighted by the
+loss's sensitivity to that layer's residual stream: one backward pass over 4,096 calibration tokens).
 With --allocation uniform (recipes paper, best-uniform) every layer gets the same sizes: heads rounded
 DOWN to --head-multiple and the MLP re-solved to meet the target (SmolLM2 at --cr 0.1: heads 64 -> 48,
 MLP 1536 -> 1459).
