@@ -23,8 +23,9 @@ one number per residual point instead (the shipped curves scaled by ``mean_c F_c
 
 Result (docs/RESULTS.md, "Tried: the allocation weighted by the loss's own sensitivity"): better than the paper
 recipe on every text of SmolLM2 and Qwen2.5-Coder-0.5B at CR 0.1 and 0.2, where the shipped allocation is worse
-than the paper on Qwen2.5's prose; a candidate for the default, not adopted yet (the export needs its own backward
-pass, streamed too).
+than the paper on Qwen2.5's prose. The scalar form is the default since a3-serve 0.2 (``--allocation loss``,
+``a3_serve/calibration/fisher.py``; docs/RESULTS.md "Adopted: the residual Fisher"); this script stays for the
+per-channel variant.
 """
 
 import dataclasses
