@@ -139,6 +139,8 @@ def dry_run_report(job) -> dict[str, Any]:
             f"multiples of {opts.mlp_multiple} (the planned sizes pass every rule)"] if job.serving else []),
         f"  calibration {opts.nsamples} x {opts.seqlen} tokens from {calib_desc} ({opts.stats} statistics), "
         f"{passes:.1f} forward-pass equivalents"
+        + (f" (with the Fisher pass over the first {fisher_window_count(opts.nsamples, opts.seqlen) * T:,} tokens)"
+           if job.passes.fisher else "")
         + (f"; one pass keeps every layer's statistics on disk ({fmt_bytes(kept)})" if kept else ""),
         *([f"  held-out    folds for the fitted choices: {folds_line(job.calibration['heldout_folds'])}"]
           if job.calibration.get("heldout_folds") else []),
