@@ -31,7 +31,7 @@ import torch
 
 import a3_serve
 from a3_serve.calibration import stats as calibration_stats
-from a3_serve.calibration.fisher import fisher_window_count, residual_fisher
+from a3_serve.calibration.fisher import fisher_windows, residual_fisher
 from a3_serve.calibration.folds import HELDOUT_RULES, heldout_folds, single_fold
 from a3_serve.calibration.sources import (
     MIX_PARTS,
@@ -188,8 +188,7 @@ class Grid:
         self.fisher, t_fisher = None, 0.0
         if any(RECIPES[r.split("@")[0]][1].needs_fisher for r in recipes):  # as a3-export: its first windows
             t0 = time.perf_counter()
-            self.fisher = residual_fisher(model, tokens[:fisher_window_count(args.nsamples, args.seqlen)],
-                                          args.batch_size)
+            self.fisher = residual_fisher(model, fisher_windows(tokens), args.batch_size)
             t_fisher = time.perf_counter() - t0
             print(f"residual Fisher over {self.fisher.tokens:,} tokens: {t_fisher:.1f} s", flush=True)
         result: dict = {}

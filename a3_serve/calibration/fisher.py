@@ -50,6 +50,12 @@ def fisher_window_count(nsamples: int, seqlen: int) -> int:
     return max(1, min(nsamples, math.ceil(FISHER_TOKENS / seqlen)))
 
 
+def fisher_windows(tokens: torch.Tensor) -> torch.Tensor:
+    """The calibration windows ``tokens`` ``[nsamples, seqlen]`` the Fisher pass runs on: the first
+    :func:`fisher_window_count` ones."""
+    return tokens[:fisher_window_count(tokens.shape[0], tokens.shape[1])]
+
+
 @dataclass(frozen=True)
 class ResidualFisher:
     """Per decoder layer, ``mean_c F_c`` per token at the attention-add (``attn``) and MLP-add (``mlp``) residual

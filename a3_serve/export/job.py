@@ -19,7 +19,6 @@ from typing import Any, Optional
 import torch
 from transformers import AutoTokenizer
 
-from a3_serve.calibration.fisher import fisher_window_count
 from a3_serve.calibration.folds import WindowFolds, folds_line, heldout_folds
 from a3_serve.calibration.sources import (
     calibration_windows,
@@ -96,12 +95,6 @@ class ExportJob:
     def batches(self) -> list[torch.Tensor]:
         """The calibration tokens in forward-pass batches ``[batch_size, seqlen]``."""
         return list(self.tokens.split(self.opts.batch_size))
-
-    @property
-    def fisher_windows(self) -> torch.Tensor:
-        """The calibration windows the Fisher pass runs on (:func:`~a3_serve.calibration.fisher.fisher_window_count`
-        first ones) ``[n, seqlen]``."""
-        return self.tokens[:fisher_window_count(self.opts.nsamples, self.opts.seqlen)]
 
     @property
     def heldout(self) -> HeldOut | None:

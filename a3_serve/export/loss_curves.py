@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from a3_serve.calibration.fisher import ResidualFisher, residual_fisher
+from a3_serve.calibration.fisher import ResidualFisher, fisher_windows, residual_fisher
 from a3_serve.calibration.stats import LayerStats
 from a3_serve.export.architectures import SourceArch
 from a3_serve.export.compress_layer import layer_tensors, qk_pair_scores, wo_per_group
@@ -107,7 +107,7 @@ def allocate_plan(
 def fisher_pass(job, model: torch.nn.Module, progress: bool, **streaming) -> ResidualFisher:
     """The Fisher pass (:mod:`a3_serve.calibration.fisher`) over ``job``'s first calibration windows, with a progress
     bar and a log line; ``streaming``: :func:`~a3_serve.calibration.fisher.residual_fisher`'s layer callbacks."""
-    windows = job.fisher_windows
+    windows = fisher_windows(job.tokens)
     with progress_bar(total=2 * job.arch.num_layers, desc="Fisher pass (loss sensitivity)", unit="layer",
                       force=None if progress else False) as bar:
         fisher = residual_fisher(model, windows.to(job.device), job.opts.batch_size, progress=bar.update, **streaming)

@@ -193,6 +193,14 @@ class _StreamedRun:
     def load(self, i: int) -> None:
         fill_module(self.model, f"model.layers.{i}", self.source, self.job.dtype, self.job.device)
 
+    def read_checked(self, name: str) -> torch.Tensor:
+        """One source tensor in the compute dtype, refused (one line) when it holds NaN or Inf."""
+        v = self.source.read([name], dtype=self.job.dtype)[name]
+        if not all_finite(v):
+            raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: "
+                                 "re-download or re-convert it")
+        return v
+
     def release(self, i: int) -> None:
         release_module(self.model, f"model.layers.{i}")
 
@@ -214,10 +222,7 @@ class _StreamedRun:
         if arch.tie_word_embeddings:
             head = self.model.get_input_embeddings().weight
         else:
-            head = self.source.read(["lm_head.weight"], dtype=self.job.dtype)["lm_head.weight"].to(self.job.device)
-            if not all_finite(head):
-                raise NumericalError("source weight lm_head.weight contains NaN or Inf; the checkpoint is corrupt: "
-                                     "re-download or re-convert it")
+            head = self.read_checked("lm_head.weight").to(self.job.device)
 
         def save(i: int, hidden: list[torch.Tensor]) -> None:
             work.save_tensors(fisher_inputs_file(i), [h.detach().cpu() for h in hidden])
@@ -347,10 +352,7 @@ class _StreamedRun:
         """Embeddings, final norm and untied LM head, through the compute dtype as the in-memory path, each checked."""
         release_module(self.model, "model")  # calibration is over: drop the embeddings before copying them
         for name in [n for n in shards.where if not n.startswith("model.layers.")]:
-            v = self.source.read([name], dtype=self.job.dtype)[name]
-            if not all_finite(v):
-                raise NumericalError(f"source weight {name} contains NaN or Inf; the checkpoint is corrupt: "
-                                     "re-download or re-convert it")
+            v = self.read_checked(name)
             shards.write({name: v.to(self.job.save_dtype) if v.is_floating_point() else v}, sync=False)
             del v
         shards.sync()
