@@ -16,9 +16,9 @@ all rows, tcmalloc and Intel OpenMP preloaded as vLLM's CPU guide asks) and repo
 Writes ``quantize_stack.json`` (every number and the command), ``.md`` (a table) and ``.png`` (perplexity against
 weight bytes and against KV capacity).
 
-The A3 rows come from ``a3-export --quant-scheme w4a16 --quant-group-size 32 --quant-backend cpu`` (every head size
-and MLP width legal for vLLM's CPU INT4 kernel, GPTQ groups of 32 and an FP8 KV cache), so one export per CR serves
-every scheme; ``benchmarks/quantize_stack.sh`` runs the whole table.
+The A3 rows come from ``a3-export --quant-scheme w4a16 --quant-group-size 32 --quant-backend cpu --kv-cache-dtype fp8``
+(every head size and MLP width legal for vLLM's CPU INT4 kernel, GPTQ groups of 32 and an FP8 KV cache), so one export
+per CR serves every scheme; ``benchmarks/quantize_stack.sh`` runs the whole table.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("perplexity, mean of wiki/austen/pydoc held-out")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M through vLLM 0.32 (CPU, {rows[0]['dtype']}): A3 x quantization "
+    base = next((r for r in rows if r["name"] == "dense"), rows[0])
+    fig.suptitle(f"{Path(base['path']).name} through vLLM 0.32 (CPU, {rows[0]['dtype']}): A3 x quantization "
                  "(circles dense, squares A3)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A3 stacked on quantization, measured through vLLM on CPU (docs/QUANTIZATION.md, "Measured"): SmolLM2-135M-Instruct
 # by default, any other checkpoint with MODEL=DIR (e.g. MODEL=$(a3-demo-model --model qwen2.5-coder-0.5b)).
-# 1. A3 exports at CR 0.1 / 0.2 whose sizes pass the w4a16 CPU rules at group 32 (a3-export --quant-scheme: heads and
-#    MLP widths multiples of 32; also legal for w8a8 and an FP8 KV cache), so one export per CR serves every row;
+# 1. A3 exports at CR 0.1 / 0.2 whose sizes pass the w4a16 CPU rules at group 32 and an FP8 KV cache on CPU
+#    (a3-export --quant-scheme ... --kv-cache-dtype fp8: MLP widths multiples of 32, head sizes multiples of 32 for the
+#    FP8 cache; also legal for w8a8), so one export per CR serves every row;
 # 2. quantizations (w8a8, w4a16 group 32) of those and of the dense model (a3-quantize);
 # 3. one vLLM engine per row (benchmarks/quantize_stack.py): perplexity on three held-out domains, weight bytes, KV
 #    capacity, output tokens/s and time per decode step.
@@ -22,7 +23,7 @@ mkdir -p "$W" "$OUT"
 if [ "$STEP" != measure ]; then
   for cr in $CRS; do
     [ -f "$W/a3-$cr/config.json" ] || a3-export --model "$D" --cr "$cr" --quant-scheme w4a16 --quant-group-size 32 \
-      --quant-backend cpu --nsamples "$NS" --seqlen 512 --out "$W/a3-$cr" --overwrite --quiet \
+      --quant-backend cpu --kv-cache-dtype fp8 --nsamples "$NS" --seqlen 512 --out "$W/a3-$cr" --overwrite --quiet \
       --json "$OUT/export-a3-$cr.json"
   done
 fi
