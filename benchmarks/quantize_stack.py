@@ -116,8 +116,13 @@ def _fmt_s(x) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def _baseline(rows: list[dict]) -> dict:
+    """The row the others are compared with: the one named ``dense``, else the first."""
+    return next((r for r in rows if r["name"] == "dense"), rows[0])
+
+
 def _markdown(rows: list[dict]) -> str:
-    dense = next((r for r in rows if r["name"] == "dense"), rows[0])
+    dense = _baseline(rows)
     head = ("| row | A3 CR | quant | KV dtype | ppl wiki | ppl austen | ppl pydoc | weight MB | x dense | KV tokens | "
             "x dense | output tok/s | ms / step | export + quantize s |")
     lines = [head, "|" + "---|" * 14]
@@ -151,8 +156,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("perplexity, mean of wiki/austen/pydoc held-out")
         ax.grid(alpha=0.3)
-    base = next((r for r in rows if r["name"] == "dense"), rows[0])
-    fig.suptitle(f"{Path(base['path']).name} through vLLM 0.32 (CPU, {rows[0]['dtype']}): A3 x quantization "
+    fig.suptitle(f"{Path(_baseline(rows)['path']).name} through vLLM 0.32 (CPU, {rows[0]['dtype']}): A3 x quantization "
                  "(circles dense, squares A3)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
